@@ -1,0 +1,252 @@
+"""One QEMU process: its command line, its sockets, its serial log, and its end.
+
+The guest is a q35 machine booting the cached Debian kernel and the project's initramfs,
+with the host's ``/`` shared read-only over 9p (so the guest runs the very same Python,
+venv and project) and the host's current directory shared writable at the same path.
+Each disk is a *legacy* virtio-blk PCI device (1af4:1001) at 0000:00:10.0, 00:11.0, ...
+
+Like QEMU's own python/qemu/machine, the launcher creates its sockets (QMP and the
+agent channel) before QEMU starts, so QEMU connects to us and there is no race; it is a
+context manager; it shuts down soft (poweroff through the agent), then hard (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from . import assets
+from .errors import BadOption, VMLaunchFailure
+
+AGENT = assets.QEMU_DIR / "agent.py"
+FIRST_DISK_SLOT = 0x10
+SERIAL_MAX = 20  # bytes: VIRTIO_BLK_ID_BYTES ("Block Device" > "Device Operation")
+SAFE_PATH = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+@")
+
+
+@dataclass
+class Disk:
+    """A disk image attached as a legacy virtio-blk PCI device."""
+    path: Path
+    format: str | None = None  # detected with qemu-img when None
+    readonly: bool = False
+    cache: str = "writeback"
+    queue_size: int | None = None
+    serial: str | None = None  # defaults to the file's base name, cut to 20 bytes
+    extra: dict[str, str] = field(default_factory=dict)  # more virtio-blk-pci properties
+
+    @classmethod
+    def parse(cls, spec: str) -> "Disk":
+        """``PATH[,format=raw|qcow2][,readonly=on][,cache=MODE][,queue-size=N]``."""
+        path, *opts = spec.split(",")
+        disk = cls(Path(path))
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key == "format":
+                disk.format = value
+            elif key == "readonly":
+                disk.readonly = value in ("on", "true", "1", "")
+            elif key == "cache":
+                disk.cache = value
+            elif key == "queue-size":
+                disk.queue_size = int(value)
+            elif key == "serial":
+                disk.serial = value
+            else:
+                raise BadOption(f"--disk {spec}: unknown option {key!r}")
+        return disk
+
+    def detect_format(self) -> str:
+        if self.format:
+            return self.format
+        if not self.path.is_file():
+            raise BadOption(f"--disk {self.path}: no such file")
+        out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(self.path)],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise BadOption(f"--disk {self.path}: {out.stderr.strip()}")
+        return json.loads(out.stdout)["format"]
+
+    def default_serial(self) -> str:
+        return self.path.name.encode()[:SERIAL_MAX].decode("utf-8", "ignore")
+
+    def qemu_args(self, index: int) -> list[str]:
+        node = f"disk{index}"
+        drive = (f"file={self.path.resolve()},format={self.detect_format()},if=none,"
+                 f"id={node},cache={self.cache},readonly={'on' if self.readonly else 'off'}")
+        props = {"drive": node, "disable-modern": "on", "disable-legacy": "off",
+                 "addr": hex(FIRST_DISK_SLOT + index),
+                 "serial": self.serial if self.serial is not None else self.default_serial()}
+        if self.queue_size:
+            props["queue-size"] = str(self.queue_size)
+        props.update(self.extra)
+        device = "virtio-blk-pci," + ",".join(f"{k}={v}" for k, v in props.items())
+        return ["-drive", drive, "-device", device]
+
+
+@dataclass
+class MachineConfig:
+    disks: list[Disk] = field(default_factory=list)
+    accel: str = "tcg"  # already resolved: kvm or tcg
+    backend: str = "uio"  # vfio adds a virtual IOMMU
+    memory_mib: int = 1024
+    cpus: int = 2
+    qemu_args: list[str] = field(default_factory=list)
+    cwd: Path = field(default_factory=Path.cwd)
+
+    def hugepages(self) -> int:
+        """2 MiB pages reserved in the guest: an eighth of its memory."""
+        return max(8, self.memory_mib // 16)
+
+
+class Machine:
+    """A running QEMU guest. Use as a context manager; ``close()`` always kills QEMU."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        self.config = config
+        self.kernel = assets.find_kernel()
+        self.initramfs = assets.build_initramfs(self.kernel)
+        self.tmp = Path(tempfile.mkdtemp(prefix="virtio-user-qemu-"))
+        self.serial_log = self.tmp / "serial.log"
+        self.qemu_log = self.tmp / "qemu.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self._qmp_server: QEMUMonitorProtocol | None = None
+        self._agent_listener: socket.socket | None = None
+
+    # -- command line -----------------------------------------------------------------
+
+    def kernel_cmdline(self) -> str:
+        cwd = str(self.config.cwd.resolve())
+        venv = sys.prefix  # the guest runs this very interpreter and venv
+        for what, path in (("current directory", cwd), ("virtual environment", venv),
+                           ("agent", str(AGENT))):
+            if not set(path) <= SAFE_PATH:
+                raise BadOption(f"the {what} path {path!r} has characters the guest "
+                                "kernel command line cannot carry (spaces, quotes, ...)")
+        parts = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4",
+                 f"VU_CWD={cwd}", f"VU_VENV={venv}", f"VU_AGENT={AGENT}",
+                 f"VU_HUGEPAGES={self.config.hugepages()}"]
+        if self.config.backend == "vfio":
+            parts.append("intel_iommu=on")
+        return " ".join(parts)
+
+    def command(self) -> list[str]:
+        c = self.config
+        cpu = "host" if c.accel == "kvm" else "max"  # numpy 2 needs x86-64-v2 under TCG
+        cmd = ["qemu-system-x86_64", "-machine", f"q35,accel={c.accel}", "-cpu", cpu,
+               "-smp", str(c.cpus), "-m", str(c.memory_mib),
+               "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+               "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initramfs),
+               "-append", self.kernel_cmdline(),
+               "-chardev", f"file,id=console,path={self.serial_log}",
+               "-serial", "chardev:console",
+               "-chardev", f"socket,id=qmp,path={self.tmp / 'qmp.sock'}",
+               "-mon", "chardev=qmp,mode=control",
+               "-device", "virtio-serial-pci,id=vser",
+               "-chardev", f"socket,id=agent,path={self.tmp / 'agent.sock'}",
+               "-device", "virtserialport,chardev=agent,name=virtio-user.agent",
+               "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
+                          "readonly=on,multidevs=remap"]
+        cwd = c.cwd.resolve()
+        if str(cwd) != "/":
+            cmd += ["-virtfs", f"local,path={cwd},mount_tag=hostcwd,"
+                               "security_model=none,multidevs=remap"]
+        if c.backend == "vfio":
+            # The IOMMU must exist before the devices it translates for.
+            cmd[1:1] = ["-device", "intel-iommu,caching-mode=on"]
+        for i, disk in enumerate(c.disks):
+            cmd += disk.qemu_args(i)
+        return cmd + list(c.qemu_args)
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def launch(self) -> None:
+        cmd = self.command()
+        self._qmp_server = QEMUMonitorProtocol(str(self.tmp / "qmp.sock"), server=True)
+        self._agent_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._agent_listener.bind(str(self.tmp / "agent.sock"))
+        self._agent_listener.listen(1)
+        with self.qemu_log.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.qmp = self._qmp_server
+            self.qmp.accept(timeout=30)
+        except Exception as exc:
+            raise self.launch_failure(f"QEMU did not connect to QMP: {exc}") from exc
+
+    def accept_agent(self, timeout: float) -> socket.socket:
+        assert self._agent_listener is not None
+        self._agent_listener.settimeout(timeout)
+        try:
+            conn, _ = self._agent_listener.accept()
+        except OSError as exc:
+            raise self.launch_failure(f"QEMU did not open the agent channel: {exc}") from exc
+        return conn
+
+    def launch_failure(self, message: str) -> VMLaunchFailure:
+        code = self.proc.poll() if self.proc else None
+        return VMLaunchFailure(message, code, self.command(), self.qemu_output())
+
+    def qemu_output(self) -> str:
+        try:
+            return self.qemu_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def serial_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.serial_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def guest_panicked(self) -> bool:
+        try:
+            return "Kernel panic" in self.serial_log.read_text(errors="replace")
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for QEMU to exit by itself; True if it did."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def close(self) -> None:
+        """Kill QEMU if it still runs and remove every socket and temporary file."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for closer in (self.qmp, self._agent_listener):
+            try:
+                if closer is not None:
+                    closer.close()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self.qmp = None
+        self._agent_listener = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

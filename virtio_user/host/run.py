@@ -1,0 +1,97 @@
+"""``scripts/run-in-qemu.sh``: boot a guest, run one command in it, exit with its status.
+
+Exit status: the command's own, or 124 when --timeout ran out, 125 when the harness
+itself failed (QEMU would not start, the guest died, a bad option), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import GuestTimeout, HarnessError
+from .machine import Disk
+from .session import GuestSession, sink_to_stdio
+
+EXIT_TIMEOUT = 124
+EXIT_HARNESS = 125
+DEMO = Path(__file__).resolve().parents[2] / "qemu" / "demo.sh"
+SCRATCH_MIB = 64
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="run-in-qemu.sh",
+        description="Boot a QEMU guest with legacy virtio-blk disks and run COMMAND in it "
+                    "(default: the virtio-user demo).")
+    p.add_argument("--disk", action="append", default=[], metavar="PATH",
+                   help="disk image (raw or qcow2, detected); repeatable; options may "
+                        "follow: PATH[,format=F][,readonly=on][,cache=M][,queue-size=N]")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--backend", choices=("uio", "vfio"), default="uio")
+    p.add_argument("--memory", type=int, default=1024, metavar="MIB")
+    p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for QEMU's command line; repeatable")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="bound on the whole run, boot included (default 600)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    args = p.parse_args(argv)
+    if args.command and args.command[0] == "--":
+        args.command = args.command[1:]
+    if args.timeout <= 0 or args.memory < 256:
+        p.error("--timeout must be positive and --memory at least 256")
+    return args
+
+
+def scratch_image(folder: Path) -> Path:
+    path = folder / "scratch.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), f"{SCRATCH_MIB}M"],
+                   check=True)
+    with path.open("r+b") as f:
+        f.write(b"virtio-user scratch disk: sector 0\n".ljust(512, b"\0"))
+    return path
+
+
+def run(args: argparse.Namespace, scratch_dir: Path) -> int:
+    disks = [Disk.parse(d) for d in args.disk]
+    command = args.command
+    if not command:
+        command = ["sh", str(DEMO)]
+        if not disks:
+            disks = [Disk(scratch_image(scratch_dir))]
+    deadline = time.monotonic() + args.timeout
+    vm = GuestSession(disks, accel=args.accel, backend=args.backend,
+                      memory_mib=args.memory, qemu_args=args.qemu_arg,
+                      boot_timeout=args.timeout)
+    with vm:
+        env = {"VIRTIO_USER_BACKEND": args.backend}
+        result = vm.run(command, env=env, sink=sink_to_stdio,
+                        timeout=max(1.0, deadline - time.monotonic()))
+        return result.status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM takes the same way out as Ctrl-C, through every context manager.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with tempfile.TemporaryDirectory(prefix="virtio-user-run-") as tmp:
+            return run(args, Path(tmp))
+    except GuestTimeout as exc:
+        print(f"run-in-qemu: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except HarnessError as exc:
+        print(f"run-in-qemu: {exc}", file=sys.stderr)
+        return EXIT_HARNESS
+    except KeyboardInterrupt:
+        print("run-in-qemu: interrupted; QEMU stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

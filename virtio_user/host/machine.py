@@ -82,7 +82,7 @@ class Disk:
     def qemu_args(self, index: int) -> list[str]:
         node = f"disk{index}"
         drive = (f"file={self.path.resolve()},format={self.detect_format()},if=none,"
-                 f"id={node},cache={self.cache},readonly={'on' if self.readonly else 'off'}")
+                 f"id={node},cache={self.cache},discard=unmap,readonly={'on' if self.readonly else 'off'}")
         props = {"drive": node, "disable-modern": "on", "disable-legacy": "off",
                  "addr": hex(FIRST_DISK_SLOT + index),
                  "serial": self.serial if self.serial is not None else self.default_serial()}

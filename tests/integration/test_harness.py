@@ -81,7 +81,8 @@ def test_disk_serial_is_file_base_name_cut_to_20_bytes(tmp_path: Path) -> None:
 
 def test_qmp_is_reachable(vm: GuestSession) -> None:
     blocks = vm.qmp.cmd("query-block")
-    assert {b["device"] for b in blocks} >= {"disk0", "disk1"}
+    assert {b["inserted"]["node-name"] for b in blocks} >= {"disk0", "disk1"}
+    assert {b["qdev"].split("/")[3] for b in blocks} >= {"vblk0", "vblk1"}
 
 
 def test_session_command_timeout_is_reported(vm: GuestSession) -> None:

@@ -30,6 +30,13 @@ from .errors import BadOption, VMLaunchFailure
 AGENT = assets.QEMU_DIR / "agent.py"
 FIRST_DISK_SLOT = 0x10
 SERIAL_MAX = 20  # bytes: VIRTIO_BLK_ID_BYTES ("Block Device" > "Device Operation")
+# -drive cache= modes as -blockdev options (writethrough also turns off the device's
+# write cache, see Disk.qemu_args).
+CACHE_MODES = {"writeback": {"direct": False, "no-flush": False},
+               "writethrough": {"direct": False, "no-flush": False},
+               "none": {"direct": True, "no-flush": False},
+               "directsync": {"direct": True, "no-flush": False},
+               "unsafe": {"direct": False, "no-flush": True}}
 SAFE_PATH = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+@")
 
 
@@ -43,6 +50,8 @@ class Disk:
     queue_size: int | None = None
     serial: str | None = None  # defaults to the file's base name, cut to 20 bytes
     extra: dict[str, str] = field(default_factory=dict)  # more virtio-blk-pci properties
+    # (blkdebug event, sector) pairs that fail with EIO, e.g. ("read_aio", 100)
+    inject_errors: list[tuple[str, int]] = field(default_factory=list)
 
     @classmethod
     def parse(cls, spec: str) -> "Disk":
@@ -79,18 +88,33 @@ class Disk:
     def default_serial(self) -> str:
         return self.path.name.encode()[:SERIAL_MAX].decode("utf-8", "ignore")
 
+    def blockdev(self, node: str) -> dict:
+        """The -blockdev tree: format over file, or over blkdebug when errors are injected."""
+        cache = CACHE_MODES.get(self.cache)
+        if cache is None:
+            raise BadOption(f"--disk {self.path}: cache={self.cache}: use one of "
+                            + ", ".join(CACHE_MODES))
+        proto: dict = {"driver": "file", "filename": str(self.path.resolve())}
+        if self.inject_errors:
+            # blkdebug fails any request touching the sector (../shared/NOTES.md).
+            proto = {"driver": "blkdebug", "image": proto, "inject-error": [
+                {"event": event, "errno": 5, "sector": sector}
+                for event, sector in self.inject_errors]}
+        return {"driver": self.detect_format(), "node-name": node, "file": proto,
+                "read-only": self.readonly, "discard": "unmap", "cache": cache}
+
     def qemu_args(self, index: int) -> list[str]:
         node = f"disk{index}"
-        drive = (f"file={self.path.resolve()},format={self.detect_format()},if=none,"
-                 f"id={node},cache={self.cache},discard=unmap,readonly={'on' if self.readonly else 'off'}")
-        props = {"drive": node, "disable-modern": "on", "disable-legacy": "off",
-                 "addr": hex(FIRST_DISK_SLOT + index),
+        props = {"drive": node, "id": f"vblk{index}", "disable-modern": "on",
+                 "disable-legacy": "off", "addr": hex(FIRST_DISK_SLOT + index),
                  "serial": self.serial if self.serial is not None else self.default_serial()}
         if self.queue_size:
             props["queue-size"] = str(self.queue_size)
+        if self.cache == "writethrough":
+            props["write-cache"] = "off"
         props.update(self.extra)
         device = "virtio-blk-pci," + ",".join(f"{k}={v}" for k, v in props.items())
-        return ["-drive", drive, "-device", device]
+        return ["-blockdev", json.dumps(self.blockdev(node)), "-device", device]
 
 
 @dataclass

@@ -1,0 +1,591 @@
+"""VirtioBlk: a legacy virtio-blk device driven from user space.
+
+virtio 1.2, "Block Device": feature bits, "Device configuration layout", "Device
+Initialization" and "Device Operation" (request header, data, status byte).
+
+Two ways to use it. Plain calls (``read``, ``write``, ``flush``, ``discard``,
+``write_zeroes``, ``get_id``) validate their arguments before anything reaches the
+device, split by the device's limits, pipeline the pieces through a pool of DMA bounce
+buffers and raise typed errors. For speed, ``alloc_buffer``/``submit``/``reap`` keep the
+queue full: one kick per batch, one pass over the used ring per reap, no copies.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import signal
+import struct
+import threading
+import weakref
+from dataclasses import dataclass, field
+from types import FrameType, TracebackType
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import (BlkIOError, DeviceError, InvalidArgument, Interrupted, OutOfRange,
+                     ReadOnlyDevice, Unsupported)
+from .memory import HUGEPAGE, Chunk, DmaAllocator, DmaRegion
+from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+                   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus, Feature, IsrBit, ReqType,
+                   Status, feature_names)
+from .transport import Backend
+from .transport.legacy import LegacyTransport
+from .virtqueue import QueueFull, SplitQueue
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 5.0
+MAX_DATA_SEGS = 14  # data descriptors per request; with header and status: 16 per table
+MAX_CHUNK = 1 << 20  # the most one request carries from the bounce pool
+POOL_BUFFERS = 4
+_HDR = struct.Struct("<IIQ")  # virtio_blk_outhdr: type, reserved, sector
+_UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*
+_DWZ_MAX_SECTORS = 0xFFFF_FFFF  # num_sectors is le32
+_MODIFYING = (ReqType.VIRTIO_BLK_T_OUT, ReqType.VIRTIO_BLK_T_DISCARD,
+              ReqType.VIRTIO_BLK_T_WRITE_ZEROES)
+
+
+class DmaBuffer:
+    """Device-reachable memory for request data, with its bus segments split at the
+    device's size_max, cached per length."""
+
+    def __init__(self, chunk: Chunk, size_max: int | None) -> None:
+        self.chunk = chunk
+        self.size = chunk.size
+        self.mv = chunk.mv
+        self._size_max = size_max or (1 << 32) - 1
+        self._segs: dict[int, list[tuple[int, int]]] = {}
+
+    def segments(self, nbytes: int) -> list[tuple[int, int]]:
+        segs = self._segs.get(nbytes)
+        if segs is None:
+            segs = self._segs[nbytes] = self.chunk.region.segments(
+                self.chunk.offset, nbytes, self._size_max)
+        return segs
+
+
+@dataclass(eq=False)
+class Request:
+    """One block request; reusable. ``count`` is in 512-byte sectors; ``nbytes`` of
+    ``buffer`` carry the data (IN, OUT, GET_ID, DISCARD/WRITE_ZEROES ranges)."""
+
+    type: ReqType
+    sector: int = 0
+    count: int = 0
+    buffer: DmaBuffer | None = None
+    nbytes: int = 0
+    status: int | None = None  # VIRTIO_BLK_S_* once completed
+    used_len: int = 0
+    tag: Any = None  # the caller's
+    head: int = field(default=-1, repr=False)
+
+    def __str__(self) -> str:
+        name = ReqType(self.type).name.removeprefix("VIRTIO_BLK_T_")
+        if self.type in (ReqType.VIRTIO_BLK_T_FLUSH, ReqType.VIRTIO_BLK_T_GET_ID):
+            return name
+        return f"{name} sectors {self.sector}..{self.sector + self.count - 1}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the device allows, from its config and the negotiated features."""
+
+    capacity: int
+    block_size: int
+    size_max: int | None
+    seg_max: int | None
+    max_discard_sectors: int
+    max_write_zeroes_sectors: int
+
+
+_open_devices: weakref.WeakSet[VirtioBlk] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Last resort: a device left open at exit is reset before the process goes."""
+    for dev in list(_open_devices):
+        dev.close()
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+class VirtioBlk:
+    """A legacy virtio-blk device, initialised and ready; close() resets it."""
+
+    def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
+                 pool_buffers: int = POOL_BUFFERS, handle_signals: bool = True) -> None:
+        self.backend = backend
+        self.bdf = backend.bdf
+        self.timeout = timeout
+        self.transport = LegacyTransport(backend)
+        self.requests_completed = 0
+        self._closed = False
+        self._regions: list[DmaRegion] = []
+        self._user_allocs: list[DmaAllocator] = []
+        self._orphans: list[Request] = []
+        self._serial: str | None = None
+        self._saved_sigterm: Any = None
+        _open_devices.add(self)
+        try:
+            self._setup(pool_buffers)
+        except BaseException:
+            self.transport.fail()
+            self.close()
+            raise
+        if handle_signals:
+            self._install_sigterm()
+
+    @classmethod
+    def open(cls, bdf: str | None = None, *, backend: str = "uio", rebind: bool = False,
+             timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> VirtioBlk:
+        """Find the device (``bdf`` or the first legacy virtio-blk), take it from the
+        kernel through ``backend`` and initialise it."""
+        from .transport import open_backend
+        return cls(open_backend(backend, bdf, rebind=rebind), timeout=timeout, **kwargs)
+
+    # -- set-up -------------------------------------------------------------------
+    def _setup(self, pool_buffers: int) -> None:
+        """"Legacy Interface: Device Initialization": reset, ACKNOWLEDGE, DRIVER,
+        features, queue, DRIVER_OK."""
+        t = self.transport
+        t.reset()
+        t.add_status(Status.ACKNOWLEDGE)
+        t.add_status(Status.DRIVER)
+        self.features_offered = t.host_features()
+        self.features = t.negotiate(DRIVER_FEATURES)
+        self.limits = self._read_limits()
+        qsize = t.queue_size(0)
+        if not qsize:
+            raise DeviceError(f"{self.bdf}: the device reports no queue 0")
+        indirect = self.has(Feature.VIRTIO_RING_F_INDIRECT_DESC)
+        data_segs = min(self.limits.seg_max or MAX_DATA_SEGS, MAX_DATA_SEGS)
+        if not indirect:
+            data_segs = max(1, min(data_segs, qsize - 2))
+        region = self.backend.alloc_dma(self._dma_bytes(qsize, pool_buffers))
+        self._regions.append(region)
+        alloc = DmaAllocator(region)
+        self.queue: SplitQueue[Request] = SplitQueue(
+            alloc, qsize, t.notifier(0), indirect=indirect,
+            event_idx=self.has(Feature.VIRTIO_RING_F_EVENT_IDX),
+            on_fault=self._reset_quietly, max_chain=data_segs + 2)
+        self._data_segs = data_segs
+        self._setup_slots(alloc, qsize)
+        self._pool = [DmaBuffer(alloc.alloc(MAX_CHUNK, MAX_CHUNK), self.limits.size_max)
+                      for _ in range(pool_buffers)]
+        self._chunk_sectors = self._chunk_limit(self._pool) // SECTOR_SIZE
+        t.set_queue_pfn(0, self.queue.pfn)
+        t.add_status(Status.DRIVER_OK)
+        log.debug("%s: queue %d, indirect %s, event_idx %s, features %s", self.bdf, qsize,
+                  indirect, self.queue.event_idx, feature_names(self.features))
+
+    @staticmethod
+    def _dma_bytes(qsize: int, pool_buffers: int) -> int:
+        from .virtqueue import legacy_layout
+        tables = qsize * 16 * (MAX_DATA_SEGS + 2)
+        slots = qsize * (16 + 1) + 4096
+        return (legacy_layout(qsize).total + tables + slots + 2 * 4096
+                + (pool_buffers + 1) * MAX_CHUNK)
+
+    def _setup_slots(self, alloc: DmaAllocator, qsize: int) -> None:
+        """One request header and one status byte per descriptor head, preallocated:
+        a request only rewrites type and sector."""
+        region = alloc.region
+        self._mm = region.mm
+        hdrs = alloc.alloc(16 * qsize, 16)
+        stat = alloc.alloc(qsize, 64)
+        self._hdr_off, self._status_off = hdrs.offset, stat.offset
+        self._hdr_seg = [(region.bus(hdrs.offset + 16 * i), 16, False) for i in range(qsize)]
+        self._status_seg = [(region.bus(stat.offset + i), 1, True) for i in range(qsize)]
+
+    def _chunk_limit(self, pool: Sequence[DmaBuffer]) -> int:
+        """The most bytes one request can carry from any pool buffer within seg_max
+        segments of at most size_max bytes, a whole number of blocks."""
+        best = MAX_CHUNK
+        for buf in pool:
+            segs = buf.segments(buf.size)[:self._data_segs]
+            best = min(best, sum(n for _, n in segs))
+        best -= best % self.limits.block_size
+        if best <= 0:
+            raise DeviceError(f"{self.bdf}: size_max {self.limits.size_max} and seg_max "
+                              f"{self.limits.seg_max} leave no room for a block")
+        return best
+
+    def _read_limits(self) -> Limits:
+        cfg = self.transport.read_config()
+        block = int(cfg["blk_size"]) if self.has(Feature.VIRTIO_BLK_F_BLK_SIZE) else 512
+        if block < SECTOR_SIZE or block & (block - 1):
+            log.warning("%s: ignoring block size %d", self.bdf, block)
+            block = SECTOR_SIZE
+        return Limits(
+            capacity=int(cfg["capacity"]), block_size=block,
+            size_max=int(cfg["size_max"]) or None if self.has(Feature.VIRTIO_BLK_F_SIZE_MAX)
+            else None,
+            seg_max=int(cfg["seg_max"]) or None if self.has(Feature.VIRTIO_BLK_F_SEG_MAX)
+            else None,
+            max_discard_sectors=int(cfg["max_discard_sectors"]) or _DWZ_MAX_SECTORS,
+            max_write_zeroes_sectors=int(cfg["max_write_zeroes_sectors"]) or _DWZ_MAX_SECTORS)
+
+    def _install_sigterm(self) -> None:
+        """SIGTERM raises Interrupted (as SIGINT raises KeyboardInterrupt), so the
+        context manager resets the device before the memory goes."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._saved_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+
+    # -- properties ---------------------------------------------------------------
+    def has(self, feature: Feature) -> bool:
+        return bool(self.features & feature)
+
+    @property
+    def capacity(self) -> int:
+        return self.limits.capacity
+
+    @property
+    def block_size(self) -> int:
+        return self.limits.block_size
+
+    @property
+    def read_only(self) -> bool:
+        return self.has(Feature.VIRTIO_BLK_F_RO)
+
+    @property
+    def queue_size(self) -> int:
+        return self.queue.size
+
+    @property
+    def serial(self) -> str | None:
+        """What GET_ID returns (None if the device does not support it)."""
+        if self._serial is None:
+            try:
+                self._serial = self.get_id()
+            except Unsupported:
+                return None
+        return self._serial
+
+    def info(self) -> dict[str, Any]:
+        lim = self.limits
+        return {
+            "pci_address": self.bdf, "backend": self.backend.name,
+            "capacity_sectors": lim.capacity, "block_size": lim.block_size,
+            "queue_size": self.queue_size,
+            "features_offered": feature_names(self.features_offered),
+            "features_negotiated": feature_names(self.features),
+            "read_only": self.read_only, "serial": self.serial,
+            "size_max": lim.size_max, "seg_max": lim.seg_max,
+            "indirect": self.queue.indirect, "event_idx": self.queue.event_idx,
+        }
+
+    # -- validation ---------------------------------------------------------------
+    def refresh_config(self) -> None:
+        """Re-read the device config (the capacity may have changed)."""
+        self.limits = self._read_limits()
+
+    def _poll_config_change(self) -> None:
+        """ISR bit 1 says the config changed ("Device Configuration Space")."""
+        if self.transport.isr() & IsrBit.CONFIG:
+            self.refresh_config()
+
+    def check_range(self, sector: int, count: int) -> None:
+        """Refuse what the device would: negative, empty, unaligned or beyond capacity."""
+        if sector < 0:
+            raise InvalidArgument(f"sector {sector} is negative")
+        if count <= 0:
+            raise InvalidArgument(f"count {count} must be at least 1")
+        if sector + count > self.limits.capacity:
+            self.refresh_config()  # it may have grown without us seeing the ISR bit
+            if sector + count > self.limits.capacity:
+                raise OutOfRange(f"sectors {sector}..{sector + count - 1} exceed capacity "
+                                 f"{self.limits.capacity}", sector, count, self.limits.capacity)
+        per_block = self.limits.block_size // SECTOR_SIZE
+        if sector % per_block or count % per_block:
+            raise InvalidArgument(f"sectors {sector}..{sector + count - 1} are not aligned "
+                                  f"to the {self.limits.block_size}-byte block size")
+
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyDevice(f"{self.bdf} is read-only (VIRTIO_BLK_F_RO): "
+                                 f"refusing to {what}")
+
+    def _require(self, feature: Feature) -> None:
+        if not self.has(feature):
+            raise Unsupported(f"{self.bdf} does not offer {feature.name}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DeviceError(f"{self.bdf} is closed")
+
+    # -- batch API ----------------------------------------------------------------
+    def alloc_buffer(self, nbytes: int) -> DmaBuffer:
+        """A DMA buffer for ``submit``; kept until close()."""
+        self._check_open()
+        if nbytes <= 0:
+            raise InvalidArgument(f"buffer size {nbytes} must be positive")
+        for alloc in self._user_allocs:
+            try:
+                return DmaBuffer(alloc.alloc(nbytes, 4096), self.limits.size_max)
+            except Exception:
+                continue
+        region = self.backend.alloc_dma(max(nbytes, HUGEPAGE))
+        self._regions.append(region)
+        self._user_allocs.append(DmaAllocator(region))
+        return DmaBuffer(self._user_allocs[-1].alloc(nbytes, 4096), self.limits.size_max)
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        """Queue every request and kick once. Checks nothing but room: callers of the
+        batch API validate up front (``check_range``)."""
+        self._check_open()
+        q = self.queue
+        need = sum(q.descriptors_needed(self._nsegs(r)) for r in requests)
+        if need > q.num_free:
+            raise QueueFull(f"{len(requests)} requests need {need} descriptors, "
+                            f"{q.num_free} free")
+        for req in requests:
+            self._post(req)
+        q.kick()
+
+    def _nsegs(self, req: Request) -> int:
+        return 2 + (len(req.buffer.segments(req.nbytes)) if req.nbytes else 0)
+
+    def _post(self, req: Request) -> None:
+        """Write the header in the head's preallocated slot and add the chain."""
+        q = self.queue
+        head = q.next_head()
+        _HDR.pack_into(self._mm, self._hdr_off + 16 * head, req.type, 0, req.sector)
+        self._mm[self._status_off + head] = _UNSET
+        if req.nbytes:
+            writable = req.type in (ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_GET_ID)
+            data = [(bus, n, writable) for bus, n in req.buffer.segments(req.nbytes)]
+            if len(data) > self._data_segs:
+                raise InvalidArgument(f"{req}: {len(data)} segments exceed {self._data_segs}")
+            segs = [self._hdr_seg[head], *data, self._status_seg[head]]
+        else:
+            segs = [self._hdr_seg[head], self._status_seg[head]]
+        req.status = None
+        req.head = head
+        q.add(segs, req)
+
+    def reap(self, timeout: float | None = None) -> list[Request]:
+        """Completed requests (waiting up to ``timeout`` for at least one while any is in
+        flight), each with ``status`` set. A status byte the device did not write is a
+        device error."""
+        self._check_open()
+        if self._orphans:
+            done, self._orphans = self._orphans, []
+            return done
+        return self._reap_queue(timeout)
+
+    def _reap_queue(self, timeout: float | None = None) -> list[Request]:
+        got = self.queue.wait(self.timeout if timeout is None else timeout)
+        mm, off = self._mm, self._status_off
+        out = []
+        for req, length in got:
+            status = mm[off + req.head]
+            if status > BlkStatus.VIRTIO_BLK_S_UNSUPP:
+                self._fault(f"{req}: status byte {status:#x} is not a VIRTIO_BLK_S_* value")
+            req.status = status
+            req.used_len = length
+            out.append(req)
+        self.requests_completed += len(out)
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        return self.queue.in_flight
+
+    # -- plain API ----------------------------------------------------------------
+    def read(self, sector: int, count: int) -> bytes:
+        """``count`` sectors from ``sector``."""
+        self._check_open()
+        self._poll_config_change()
+        self.check_range(sector, count)
+        out = bytearray(count * SECTOR_SIZE)
+        self._transfer(ReqType.VIRTIO_BLK_T_IN, sector, count, memoryview(out))
+        return bytes(out)
+
+    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` (a whole number of blocks) at ``sector``."""
+        self._check_open()
+        view = memoryview(data).cast("B")
+        if not len(view) or len(view) % SECTOR_SIZE:
+            raise InvalidArgument(f"data of {len(view)} bytes is not a positive multiple "
+                                  f"of {SECTOR_SIZE}")
+        self._check_writable("write")
+        self._poll_config_change()
+        self.check_range(sector, len(view) // SECTOR_SIZE)
+        self._transfer(ReqType.VIRTIO_BLK_T_OUT, sector, len(view) // SECTOR_SIZE, view)
+
+    def flush(self) -> None:
+        """Make completed writes durable (VIRTIO_BLK_T_FLUSH)."""
+        self._check_open()
+        self._require(Feature.VIRTIO_BLK_F_FLUSH)
+        self._run_one(Request(ReqType.VIRTIO_BLK_T_FLUSH))
+
+    def get_id(self) -> str:
+        """The device's ID string (VIRTIO_BLK_T_GET_ID: up to 20 bytes)."""
+        self._check_open()
+        buf = self._pool[0]
+        buf.mv[:VIRTIO_BLK_ID_BYTES] = bytes(VIRTIO_BLK_ID_BYTES)
+        self._run_one(Request(ReqType.VIRTIO_BLK_T_GET_ID, buffer=buf,
+                              nbytes=VIRTIO_BLK_ID_BYTES))
+        raw = bytes(buf.mv[:VIRTIO_BLK_ID_BYTES])
+        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    def discard(self, sector: int, count: int) -> None:
+        """Tell the device the range is unused (VIRTIO_BLK_T_DISCARD)."""
+        self._ranges(ReqType.VIRTIO_BLK_T_DISCARD, Feature.VIRTIO_BLK_F_DISCARD, "discard",
+                     sector, count, self.limits.max_discard_sectors, 0)
+
+    def write_zeroes(self, sector: int, count: int, unmap: bool = False) -> None:
+        """Zero the range (VIRTIO_BLK_T_WRITE_ZEROES), optionally letting it unmap."""
+        flags = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP if unmap else 0
+        self._ranges(ReqType.VIRTIO_BLK_T_WRITE_ZEROES, Feature.VIRTIO_BLK_F_WRITE_ZEROES,
+                     "write zeroes", sector, count, self.limits.max_write_zeroes_sectors, flags)
+
+    def _ranges(self, rtype: ReqType, feature: Feature, what: str, sector: int, count: int,
+                max_sectors: int, flags: int) -> None:
+        """One request per piece of at most ``max_sectors`` (whole blocks), each carrying
+        one struct virtio_blk_discard_write_zeroes."""
+        self._check_open()
+        self._check_writable(what)
+        self._require(feature)
+        self._poll_config_change()
+        self.check_range(sector, count)
+        per_block = self.limits.block_size // SECTOR_SIZE
+        step = max(per_block, min(max_sectors, _DWZ_MAX_SECTORS) // per_block * per_block)
+        buf = self._pool[0]
+        entry = np.ndarray((), BLK_DWZ_DTYPE, buf.mv)
+        for start in range(sector, sector + count, step):
+            n = min(step, sector + count - start)
+            entry["sector"], entry["num_sectors"], entry["flags"] = start, n, flags
+            self._run_one(Request(rtype, start, n, buf, BLK_DWZ_DTYPE.itemsize))
+        del entry
+
+    def _run_one(self, req: Request) -> None:
+        self._transfer_requests([req])
+
+    # -- the pipeline behind the plain API ----------------------------------------
+    def _transfer(self, rtype: ReqType, sector: int, count: int, data: memoryview) -> None:
+        """Move ``count`` sectors between ``data`` and the device in pieces of at most
+        one bounce buffer, keeping every pool buffer busy."""
+        step = self._chunk_sectors
+        pieces = iter(range(sector, sector + count, step))
+        free = list(self._pool)
+        inflight: dict[int, Request] = {}
+        error: BaseException | None = None
+        while True:
+            batch = []
+            while free and error is None:
+                start = next(pieces, None)
+                if start is None:
+                    break
+                n = min(step, sector + count - start)
+                req = Request(rtype, start, n, free.pop(), n * SECTOR_SIZE)
+                if rtype == ReqType.VIRTIO_BLK_T_OUT:
+                    off = (start - sector) * SECTOR_SIZE
+                    req.buffer.mv[:req.nbytes] = data[off:off + req.nbytes]
+                batch.append(req)
+            if batch:
+                self.submit(batch)
+                inflight.update((id(r), r) for r in batch)
+            if not inflight:
+                break
+            for req in self._reap_own(inflight):
+                free.append(req.buffer)
+                err = self._status_error(req)
+                if err is not None:
+                    error = error or err  # keep reaping: buffers may not be reused early
+                elif rtype == ReqType.VIRTIO_BLK_T_IN:
+                    off = (req.sector - sector) * SECTOR_SIZE
+                    data[off:off + req.nbytes] = req.buffer.mv[:req.nbytes]
+        if error is not None:
+            raise error
+
+    def _transfer_requests(self, requests: list[Request]) -> None:
+        self.submit(requests)
+        inflight = {id(r): r for r in requests}
+        error = None
+        while inflight:
+            for req in self._reap_own(inflight):
+                error = error or self._status_error(req)
+        if error is not None:
+            raise error
+
+    def _reap_own(self, inflight: dict[int, Request]) -> list[Request]:
+        """Reap; requests of the batch API's callers are kept for their next reap()."""
+        mine = []
+        for req in self._reap_queue():
+            if inflight.pop(id(req), None) is None:
+                self._orphans.append(req)
+            else:
+                mine.append(req)
+        return mine
+
+    def _status_error(self, req: Request) -> BaseException | None:
+        if req.status == BlkStatus.VIRTIO_BLK_S_OK:
+            return None
+        if req.status == BlkStatus.VIRTIO_BLK_S_UNSUPP:
+            return Unsupported(f"{self.bdf}: the device does not support {req} "
+                               "(VIRTIO_BLK_S_UNSUPP)")
+        return BlkIOError(f"{self.bdf}: I/O error on {req} (VIRTIO_BLK_S_IOERR)",
+                          int(req.status or 0), req.sector, req.count)
+
+    # -- failure and teardown -----------------------------------------------------
+    def _reset_quietly(self) -> None:
+        try:
+            self.transport.reset()
+        except DeviceError:
+            log.warning("%s: reset after a device error failed", self.bdf, exc_info=True)
+
+    def _fault(self, message: str) -> None:
+        self.queue.broken = message
+        self._reset_quietly()
+        raise DeviceError(f"{self.bdf}: {message}; the device has been reset")
+
+    def close(self) -> None:
+        """Reset the device, THEN release its memory: a device that is not reset may
+        still write into the rings and buffers. Signals wait until this is done."""
+        if self._closed:
+            return
+        self._closed = True
+        blocked = _block_signals()
+        try:
+            self._reset_quietly()
+            if hasattr(self, "queue"):
+                self.queue.detach()
+            for buf in getattr(self, "_pool", []):
+                buf.mv.release()
+            self._pool = []
+            for region in self._regions:
+                region.close()
+            self._regions = []
+            self.backend.close()
+        finally:
+            if self._saved_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._saved_sigterm)
+                self._saved_sigterm = None
+            _open_devices.discard(self)
+            _unblock_signals(blocked)
+
+    def __enter__(self) -> VirtioBlk:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _block_signals() -> set[signal.Signals] | None:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _unblock_signals(previous: set[signal.Signals] | None) -> None:
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

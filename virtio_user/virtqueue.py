@@ -1,0 +1,364 @@
+"""The split virtqueue in legacy layout: numpy dtypes, the layout function, SplitQueue.
+
+virtio 1.2, "Split Virtqueues" (descriptor table, available ring, used ring) and
+"Legacy Interfaces: A Note on Virtqueue Layout" (the used ring starts on a 4096-byte
+boundary; QUEUE_ADDRESS holds the ring's address >> 12). Legacy rings are in the
+guest's native byte order, which on x86 is little-endian, as the dtypes spell out.
+
+Trust boundary: the driver's bookkeeping (free list, chains, tokens, writable lengths)
+lives here in Python. From device-visible memory SplitQueue reads only ``used.idx``,
+``used.ring`` and the notification hints (``used.flags`` / ``avail_event``), and every
+used element is validated before it is believed.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Generic, Sequence, TypeVar
+
+import numpy as np
+
+from .errors import DeviceError, DeviceTimeout, DmaError, VirtioError
+from .memory import PAGE, DmaAllocator
+from .spec import (LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE,
+                   VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, DescFlag)
+
+assert sys.byteorder == "little", "the memoryview casts below assume a little-endian CPU"
+
+T = TypeVar("T")
+
+DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])  # id (le32) + len (le32)
+_DESC = struct.Struct("<QIHH")
+_NEXT = int(DescFlag.VIRTQ_DESC_F_NEXT)
+_WRITE = int(DescFlag.VIRTQ_DESC_F_WRITE)
+_INDIRECT = int(DescFlag.VIRTQ_DESC_F_INDIRECT)
+
+
+def avail_dtype(size: int) -> np.dtype:
+    """struct virtq_avail: flags, idx, ring[size], used_event (all le16)."""
+    return np.dtype([("flags", "<u2"), ("idx", "<u2"), ("ring", "<u2", (size,)),
+                     ("used_event", "<u2")])
+
+
+def used_dtype(size: int) -> np.dtype:
+    """struct virtq_used: flags, idx (le16), ring[size] of (id, len), avail_event (le16)."""
+    return np.dtype([("flags", "<u2"), ("idx", "<u2"), ("ring", USED_ELEM_DTYPE, (size,)),
+                     ("avail_event", "<u2")])
+
+
+class QueueFull(VirtioError):
+    """Not enough free descriptors for the chain; reap completions first."""
+
+
+@dataclass(frozen=True)
+class QueueLayout:
+    """Byte offsets of the three parts of a legacy split virtqueue of ``size`` entries."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+    total: int  # bytes to allocate, a whole number of pages
+
+
+def legacy_layout(size: int) -> QueueLayout:
+    """The legacy layout: descriptor table, then the available ring (with used_event),
+    then, at the next 4096-byte boundary, the used ring (with avail_event).
+
+    "Split Virtqueues": queue size is a power of 2 no larger than 32768.
+    """
+    if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+        raise ValueError(f"queue size {size} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+    desc = 0
+    avail = desc + DESC_DTYPE.itemsize * size
+    used = -(-(avail + avail_dtype(size).itemsize) // LEGACY_QUEUE_ALIGN) * LEGACY_QUEUE_ALIGN
+    total = -(-(used + used_dtype(size).itemsize) // PAGE) * PAGE
+    return QueueLayout(size, desc, avail, used, total)
+
+
+_fence_lock = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full memory barrier (store-load ordering), which Python has no word for.
+
+    On x86 any locked instruction is one; CPython's Lock.acquire/release on Linux run
+    sem_trywait/sem_post, which are lock-prefixed compare-and-swaps.
+    """
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class SplitQueue(Generic[T]):
+    """A split virtqueue the driver fills and the device drains.
+
+    ``add`` writes a chain (indirect when negotiated) and queues its head; ``kick``
+    publishes every queued head with one ``avail.idx`` store and at most one notify;
+    ``reap`` collects and validates every completion in one pass; ``wait`` polls until
+    something completes or the deadline passes. On any violation by the device, or a
+    timeout, ``on_fault`` (a device reset) runs before the error is raised, and the
+    queue refuses further use.
+    """
+
+    def __init__(self, alloc: DmaAllocator, size: int, notify: Callable[[], None], *,
+                 indirect: bool, event_idx: bool, on_fault: Callable[[], None],
+                 max_chain: int = 16) -> None:
+        self.layout = lay = legacy_layout(size)
+        self.size = size
+        self._mask = size - 1
+        self._notify = notify
+        self._on_fault = on_fault
+        self.indirect = indirect
+        self.event_idx = event_idx
+        self.max_chain = max_chain if indirect else size
+        region = alloc.region
+        self.ring = alloc.alloc(lay.total, LEGACY_QUEUE_ALIGN)
+        if not self.ring.is_contiguous():
+            raise DmaError(f"queue memory ({lay.total} bytes) is not physically contiguous")
+        if (self.ring.bus >> LEGACY_PFN_SHIFT) >> 32:
+            raise DmaError(f"queue at {self.ring.bus:#x} is beyond QUEUE_ADDRESS's 32-bit PFN")
+        self.pfn = self.ring.bus >> LEGACY_PFN_SHIFT
+        mm, base = region.mm, self.ring.offset
+        mm[base:base + lay.total] = bytes(lay.total)  # never hand stale rings to a device
+        self._mm = mm
+        self._desc_off = base + lay.desc
+        # numpy views by field name, for inspection and tests ...
+        self.desc = np.ndarray((size,), DESC_DTYPE, mm, base + lay.desc)
+        self.avail = np.ndarray((), avail_dtype(size), mm, base + lay.avail)
+        self.used = np.ndarray((), used_dtype(size), mm, base + lay.used)
+        # ... and memoryview casts for the hot path, where a numpy scalar access costs
+        # several times a plain list index.
+        self._u16 = memoryview(mm)[base:base + lay.total].cast("H")
+        self._u32 = memoryview(mm)[base:base + lay.total].cast("I")
+        self._avail_flags = lay.avail // 2
+        self._avail_idx = lay.avail // 2 + 1
+        self._avail_ring = lay.avail // 2 + 2
+        self._used_event = lay.avail // 2 + 2 + size
+        self._used_flags = lay.used // 2
+        self._used_idx = lay.used // 2 + 1
+        self._used_ring = (lay.used + 4) // 4
+        self._avail_event = (lay.used + 4 + 8 * size) // 2
+        # We poll: ask for no interrupts (with EVENT_IDX the device reads used_event).
+        self._u16[self._avail_flags] = VIRTQ_AVAIL_F_NO_INTERRUPT
+        self._u16[self._used_event] = 0xFFFF
+        if indirect:
+            self._table_bytes = 1 << (DESC_DTYPE.itemsize * max_chain - 1).bit_length()
+            if self._table_bytes > PAGE:
+                raise ValueError(f"indirect tables of {max_chain} entries exceed a page")
+            # Aligned to its own power-of-two size, no table straddles a page boundary.
+            self.tables = alloc.alloc(size * self._table_bytes, self._table_bytes)
+            self._table_off = self.tables.offset
+            self._table_bus = [region.bus(self._table_off + i * self._table_bytes)
+                               for i in range(size)]
+        self._structs: dict[int, struct.Struct] = {}
+        # Driver-private bookkeeping (never read back from device memory).
+        self._free = list(range(size - 1, -1, -1))
+        self._token: list[T | None] = [None] * size
+        self._writable = [0] * size
+        self._chain: list[list[int] | None] = [None] * size
+        self._next_avail = 0  # free-running count of heads added
+        self._published = 0  # avail.idx as last stored (16 bits)
+        self._last_used = 0  # used.idx as last consumed (16 bits)
+        self.in_flight = 0  # published and not yet reaped
+        self.completed = 0
+        self.kicks = 0
+        self.broken: str | None = None
+
+    # -- state --------------------------------------------------------------------
+    @property
+    def avail_idx(self) -> int:
+        return self._published
+
+    @property
+    def used_idx(self) -> int:
+        return self._last_used
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def next_head(self) -> int:
+        """The descriptor id the next ``add`` will return as its head (callers keep
+        per-head state, such as a request header, at that index)."""
+        self._check_usable()
+        if not self._free:
+            raise QueueFull(f"all {self.size} descriptors are in use")
+        return self._free[-1]
+
+    def descriptors_needed(self, nsegs: int) -> int:
+        return 1 if self.indirect and nsegs > 1 else nsegs
+
+    # -- submit -------------------------------------------------------------------
+    def add(self, segs: Sequence[tuple[int, int, bool]], token: T) -> int:
+        """Write a chain of (bus, length, device_writable) segments, queue its head for
+        the next ``kick`` and return the head's descriptor id."""
+        self._check_usable()
+        n = len(segs)
+        if n == 0 or token is None:
+            raise ValueError("a chain needs at least one segment and a token")
+        if self.indirect and n > 1:
+            head = self._add_indirect(segs)
+        else:
+            head = self._add_direct(segs)
+        self._writable[head] = sum(length for _, length, w in segs if w)
+        self._token[head] = token
+        self._u16[self._avail_ring + (self._next_avail & self._mask)] = head
+        self._next_avail += 1
+        return head
+
+    def _flat(self, segs: Sequence[tuple[int, int, bool]], nexts: Sequence[int]) -> list[int]:
+        flat: list[int] = []
+        last = len(segs) - 1
+        for i, (addr, length, w) in enumerate(segs):
+            flat += (addr, length, (_WRITE if w else 0) | (_NEXT if i < last else 0),
+                     nexts[i] if i < last else 0)
+        return flat
+
+    def _packer(self, n: int) -> struct.Struct:
+        s = self._structs.get(n)
+        if s is None:
+            s = self._structs[n] = struct.Struct("<" + "QIHH" * n)
+        return s
+
+    def _add_indirect(self, segs: Sequence[tuple[int, int, bool]]) -> int:
+        n = len(segs)
+        if n > self.max_chain:
+            raise ValueError(f"{n} segments exceed the indirect table of {self.max_chain}")
+        if not self._free:
+            raise QueueFull(f"all {self.size} descriptors are in use")
+        head = self._free.pop()
+        self._packer(n).pack_into(self._mm, self._table_off + head * self._table_bytes,
+                                  *self._flat(segs, range(1, n)))
+        _DESC.pack_into(self._mm, self._desc_off + 16 * head, self._table_bus[head],
+                        16 * n, _INDIRECT, 0)
+        return head
+
+    def _add_direct(self, segs: Sequence[tuple[int, int, bool]]) -> int:
+        n = len(segs)
+        if n > len(self._free):
+            raise QueueFull(f"{n} descriptors needed, {len(self._free)} free")
+        ids = [self._free.pop() for _ in range(n)]
+        for i, flat in enumerate(zip(*[iter(self._flat(segs, ids[1:]))] * 4)):
+            _DESC.pack_into(self._mm, self._desc_off + 16 * ids[i], *flat)
+        self._chain[ids[0]] = ids
+        return ids[0]
+
+    def kick(self) -> None:
+        """Publish every chain added since the last kick, and notify if needed."""
+        self._check_usable()
+        self._publish()
+
+    def _publish(self) -> None:
+        """Bump ``avail.idx`` over the ring entries ``add`` stored, then notify unless
+        the device said it need not be ("Driver Requirements: Available Buffer
+        Notification Suppression")."""
+        new = self._next_avail & 0xFFFF
+        old = self._published
+        if new == old:
+            return
+        # Write ordering: the ring entries (and descriptors) were stored before this
+        # idx store. x86 is TSO, stores become visible in program order, so the device
+        # cannot see the new idx before the entries it covers; a weaker CPU would need
+        # a write barrier here.
+        self._u16[self._avail_idx] = new
+        self._published = new
+        self.in_flight += (new - old) & 0xFFFF
+        # Store-load ordering is NOT kept by TSO: without a full barrier we could read
+        # a stale avail_event/flags while the device, having re-enabled notifications,
+        # reads our old idx: a lost kick.
+        _full_barrier()
+        if self.event_idx:
+            event = self._u16[self._avail_event]
+            need = (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
+        else:
+            need = not self._u16[self._used_flags] & VIRTQ_USED_F_NO_NOTIFY
+        if need:
+            self._notify()  # a pwrite syscall into the device: also a full barrier
+            self.kicks += 1
+
+    # -- complete -----------------------------------------------------------------
+    def reap(self) -> list[tuple[T, int]]:
+        """Every completion the device has published, as (token, used length), after
+        checking each: id in range and the head of a chain in flight, length within
+        that chain's device-writable bytes, and used.idx not beyond what is in flight.
+        Loads are not reordered with other loads on x86, so the entries read after
+        used.idx are at least as new as it."""
+        self._check_usable()
+        used = self._u16[self._used_idx]
+        n = (used - self._last_used) & 0xFFFF
+        if not n:
+            return []
+        if n > self.in_flight:
+            self._fault(f"used.idx moved from {self._last_used} to {used}: {n} completions "
+                        f"with only {self.in_flight} requests in flight")
+        out: list[tuple[T, int]] = []
+        u32, ring, mask, last = self._u32, self._used_ring, self._mask, self._last_used
+        for i in range(n):
+            slot = ring + 2 * ((last + i) & mask)
+            head, length = u32[slot], u32[slot + 1]
+            token = self._token[head] if head < self.size else None
+            if token is None:
+                why = "out of range" if head >= self.size else "not the head of a chain in flight"
+                self._fault(f"used id {head} is {why} (queue size {self.size})")
+            if length > self._writable[head]:
+                self._fault(f"used len {length} for id {head} exceeds the chain's "
+                            f"{self._writable[head]} device-writable bytes")
+            self._release(head)
+            out.append((token, length))  # type: ignore[arg-type]
+        self._last_used = used
+        self.in_flight -= n
+        self.completed += n
+        # Keep used_event one behind: the device would interrupt only after wrapping.
+        self._u16[self._used_event] = (used - 1) & 0xFFFF
+        return out
+
+    def _release(self, head: int) -> None:
+        self._token[head] = None
+        chain = self._chain[head]
+        if chain is None:
+            self._free.append(head)
+        else:
+            self._chain[head] = None
+            self._free.extend(chain)
+
+    def wait(self, timeout: float) -> list[tuple[T, int]]:
+        """Poll until at least one completion (or nothing is in flight); DeviceTimeout
+        after ``timeout`` seconds."""
+        done = self.reap()
+        if done or not self.in_flight:
+            return done
+        u16, pos, last = self._u16, self._used_idx, self._last_used
+        clock = time.monotonic
+        deadline = clock() + timeout
+        while u16[pos] == last:
+            if clock() > deadline:
+                pending = [t for t in self._token if t is not None]
+                more = f" (and {len(pending) - 1} more in flight)" if len(pending) > 1 else ""
+                self._fault(f"no completion within {timeout:g} s for {pending[0]}{more}",
+                            DeviceTimeout)
+        return self.reap()
+
+    # -- failure ------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise DeviceError(f"the queue is unusable after: {self.broken}")
+
+    def _fault(self, message: str, cls: type[DeviceError] = DeviceError) -> None:
+        """Reset the device, then raise: no data from a misbehaving device is used."""
+        self.broken = message
+        try:
+            self._on_fault()
+        finally:
+            raise cls(f"{message}; the device has been reset")
+
+    def detach(self) -> None:
+        """Drop the views on DMA memory (after the device reset) so it can be unmapped."""
+        self._u16.release()
+        self._u32.release()
+        del self.desc, self.avail, self.used
+        self.broken = self.broken or "closed"

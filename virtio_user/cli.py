@@ -1,0 +1,361 @@
+"""``virtio-user``: the command line (issue 3, item 10).
+
+Every argument is checked before the device is touched; errors print one line (a
+traceback only with ``--debug``) and exit with the code ``errors.exit_code`` gives:
+0 ok, 1 bad arguments, 3 I/O error, 5 unsupported, 7 read-only, 15 cannot open or use
+the device or a file, 22 out of capacity, 33 timeout, 99 other, 128+N on signal N.
+
+New subcommands (``bench``, issue 5) register in COMMANDS with an ``add`` function for
+their arguments and a ``run(dev, args)`` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Iterator, Sequence
+
+from .blk import DEFAULT_TIMEOUT, VirtioBlk
+from .errors import FileAccessError, Interrupted, InvalidArgument, VirtioError, exit_code
+from .spec import SECTOR_SIZE
+
+PIECE_SECTORS = 8192  # the CLI moves 4 MiB at a time: bounded memory, progress, resumable
+Opener = Callable[[argparse.Namespace], VirtioBlk]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad usage is exit code 1 with one line, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.removeprefix("virtio-user").strip()
+        raise InvalidArgument(f"{command}: {message}" if command else message)
+
+
+def parse_number(text: str, what: str) -> int:
+    """Decimal or 0x-hex integer, possibly negative (so the message can say so)."""
+    body = text.strip()
+    sign = -1 if body.startswith("-") else 1
+    digits = body[1:] if body[:1] in "+-" and body else body
+    try:
+        if digits[:2].lower() == "0x" and digits[2:].isascii() and digits[2:].isalnum():
+            return sign * int(digits[2:], 16)
+        if digits.isascii() and digits.isdigit():
+            return sign * int(digits, 10)
+    except ValueError:
+        pass
+    raise InvalidArgument(f"{what} {text!r} is not a number (decimal, or hex with 0x)")
+
+
+def _range_args(args: argparse.Namespace) -> tuple[int, int]:
+    sector = parse_number(args.sector, "sector")
+    count = parse_number(args.count, "count")
+    if sector < 0:
+        raise InvalidArgument(f"sector {sector} is negative")
+    if count <= 0:
+        raise InvalidArgument(f"count {count} must be at least 1")
+    return sector, count
+
+
+# -- subcommands ---------------------------------------------------------------------
+
+@dataclass
+class Command:
+    add: Callable[[argparse.ArgumentParser], None]
+    prepare: Callable[[argparse.Namespace], Any]  # validates; runs before the device opens
+    run: Callable[[VirtioBlk, argparse.Namespace, Any], int]
+    help: str
+
+
+def _add_range(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sector", metavar="SECTOR", help="first sector (decimal or 0x hex)")
+    p.add_argument("count", metavar="COUNT", help="number of 512-byte sectors")
+
+
+def _no_prepare(args: argparse.Namespace) -> None:
+    return None
+
+
+def _run_info(dev: VirtioBlk, args: argparse.Namespace, _: Any) -> int:
+    info = dev.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            if isinstance(value, list):
+                value = " ".join(value) or "-"
+            print(f"{key:20} {value}")
+    return 0
+
+
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_read(p: argparse.ArgumentParser) -> None:
+    _add_range(p)
+    p.add_argument("-o", "--output", metavar="FILE", help="write raw bytes to FILE")
+
+
+def _prepare_read(args: argparse.Namespace) -> tuple[int, int]:
+    sector, count = _range_args(args)
+    if args.output:
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(args.output) or not os.access(parent, os.W_OK):
+            raise FileAccessError(f"cannot write {args.output}")
+    return sector, count
+
+
+def _run_read(dev: VirtioBlk, args: argparse.Namespace, plan: tuple[int, int]) -> int:
+    sector, count = plan
+    dev.check_range(sector, count)
+    with _output(args.output) as (out, tty):
+        dump = HexDump(out) if tty else None
+        for start in range(sector, sector + count, PIECE_SECTORS):
+            data = dev.read(start, min(PIECE_SECTORS, sector + count - start))
+            if dump:
+                dump.feed(data)
+            else:
+                out.write(data)
+        if dump:
+            dump.end()
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[tuple[IO[Any], bool]]:
+    if path is None:
+        tty = sys.stdout.isatty()
+        yield (sys.stdout if tty else sys.stdout.buffer), tty
+        sys.stdout.flush()
+        return
+    try:
+        f = open(path, "wb")
+    except OSError as exc:
+        raise FileAccessError(f"cannot write {path}: {exc.strerror}") from exc
+    with f:
+        yield f, False
+
+
+class HexDump:
+    """``hexdump -C``: offset, 16 bytes in two groups of 8, ASCII; repeats as ``*``."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out, self.offset, self.last, self.starred, self.rest = out, 0, b"", False, b""
+
+    def feed(self, data: bytes) -> None:
+        data = self.rest + data
+        whole = len(data) - len(data) % 16
+        for i in range(0, whole, 16):
+            self._line(data[i:i + 16])
+        self.rest = data[whole:]
+
+    def _line(self, line: bytes) -> None:
+        if line == self.last and len(line) == 16:
+            if not self.starred:
+                self.out.write("*\n")
+                self.starred = True
+        else:
+            hexes = " ".join(f"{b:02x}" for b in line[:8]).ljust(23) + "  " + \
+                " ".join(f"{b:02x}" for b in line[8:]).ljust(23)
+            text = "".join(chr(b) if 32 <= b < 127 else "." for b in line)
+            self.out.write(f"{self.offset:08x}  {hexes}  |{text}|\n")
+            self.starred = False
+        self.last = line
+        self.offset += len(line)
+
+    def end(self) -> None:
+        if self.rest:
+            self._line(self.rest)
+        self.out.write(f"{self.offset:08x}\n")
+
+
+def _add_write(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sector", metavar="SECTOR", help="first sector (decimal or 0x hex)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("-i", "--input", metavar="FILE",
+                     help="raw bytes to write (a multiple of 512 bytes)")
+    src.add_argument("--pattern", metavar="BYTE", help="fill with this byte (0..255)")
+    p.add_argument("--count", metavar="N", help="sectors to fill (with --pattern)")
+
+
+@dataclass
+class WritePlan:
+    sector: int
+    count: int
+    data: bytes | None  # None: the pattern
+    pattern: int = 0
+
+
+def _prepare_write(args: argparse.Namespace) -> WritePlan:
+    sector = parse_number(args.sector, "sector")
+    if sector < 0:
+        raise InvalidArgument(f"sector {sector} is negative")
+    if args.input is not None:
+        if args.count is not None:
+            raise InvalidArgument("--count goes with --pattern, not with -i")
+        try:
+            with open(args.input, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise FileAccessError(f"cannot read {args.input}: {exc.strerror}") from exc
+        if not data or len(data) % SECTOR_SIZE:
+            raise InvalidArgument(f"{args.input} is {len(data)} bytes, not a positive "
+                                  f"multiple of {SECTOR_SIZE}; it is not padded")
+        return WritePlan(sector, len(data) // SECTOR_SIZE, data)
+    if args.count is None:
+        raise InvalidArgument("--pattern needs --count N")
+    byte = parse_number(args.pattern, "pattern byte")
+    if not 0 <= byte <= 255:
+        raise InvalidArgument(f"pattern byte {byte} is not in 0..255")
+    count = parse_number(args.count, "count")
+    if count <= 0:
+        raise InvalidArgument(f"count {count} must be at least 1")
+    return WritePlan(sector, count, None, byte)
+
+
+def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int:
+    dev._check_writable("write")
+    dev.check_range(plan.sector, plan.count)
+    fill = bytes([plan.pattern]) * SECTOR_SIZE * min(PIECE_SECTORS, plan.count)
+    done = 0
+    try:
+        while done < plan.count:
+            n = min(PIECE_SECTORS, plan.count - done)
+            chunk = (fill[:n * SECTOR_SIZE] if plan.data is None
+                     else plan.data[done * SECTOR_SIZE:(done + n) * SECTOR_SIZE])
+            dev.write(plan.sector + done, chunk)
+            done += n
+            if args.progress:
+                print(f"written {done}/{plan.count} sectors", file=sys.stderr, flush=True)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} after "
+                          f"{done} of {plan.count} sectors written "
+                          f"(sectors {plan.sector}..{plan.sector + done - 1} are done)") from exc
+    return 0
+
+
+def _run_flush(dev: VirtioBlk, args: argparse.Namespace, _: Any) -> int:
+    dev.flush()
+    return 0
+
+
+def _run_id(dev: VirtioBlk, args: argparse.Namespace, _: Any) -> int:
+    print(dev.get_id())
+    return 0
+
+
+def _prepare_range(args: argparse.Namespace) -> tuple[int, int]:
+    return _range_args(args)
+
+
+def _run_discard(dev: VirtioBlk, args: argparse.Namespace, plan: tuple[int, int]) -> int:
+    dev.discard(*plan)
+    return 0
+
+
+def _add_write_zeroes(p: argparse.ArgumentParser) -> None:
+    _add_range(p)
+    p.add_argument("--unmap", action="store_true", help="allow the device to deallocate")
+
+
+def _run_write_zeroes(dev: VirtioBlk, args: argparse.Namespace, plan: tuple[int, int]) -> int:
+    dev.write_zeroes(*plan, unmap=args.unmap)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "info": Command(_add_info, _no_prepare, _run_info, "show the device and its features"),
+    "read": Command(_add_read, _prepare_read, _run_read, "read sectors"),
+    "write": Command(_add_write, _prepare_write, _run_write, "write sectors"),
+    "flush": Command(lambda p: None, _no_prepare, _run_flush, "flush the write cache"),
+    "id": Command(lambda p: None, _no_prepare, _run_id, "print the device ID (GET_ID)"),
+    "discard": Command(_add_range, _prepare_range, _run_discard, "discard sectors"),
+    "write-zeroes": Command(_add_write_zeroes, _prepare_range, _run_write_zeroes,
+                            "zero sectors"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="virtio-user", allow_abbrev=False,
+                     description="A user-space driver for legacy virtio-blk PCI devices.")
+    parser.add_argument("--device", metavar="BDF", help="PCI address (default: the first "
+                        "legacy virtio-blk device)")
+    parser.add_argument("--backend", choices=("uio", "vfio"), default="uio")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"per-wait deadline (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--rebind", action="store_true",
+                        help="hand the device back to virtio-pci afterwards")
+    parser.add_argument("--progress", action="store_true", help="report progress on stderr")
+    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, add_help=False, allow_abbrev=False)
+        p.add_argument("--help", action="help", help="show this help")  # no -h: see fuzz
+        cmd.add(p)
+    return parser
+
+
+def default_opener(args: argparse.Namespace) -> VirtioBlk:
+    return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
+                          timeout=args.timeout)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Interrupted, so ``with dev`` resets the device on the way out."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None, opener: Opener | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.timeout <= 0:
+            raise InvalidArgument(f"--timeout {args.timeout:g} must be positive")
+        if args.device is not None:
+            from .pci import parse_bdf
+            args.device = parse_bdf(args.device)
+        cmd = COMMANDS[args.command]
+        plan = cmd.prepare(args)
+        with _sigterm_raises():
+            try:
+                with (opener or default_opener)(args) as dev:
+                    return cmd.run(dev, args, plan)
+            except KeyboardInterrupt as exc:
+                raise Interrupted(signal.SIGINT) from exc
+    except VirtioError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"virtio-user: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"virtio-user: internal error: {exc!r} (run with --debug for details)",
+              file=sys.stderr)
+        return 99
+
+
+if __name__ == "__main__":
+    sys.exit(main())

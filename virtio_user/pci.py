@@ -1,0 +1,146 @@
+"""PCI discovery and driver binding through sysfs, with pyudev for enumeration.
+
+A legacy virtio-blk device is 1af4:1001 with subsystem device 2 ("Legacy Interfaces: A
+Note on PCI Device Discovery"). Binding uses ``driver_override`` + ``drivers_probe``, so
+no other device is affected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BindError, DeviceBusy, DeviceNotFound, InvalidArgument, WrongDevice
+from .spec import VIRTIO_ID_BLOCK, VIRTIO_PCI_LEGACY_BLK, VIRTIO_PCI_VENDOR
+
+SYSFS_PCI = Path("/sys/bus/pci")
+_BDF = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
+COMMAND_REG = 4  # PCI config space: command register (le16)
+COMMAND_IO = 1 << 0
+COMMAND_BUS_MASTER = 1 << 2
+
+
+def parse_bdf(text: str) -> str:
+    """``0000:00:10.0`` (or ``00:10.0``) in canonical lower-case form."""
+    m = _BDF.match(text.strip())
+    if not m:
+        raise InvalidArgument(f"malformed PCI address {text!r}: expected DDDD:BB:SS.F, "
+                              "e.g. 0000:00:10.0")
+    domain, bus, slot, func = m.groups()
+    return f"{(domain or '0000').lower()}:{bus.lower()}:{slot.lower()}.{func}"
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    bdf: str
+    vendor: int
+    device: int
+    subsystem_device: int
+
+    @property
+    def path(self) -> Path:
+        return SYSFS_PCI / "devices" / self.bdf
+
+    @property
+    def driver(self) -> str | None:
+        link = self.path / "driver"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    @property
+    def is_legacy_blk(self) -> bool:
+        return (self.vendor == VIRTIO_PCI_VENDOR and self.device == VIRTIO_PCI_LEGACY_BLK
+                and self.subsystem_device == VIRTIO_ID_BLOCK)
+
+    def describe(self) -> str:
+        return (f"{self.bdf} ({self.vendor:04x}:{self.device:04x}, driver "
+                f"{self.driver or 'none'})")
+
+
+def _from_udev(dev: object) -> PciDevice:
+    props = dev.properties  # type: ignore[attr-defined]
+    vendor, device = (int(x, 16) for x in props.get("PCI_ID", "0:0").split(":"))
+    m = re.search(r"sd([0-9A-Fa-f]{8})", props.get("MODALIAS", ""))
+    return PciDevice(dev.sys_name, vendor, device, int(m.group(1), 16) if m else -1)  # type: ignore[attr-defined]
+
+
+def list_devices() -> list[PciDevice]:
+    """Every PCI device, in address order."""
+    import pyudev
+    ctx = pyudev.Context()
+    return sorted((_from_udev(d) for d in ctx.list_devices(subsystem="pci")),
+                  key=lambda d: d.bdf)
+
+
+def find(bdf: str | None) -> PciDevice:
+    """The legacy virtio-blk device at ``bdf``, or the first one if ``bdf`` is None."""
+    devices = list_devices()
+    if bdf is None:
+        blk = [d for d in devices if d.is_legacy_blk]
+        if not blk:
+            raise DeviceNotFound("no legacy virtio-blk PCI device (1af4:1001) found")
+        return blk[0]
+    bdf = parse_bdf(bdf)
+    for d in devices:
+        if d.bdf == bdf:
+            if not d.is_legacy_blk:
+                raise WrongDevice(f"{d.describe()} is not a legacy virtio-blk device "
+                                  "(1af4:1001, subsystem 0002)")
+            return d
+    raise DeviceNotFound(f"no PCI device at {bdf}")
+
+
+def block_devices(dev: PciDevice) -> list[str]:
+    """Names of the kernel block devices (e.g. vda) the kernel made for ``dev``."""
+    return sorted(p.name for p in dev.path.glob("virtio*/block/*"))
+
+
+def check_unused(dev: PciDevice) -> None:
+    """Refuse a device whose kernel block device is mounted or held (swap, dm, md)."""
+    for name in block_devices(dev):
+        node = Path("/sys/block") / name
+        parts = [name] + [p.name for p in node.glob(f"{name}*") if p.is_dir()]
+        with open("/proc/mounts") as f:
+            for line in f:
+                source, target = line.split()[:2]
+                if source in {f"/dev/{p}" for p in parts}:
+                    raise DeviceBusy(f"{dev.bdf} is in use: {source} is mounted on {target}")
+        for p in parts:
+            holders = list((Path("/sys/class/block") / p / "holders").glob("*"))
+            if holders:
+                raise DeviceBusy(f"{dev.bdf} is in use: /dev/{p} is held by "
+                                 f"{', '.join(h.name for h in holders)}")
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise BindError(f"cannot write {text.strip()!r} to {path}: {exc.strerror}") from exc
+
+
+def bind(dev: PciDevice, driver: str) -> None:
+    """Hand ``dev`` to ``driver``: unbind it, set driver_override, drivers_probe."""
+    if dev.driver == driver:
+        return
+    if not (SYSFS_PCI / "drivers" / driver).is_dir():
+        raise BindError(f"driver {driver} is not loaded (modprobe {driver})")
+    if dev.driver is not None:
+        _write(dev.path / "driver" / "unbind", dev.bdf)
+    _write(dev.path / "driver_override", driver)
+    _write(SYSFS_PCI / "drivers_probe", dev.bdf)
+    if dev.driver != driver:
+        raise BindError(f"{dev.bdf}: {driver} did not take the device "
+                        f"(driver now {dev.driver or 'none'})")
+
+
+def release(dev: PciDevice, rebind_to: str | None) -> None:
+    """Clear driver_override and, if asked, give the device back (e.g. virtio-pci)."""
+    if not dev.path.exists():
+        return  # hot-unplugged
+    _write(dev.path / "driver_override", "\n")
+    if rebind_to and dev.driver != rebind_to:
+        if dev.driver is not None:
+            _write(dev.path / "driver" / "unbind", dev.bdf)
+        _write(SYSFS_PCI / "drivers_probe", dev.bdf)

@@ -92,6 +92,7 @@ class DmaRegion:
             raise DmaError(f"cannot create {path}: {exc.strerror}") from exc
         try:
             os.unlink(path)
+            os.ftruncate(fd, size)
             # hugetlbfs reserves the pages at mmap time: too few free pages fail here
             # with ENOMEM instead of a SIGBUS on first touch.
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -1,0 +1,171 @@
+"""SplitQueue against a hand-driven device side: free list, chains, indirect tables,
+index wrap-around, out-of-order completion, and rejection of a misbehaving device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from virtio_user.errors import DeviceError, DeviceTimeout
+from virtio_user.memory import DmaAllocator, DmaRegion
+from virtio_user.spec import DescFlag
+from virtio_user.virtqueue import QueueFull, SplitQueue
+
+NEXT, WRITE, INDIRECT = (int(f) for f in DescFlag)
+
+
+class Harness:
+    """A queue plus the device-side moves a test needs."""
+
+    def __init__(self, size: int = 8, indirect: bool = False, event_idx: bool = False) -> None:
+        self.region = DmaRegion.anonymous(1 << 20, contiguous=1 << 20)
+        self.kicks = 0
+        self.faults = 0
+        self.q: SplitQueue[Any] = SplitQueue(
+            DmaAllocator(self.region), size, self._kick, indirect=indirect,
+            event_idx=event_idx, on_fault=self._fault)
+        self.device_avail = 0
+
+    def _kick(self) -> None:
+        self.kicks += 1
+
+    def _fault(self) -> None:
+        self.faults += 1
+
+    def avail_heads(self) -> list[int]:
+        """Heads the device would now take from the available ring."""
+        idx = int(self.q.avail["idx"])
+        heads = []
+        while self.device_avail != idx:
+            heads.append(int(self.q.avail["ring"][self.device_avail % self.q.size]))
+            self.device_avail = (self.device_avail + 1) & 0xFFFF
+        return heads
+
+    def complete(self, head: int, length: int = 0, step: int = 1) -> None:
+        used = self.q.used
+        slot = int(used["idx"]) % self.q.size
+        used["ring"][slot] = (head, length)
+        used["idx"] = (int(used["idx"]) + step) & 0xFFFF
+
+
+SEG3 = [(0x1000, 16, False), (0x2000, 512, True), (0x3000, 1, True)]
+
+
+def test_direct_chain_uses_the_free_list_and_links_descriptors() -> None:
+    h = Harness(size=8)
+    head = h.q.add(SEG3, "a")
+    h.q.kick()
+    assert h.q.num_free == 5 and h.kicks == 1
+    [got] = h.avail_heads()
+    assert got == head
+    d, seen = h.q.desc, []
+    i = head
+    while True:
+        seen.append((int(d[i]["addr"]), int(d[i]["len"]), int(d[i]["flags"])))
+        if not d[i]["flags"] & NEXT:
+            break
+        i = int(d[i]["next"])
+    assert seen == [(0x1000, 16, NEXT), (0x2000, 512, NEXT | WRITE), (0x3000, 1, WRITE)]
+    h.complete(head, 513)
+    assert h.q.reap() == [("a", 513)]
+    assert h.q.num_free == 8 and h.q.in_flight == 0
+
+
+def test_indirect_chain_takes_one_slot_and_fills_a_table() -> None:
+    h = Harness(size=4, indirect=True)
+    heads = [h.q.add(SEG3, n) for n in range(4)]  # queue_size requests in flight
+    h.q.kick()
+    assert h.q.num_free == 0 and sorted(heads) == [0, 1, 2, 3]
+    with pytest.raises(QueueFull):
+        h.q.add(SEG3, "x")
+    d = h.q.desc[heads[0]]
+    assert int(d["flags"]) == INDIRECT and int(d["len"]) == 48
+    table = np.ndarray((3,), h.q.desc.dtype, h.region.mm, h.region.offset_of(int(d["addr"])))
+    assert table["addr"].tolist() == [0x1000, 0x2000, 0x3000]
+    assert table["flags"].tolist() == [NEXT, NEXT | WRITE, WRITE]
+    assert table["next"].tolist()[:2] == [1, 2]
+
+
+def test_out_of_order_completion_returns_each_token_once() -> None:
+    h = Harness(size=8, indirect=True)
+    heads = {h.q.add(SEG3, name): name for name in "abc"}
+    h.q.kick()
+    order = list(heads)[::-1]
+    for head in order:
+        h.complete(head, 1)
+    assert [t for t, _ in h.q.reap()] == [heads[x] for x in order]
+    assert h.q.num_free == 8 and h.q.completed == 3
+
+
+def test_indices_wrap_past_65535() -> None:
+    h = Harness(size=4, indirect=True)
+    for i in range(70000):
+        head = h.q.add(SEG3, i)
+        h.q.kick()
+        h.complete(head, 1)
+        assert h.q.reap() == [(i, 1)]
+    assert h.q.avail_idx == h.q.used_idx == 70000 % 65536
+    assert h.q.completed == 70000 and h.q.num_free == 4
+
+
+@pytest.mark.parametrize("trick,message", [
+    (lambda h, head: h.complete(99, 1), "out of range"),
+    (lambda h, head: h.complete((head + 1) % 8, 1), "not the head of a chain in flight"),
+    (lambda h, head: h.complete(head, 514), "exceeds"),
+    (lambda h, head: h.complete(head, 1, step=9), "only 1 requests in flight"),
+])
+def test_misbehaving_device_is_rejected_and_reset(trick: Any, message: str) -> None:
+    h = Harness(size=8)
+    head = h.q.add(SEG3, "a")
+    h.q.kick()
+    trick(h, head)
+    with pytest.raises(DeviceError, match=message):
+        h.q.reap()
+    assert h.faults == 1
+    with pytest.raises(DeviceError, match="unusable"):
+        h.q.add(SEG3, "b")
+
+
+def test_duplicate_completion_is_rejected() -> None:
+    h = Harness(size=8)
+    head = h.q.add(SEG3, "a")
+    h.q.add(SEG3, "b")
+    h.q.kick()
+    h.complete(head, 1)
+    h.complete(head, 1)
+    with pytest.raises(DeviceError, match="not the head"):
+        h.q.reap()
+
+
+def test_wait_times_out_naming_the_request_and_resets() -> None:
+    h = Harness(size=8)
+    h.q.add(SEG3, "IN sectors 5..6")
+    h.q.kick()
+    with pytest.raises(DeviceTimeout, match="IN sectors 5..6"):
+        h.q.wait(0.05)
+    assert h.faults == 1
+
+
+def test_event_idx_skips_kicks_the_device_does_not_need() -> None:
+    h = Harness(size=8, indirect=True, event_idx=True)
+    h.q.add(SEG3, "a")
+    h.q.kick()  # avail_event 0: the device wants to hear about entry 0
+    assert h.kicks == 1
+    h.q.add(SEG3, "b")
+    h.q.kick()  # avail_event still 0: the device is busy and will look again
+    assert h.kicks == 1
+    h.q.used["avail_event"] = 2
+    h.q.add(SEG3, "c")
+    h.q.kick()
+    assert h.kicks == 2
+
+
+def test_no_notify_flag_suppresses_kicks_without_event_idx() -> None:
+    h = Harness(size=8)
+    h.q.used["flags"] = 1
+    h.q.add(SEG3, "a")
+    h.q.kick()
+    assert h.kicks == 0 and h.q.avail_idx == 1
+    assert int(h.q.avail["flags"]) == 1  # we poll: no interrupts, please

@@ -1,0 +1,206 @@
+"""VirtioBlk against the Python device model: data paths, limits, errors, teardown."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from virtio_user.blk import Request
+from virtio_user.errors import (BlkIOError, DeviceError, DeviceTimeout, InvalidArgument,
+                                OutOfRange, ReadOnlyDevice, Unsupported)
+from virtio_user.spec import Feature, ReqType
+from virtio_user.transport.fake import DEFAULT_FEATURES
+
+SECTOR = 512
+IN, OUT = ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_OUT
+
+
+def test_write_then_read_back(make_blk) -> None:
+    blk, dev = make_blk(capacity=4096)
+    data = os.urandom(40 * SECTOR)
+    blk.write(100, data)
+    assert dev.disk[100 * SECTOR:140 * SECTOR] == data
+    assert blk.read(100, 40) == data
+    assert blk.read(4095, 1) == bytes(SECTOR)
+
+
+def test_device_config_and_negotiation(make_blk) -> None:
+    blk, dev = make_blk(capacity=4096, serial="a-serial-of-20-bytes-and-more")
+    info = blk.info()
+    assert info["capacity_sectors"] == 4096 and info["queue_size"] == 256
+    assert info["serial"] == "a-serial-of-20-bytes"  # GET_ID gives at most 20 bytes
+    assert "VIRTIO_F_ANY_LAYOUT" in info["features_offered"]
+    assert "VIRTIO_F_ANY_LAYOUT" not in info["features_negotiated"]  # not implemented
+    assert dev.status == 7  # ACKNOWLEDGE | DRIVER | DRIVER_OK
+
+
+@pytest.mark.parametrize("queue_size", [1024, 32768, 4])
+def test_queue_size_is_used_as_reported(make_blk, queue_size: int) -> None:
+    blk, dev = make_blk(queue_size=queue_size, contiguous=2 << 20)
+    assert blk.queue_size == queue_size
+    blk.write(0, b"q" * SECTOR)
+    assert blk.read(0, 1) == b"q" * SECTOR
+
+
+def test_large_requests_are_split_by_size_max_and_seg_max(make_blk) -> None:
+    feats = DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_SIZE_MAX
+    blk, dev = make_blk(capacity=8192, features=feats, size_max=4096, seg_max=4)
+    data = os.urandom(1000 * SECTOR)
+    blk.write(7, data)
+    assert blk.read(7, 1000) == data
+    sizes = [n for t, _, n in dev.requests if t in (IN, OUT)]
+    assert max(sizes) <= 4 * 4096 and sum(sizes) == 2 * len(data)
+
+
+def test_buffers_split_where_physical_pages_are_not_contiguous(make_blk) -> None:
+    blk, dev = make_blk(capacity=8192, contiguous=16384, seg_max=3)
+    data = os.urandom(2048 * SECTOR)
+    blk.write(0, data)
+    assert blk.read(0, 2048) == data
+    assert max(n for t, _, n in dev.requests if t == IN) <= 3 * 16384
+
+
+def test_direct_descriptors_without_indirect_feature(make_blk) -> None:
+    feats = DEFAULT_FEATURES & ~Feature.VIRTIO_RING_F_INDIRECT_DESC & ~Feature.VIRTIO_RING_F_EVENT_IDX
+    blk, dev = make_blk(features=feats, queue_size=8)
+    assert not blk.queue.indirect
+    data = os.urandom(300 * SECTOR)
+    blk.write(1, data)
+    assert blk.read(1, 300) == data
+
+
+@pytest.mark.parametrize("sector,count,exc,text", [
+    (2047, 2, OutOfRange, "sectors 2047..2048 exceed capacity 2048"),
+    (2048, 1, OutOfRange, "capacity 2048"),
+    (0, 2**64, OutOfRange, "capacity"),
+    (-1, 1, InvalidArgument, "-1"),
+    (0, 0, InvalidArgument, "count"),
+])
+def test_bounds_are_checked_before_the_device_sees_anything(make_blk, sector, count, exc,
+                                                             text) -> None:
+    blk, dev = make_blk(capacity=2048)
+    before = len(dev.requests)
+    with pytest.raises(exc, match=text):
+        blk.read(sector, count)
+    assert len(dev.requests) == before
+
+
+def test_block_size_alignment(make_blk) -> None:
+    blk, dev = make_blk(blk_size=4096)
+    assert blk.block_size == 4096
+    with pytest.raises(InvalidArgument, match="4096-byte block size"):
+        blk.read(1, 8)
+    assert blk.read(8, 8) == bytes(8 * SECTOR)
+
+
+def test_read_only_device_refuses_every_write_path(make_blk) -> None:
+    blk, dev = make_blk(features=DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_RO)
+    dev.disk[:SECTOR] = b"r" * SECTOR
+    before, seen = bytes(dev.disk), len(dev.requests)
+    for call in (lambda: blk.write(0, bytes(SECTOR)), lambda: blk.discard(0, 8),
+                 lambda: blk.write_zeroes(0, 8)):
+        with pytest.raises(ReadOnlyDevice, match="read-only"):
+            call()
+    assert bytes(dev.disk) == before and len(dev.requests) == seen
+    assert blk.read(0, 1) == b"r" * SECTOR
+
+
+def test_features_not_offered_are_unsupported(make_blk) -> None:
+    feats = DEFAULT_FEATURES & ~(Feature.VIRTIO_BLK_F_FLUSH | Feature.VIRTIO_BLK_F_DISCARD
+                                 | Feature.VIRTIO_BLK_F_WRITE_ZEROES)
+    blk, _ = make_blk(features=feats)
+    for call in (blk.flush, lambda: blk.discard(0, 1), lambda: blk.write_zeroes(0, 1)):
+        with pytest.raises(Unsupported, match="does not offer"):
+            call()
+
+
+def test_discard_and_write_zeroes_split_by_their_limits(make_blk) -> None:
+    blk, dev = make_blk(capacity=4096, max_discard_sectors=100)
+    dev.disk[:] = b"\xee" * len(dev.disk)
+    blk.write_zeroes(10, 250)
+    assert dev.disk[10 * SECTOR:260 * SECTOR] == bytes(250 * SECTOR)
+    assert dev.disk[260 * SECTOR:261 * SECTOR] == b"\xee" * SECTOR
+    assert [s for t, s, _ in dev.requests if t == ReqType.VIRTIO_BLK_T_WRITE_ZEROES] == [10, 110, 210]
+    blk.discard(0, 8)
+    blk.flush()
+
+
+def test_io_error_names_the_sectors_and_later_requests_work(make_blk) -> None:
+    blk, dev = make_blk()
+    dev.ioerr_sectors = {100}
+    with pytest.raises(BlkIOError, match="96..103") as info:
+        blk.read(96, 8)
+    assert info.value.sector == 96
+    assert blk.read(0, 96) == bytes(96 * SECTOR)
+    blk.write(200, bytes(SECTOR))
+
+
+@pytest.mark.parametrize("trick", ["bad_id", "id_not_in_flight", "len_too_large", "idx_jump",
+                                   "no_status"])
+def test_misbehaving_device_gives_device_error_and_reset(make_blk, trick: str) -> None:
+    blk, dev = make_blk()
+    dev.disk[:SECTOR] = b"d" * SECTOR
+    blk.read(0, 1)
+    resets = dev.resets
+    dev.misbehave = trick
+    with pytest.raises(DeviceError, match="has been reset"):
+        blk.read(0, 1)
+    assert dev.resets == resets + 1 and dev.status == 0 and dev.pfn == 0
+    with pytest.raises(DeviceError):
+        blk.read(0, 1)  # nothing more from a device that broke the protocol
+
+
+def test_stalled_device_times_out_naming_the_request(make_blk) -> None:
+    blk, dev = make_blk(timeout=0.05)
+    dev.stall = True
+    with pytest.raises(DeviceTimeout, match="IN sectors 5..6"):
+        blk.read(5, 2)
+    assert dev.status == 0
+
+
+def test_close_resets_the_device_before_releasing_memory(make_blk) -> None:
+    blk, dev = make_blk()
+    blk.read(0, 1)
+    blk.close()
+    resets = [i for i, e in enumerate(dev.log) if e == "status 0x0"]
+    unmaps = [i for i, e in enumerate(dev.log) if e.startswith("unmap")]
+    assert resets and unmaps and resets[-1] < unmaps[0]
+    assert all(dev.log[i] == "unmap with status 0x0 pfn 0x0" for i in unmaps)
+    assert dev.log[-1] == "backend closed"
+    blk.close()  # idempotent
+
+
+def test_batch_submit_fills_the_queue_with_one_kick_and_reaps_out_of_order(make_blk) -> None:
+    blk, dev = make_blk(capacity=4096, queue_size=64)
+    dev.disk[:] = os.urandom(len(dev.disk))
+    dev.auto = False
+    reqs = [Request(IN, 8 * i, 8, blk.alloc_buffer(4096), 4096, tag=i) for i in range(64)]
+    blk.submit(reqs)
+    assert dev.notifies == 1 and blk.in_flight == 64
+    dev.reverse = True
+    dev.process()
+    done = blk.reap()
+    assert [r.tag for r in done] == list(range(63, -1, -1))
+    for r in done:
+        assert r.status == 0
+        assert bytes(r.buffer.mv[:4096]) == dev.disk[r.sector * SECTOR:(r.sector + 8) * SECTOR]
+    assert blk.in_flight == 0
+
+
+def test_capacity_change_is_noticed(make_blk) -> None:
+    blk, dev = make_blk(capacity=1024)
+    dev.resize(2048)
+    assert blk.read(2047, 1) == bytes(SECTOR)
+    assert blk.capacity == 2048
+    dev.resize(512)
+    with pytest.raises(OutOfRange, match="capacity 512"):
+        blk.read(600, 1)
+
+
+def test_requests_completed_counts_and_indices_match(make_blk) -> None:
+    blk, dev = make_blk(queue_size=4)
+    for i in range(300):
+        blk.read(i, 1)
+    assert blk.requests_completed == 300
+    assert blk.queue.avail_idx == blk.queue.used_idx == 300

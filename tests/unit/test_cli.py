@@ -1,0 +1,204 @@
+"""The CLI against the fake device: exit codes, messages, output forms, and that bad
+input never reaches the device."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from virtio_user import cli
+from virtio_user.blk import VirtioBlk
+from virtio_user.pci import parse_bdf
+from virtio_user.spec import Feature
+from virtio_user.transport.fake import DEFAULT_FEATURES, FakeBackend, FakeBlkDevice
+from virtio_user.errors import InvalidArgument
+
+SECTOR = 512
+CAPACITY = 16384
+
+
+class Env:
+    def __init__(self, capacity: int = CAPACITY, **options: Any) -> None:
+        self.device = FakeBlkDevice(capacity=capacity, **options)
+        self.device.disk[:] = (b"virtio" * (len(self.device.disk) // 6 + 1))[:len(self.device.disk)]
+        self.opened = 0
+
+    def opener(self, args: Any) -> VirtioBlk:
+        self.opened += 1
+        return VirtioBlk(FakeBackend(self.device), timeout=args.timeout, handle_signals=False)
+
+    def run(self, *argv: object) -> int:
+        return cli.main([str(a) for a in argv], opener=self.opener)
+
+
+@pytest.fixture
+def env() -> Env:
+    return Env()
+
+
+def test_read_to_a_pipe_is_raw(env: Env, capsysbinary: Any) -> None:
+    assert env.run("read", "0x2", 3) == 0
+    assert capsysbinary.readouterr().out == bytes(env.device.disk[2 * SECTOR:5 * SECTOR])
+
+
+def test_read_to_a_terminal_is_a_hexdump(env: Env, capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    env.device.disk[:SECTOR] = bytes(SECTOR)
+    env.device.disk[:5] = b"hello"
+    assert env.run("read", 0, 1) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("00000000  68 65 6c 6c 6f 00 00 00  00 00 00 00 00 00 00 00  "
+                      "|hello...........|")
+    assert out[1:] == ["00000010  00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00  "
+                       "|................|", "*", "00000200"]
+
+
+def test_read_to_a_file_and_write_from_a_file(env: Env, tmp_path: Path) -> None:
+    data = os.urandom(3 * SECTOR)
+    (tmp_path / "in.bin").write_bytes(data)
+    assert env.run("write", 10, "-i", tmp_path / "in.bin") == 0
+    assert env.run("read", 10, 3, "-o", tmp_path / "out.bin") == 0
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_pattern_write(env: Env) -> None:
+    assert env.run("write", 3000, "--pattern", "0x5a", "--count", 3) == 0
+    assert env.device.disk[3000 * SECTOR:3003 * SECTOR] == b"\x5a" * 3 * SECTOR
+
+
+def test_info_json_keys(env: Env, capsys: Any) -> None:
+    import json
+    assert env.run("info", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    for key in ("pci_address", "capacity_sectors", "block_size", "queue_size",
+                "features_offered", "features_negotiated", "read_only", "serial",
+                "size_max", "seg_max"):
+        assert key in info
+    assert info["capacity_sectors"] == CAPACITY and info["serial"] == "fake-serial"
+
+
+BAD = [  # argv, exit code, text in the message
+    (["read", "-1", "1"], 1, "-1"), (["read", "0", "0"], 1, "count"),
+    (["read", "0", "-5"], 1, "-5"), (["read", "abc", "1"], 1, "abc"),
+    (["read", "0", str(2**64)], 22, "capacity"), (["read", str(2**70), "1"], 22, "capacity"),
+    (["read", "16383", "2"], 22, "sectors 16383..16384 exceed capacity 16384"),
+    (["write", "0", "--pattern", "256", "--count", "1"], 1, "256"),
+    (["write", "0", "--pattern", "1", "--count", "0"], 1, "count"),
+    (["write", "0", "--pattern", "1"], 1, "--count"),
+    (["write", "0", "-i", "odd.bin"], 1, "512"),
+    (["write", "0", "-i", "missing.bin"], 15, "missing.bin"),
+    (["write", "16384", "--pattern", "1", "--count", "1"], 22, "capacity"),
+    (["write", "0", "--pattern", "1", "--count", str(2**64)], 22, "capacity"),
+    (["write", "0"], 1, ""), (["discard", "0", "0"], 1, "count"),
+    (["write-zeroes", "-3", "1"], 1, "-3"), (["frobnicate"], 1, "frobnicate"), ([], 1, ""),
+    (["--device", "0000:00:10", "info"], 1, "0000:00:10"),
+    (["--device", "zz:zz", "info"], 1, "zz:zz"), (["--timeout", "0", "info"], 1, "timeout"),
+    (["read", "0", "1", "-o", "/nonexistent/dir/x"], 15, "/nonexistent/dir/x"),
+]
+
+
+def test_vfio_backend_is_not_there_yet(capsys: Any) -> None:
+    assert cli.main(["--backend", "vfio", "info"]) == 15
+    assert "not implemented" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,code,text", BAD, ids=[" ".join(a) for a, _, _ in BAD])
+def test_bad_input_gets_its_code_and_leaves_the_disk(env: Env, tmp_path: Path, capsys: Any,
+                                                     monkeypatch: Any, argv: list[str],
+                                                     code: int, text: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "odd.bin").write_bytes(b"x" * 700)
+    before = bytes(env.device.disk)
+    assert env.run(*argv) == code
+    err = capsys.readouterr().err
+    assert text in err and "Traceback" not in err
+    assert bytes(env.device.disk) == before
+    if code in (1, 15):
+        assert env.opened == 0  # refused before the device was opened
+
+
+def test_read_only_device_exit_7(capsys: Any) -> None:
+    env = Env(features=DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_RO)
+    before = bytes(env.device.disk)
+    for argv in (("write", 0, "--pattern", 1, "--count", 1), ("discard", 0, 8),
+                 ("write-zeroes", 0, 8)):
+        assert env.run(*argv) == 7
+    assert "read-only" in capsys.readouterr().err
+    assert bytes(env.device.disk) == before
+
+
+def test_device_errors_map_to_codes(capsys: Any) -> None:
+    env = Env(features=DEFAULT_FEATURES & ~Feature.VIRTIO_BLK_F_DISCARD)
+    env.device.ioerr_sectors = {100}
+    assert env.run("read", 96, 8) == 3
+    assert "96..103" in capsys.readouterr().err
+    assert env.run("discard", 0, 8) == 5
+    env.device.stall = True
+    assert env.run("--timeout", "0.05", "read", 0, 1) == 33
+    assert "IN sectors 0..0" in capsys.readouterr().err
+    env.device.stall = False
+    env.device.misbehave = "bad_id"
+    assert env.run("read", 0, 1) == 15
+
+
+def test_interrupted_write_reports_progress_and_resets(capsys: Any, monkeypatch: Any) -> None:
+    env = Env(capacity=65536)
+    real_write = VirtioBlk.write
+    calls = []
+
+    def write(self: VirtioBlk, sector: int, data: bytes) -> None:
+        calls.append(sector)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(self, sector, data)
+
+    monkeypatch.setattr(VirtioBlk, "write", write)
+    code = env.run("--progress", "write", 0, "--pattern", "0x77", "--count", 5 * 8192)
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGINT
+    assert "written 8192/40960 sectors" in err
+    assert "interrupted by SIGINT after 16384 of 40960 sectors" in err
+    assert env.device.status == 0 and env.device.log[-1] == "backend closed"
+
+
+def test_debug_shows_tracebacks(env: Env, capsys: Any) -> None:
+    assert env.run("--debug", "read", 0, 0) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,bdf", [("0000:00:10.0", "0000:00:10.0"),
+                                      ("00:1F.2", "0000:00:1f.2")])
+def test_parse_bdf(text: str, bdf: str) -> None:
+    assert parse_bdf(text) == bdf
+
+
+@pytest.mark.parametrize("text", ["0000:00:10", "zz:zz", "", "0000:00:20.0", "0000:00:10.8"])
+def test_parse_bdf_rejects(text: str) -> None:
+    with pytest.raises(InvalidArgument, match="malformed"):
+        parse_bdf(text)
+
+
+numbers = st.one_of(st.integers(-2**80, 2**80), st.integers(-3, 3),
+                    st.integers(CAPACITY - 3, CAPACITY + 3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(cmd=st.sampled_from(["read", "discard", "write-zeroes", "write"]), sector=numbers,
+       count=numbers, spell=st.sampled_from([str, hex]))
+def test_generated_ranges(cmd: str, sector: int, count: int, spell: Any) -> None:
+    env = Env()
+    before = bytes(env.device.disk)
+    s, c = spell(sector), spell(count)
+    argv = (["write", s, "--pattern", "1", "--count", c] if cmd == "write"
+            else [cmd, s, c] + (["-o", os.devnull] if cmd == "read" else []))
+    want = 1 if sector < 0 or count <= 0 else 22 if sector + count > CAPACITY else 0
+    if want == 0 and cmd != "read":
+        return
+    assert env.run(*argv) == want
+    assert bytes(env.device.disk) == before

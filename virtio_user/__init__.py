@@ -3,10 +3,23 @@
 ``with VirtioBlk.open("0000:00:10.0") as dev: data = dev.read(0, 8)``
 """
 
-import logging
+from __future__ import annotations
 
-from .blk import Request, VirtioBlk
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .blk import Request, VirtioBlk
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["Request", "VirtioBlk"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the driver on first use, so ``virtio_user.host`` (the QEMU harness, on the
+    host) does not pay for numpy."""
+    if name in __all__:
+        from . import blk
+        return getattr(blk, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,6 +75,7 @@ class DmaRegion:
         self.page_bus = page_bus.astype(np.uint64)
         self._bus = [int(x) for x in page_bus]  # plain ints: cheaper than numpy scalars
         self._offset_of_page = {b: i * PAGE for i, b in enumerate(self._bus)}
+        self.vaddr = _address_of(mm)  # for VFIO_IOMMU_MAP_DMA
 
     @classmethod
     def hugepages(cls, size: int, mount: str | None = None) -> DmaRegion:
@@ -143,6 +144,14 @@ class DmaRegion:
             n = min(n, max_seg)
             out.append((start_bus, n))
             offset += n
+        return out
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(offset, bus, length) of each physically contiguous run of the region."""
+        out, offset = [], 0
+        for bus, length in self.segments(0, self.size):
+            out.append((offset, bus, length))
+            offset += length
         return out
 
     def close(self) -> None:

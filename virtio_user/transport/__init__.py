@@ -1,6 +1,6 @@
 """Transports: the legacy virtio-PCI register protocol (``legacy.py``) on top of a
 backend that owns the device: ``uio.py`` (uio_pci_generic), ``fake.py`` (a Python device
-model for unit tests) and, later, vfio.
+model for unit tests) and ``vfio.py`` (vfio-pci behind an IOMMU).
 
 A backend is small on purpose; a vfio backend implements exactly this:
 """
@@ -35,11 +35,11 @@ class Backend(Protocol):
 def open_backend(name: str, bdf: str | None, *, rebind: bool = False) -> Backend:
     """The backend called ``name`` ("uio" or "vfio") owning the device at ``bdf`` (or the
     first legacy virtio-blk device)."""
-    from ..errors import BackendUnavailable, InvalidArgument
+    from ..errors import InvalidArgument
     if name == "uio":
         from .uio import UioBackend
         return UioBackend.open(bdf, rebind=rebind)
     if name == "vfio":
-        raise BackendUnavailable("the vfio backend is not implemented yet (issue 4); "
-                                 "use --backend uio")
+        from .vfio import VfioBackend
+        return VfioBackend.open(bdf, rebind=rebind)
     raise InvalidArgument(f"unknown backend {name!r}: choose uio or vfio")

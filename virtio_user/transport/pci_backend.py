@@ -1,0 +1,102 @@
+"""What every backend that owns a real PCI function does, whatever the kernel driver:
+one process per device (a lock), refuse a device the kernel is using, bind it to the
+backend's driver, turn on I/O decoding and bus mastering, find out whether MSI-X is on,
+and on close optionally hand the device back to virtio-pci.
+
+Subclasses say which driver (``DRIVER``), how BAR0 and the config space are reached
+(``_open_registers``) and where DMA memory comes from (``alloc_dma``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from .. import pci
+from ..errors import DeviceBusy
+from ..memory import DmaRegion
+from ..regs import Registers
+
+REBIND_DRIVER = "virtio-pci"
+_PCI_STATUS, _STATUS_CAP_LIST, _CAP_PTR, _CAP_MSIX = 6, 1 << 4, 0x34, 0x11
+
+
+def _lock_dir() -> str:
+    for d in ("/run/lock", "/run", "/tmp"):
+        if os.access(d, os.W_OK):
+            return d
+    return "/tmp"
+
+
+class PciBackend:
+    """Owns one legacy virtio-blk PCI function through the kernel driver ``DRIVER``."""
+
+    name = "pci"
+    DRIVER = ""
+
+    def __init__(self, dev: pci.PciDevice, *, rebind: bool = False) -> None:
+        self.dev = dev
+        self.bdf = dev.bdf
+        self.rebind = rebind
+        self._lock_fd: int | None = self._lock()
+        try:
+            if dev.driver != self.DRIVER:
+                pci.check_unused(dev)
+                pci.bind(dev, self.DRIVER)
+            self.bar0, self.config = self._open_registers()
+            cmd = self.config.read_at(pci.COMMAND_REG, 2)
+            self.config.write_at(pci.COMMAND_REG, 2,
+                                 cmd | pci.COMMAND_IO | pci.COMMAND_BUS_MASTER)
+            self.msix_enabled = self._msix_enabled()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, bdf: str | None, *, rebind: bool = False) -> PciBackend:
+        return cls(pci.find(bdf), rebind=rebind)
+
+    def _open_registers(self) -> tuple[Registers, Registers]:
+        """(BAR0, PCI config space)."""
+        raise NotImplementedError
+
+    def alloc_dma(self, size: int) -> DmaRegion:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Close what ``_open_registers`` and ``alloc_dma`` opened."""
+
+    def _lock(self) -> int:
+        """One process per device: a second would reset the first one's queue."""
+        path = os.path.join(_lock_dir(), f"virtio-user-{self.bdf}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DeviceBusy(f"{self.bdf} is in use by another virtio-user process "
+                             f"(lock {path})") from None
+        return fd
+
+    def _msix_enabled(self) -> bool:
+        """Whether MSI-X is on (then the legacy device config moves from 20 to 24)."""
+        if not self.config.read_at(_PCI_STATUS, 2) & _STATUS_CAP_LIST:
+            return False
+        ptr, seen = self.config.read_at(_CAP_PTR, 1) & ~3, set()
+        while ptr and ptr not in seen:
+            seen.add(ptr)
+            if self.config.read_at(ptr, 1) == _CAP_MSIX:
+                return bool(self.config.read_at(ptr + 2, 2) & 0x8000)
+            ptr = self.config.read_at(ptr + 1, 1) & ~3
+        return False
+
+    def close(self) -> None:
+        """Only after the device reset and every DmaRegion closed (see Backend)."""
+        try:
+            self._release()
+            if self.rebind:
+                pci.release(self.dev, REBIND_DRIVER)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None

@@ -17,6 +17,7 @@ import logging
 import signal
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
@@ -40,6 +41,7 @@ DEFAULT_TIMEOUT = 5.0
 MAX_DATA_SEGS = 14  # data descriptors per request; with header and status: 16 per table
 MAX_CHUNK = 1 << 20  # the most one request carries from the bounce pool
 POOL_BUFFERS = 4
+CONFIG_POLL_INTERVAL = 0.05  # seconds between looks at the ISR's config-change bit
 _HDR = struct.Struct("<IIQ")  # virtio_blk_outhdr: type, reserved, sector
 _UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*
 _DWZ_MAX_SECTORS = 0xFFFF_FFFF  # num_sectors is le32
@@ -130,6 +132,7 @@ class VirtioBlk:
         self._orphans: list[Request] = []
         self._serial: str | None = None
         self._saved_sigterm: Any = None
+        self._config_polled = time.monotonic()
         _open_devices.add(self)
         try:
             self._setup(pool_buffers)
@@ -287,7 +290,14 @@ class VirtioBlk:
         self.limits = self._read_limits()
 
     def _poll_config_change(self) -> None:
-        """ISR bit 1 says the config changed ("Device Configuration Space")."""
+        """ISR bit 1 says the config changed ("Device Configuration Space"). Looked at
+        no more than every CONFIG_POLL_INTERVAL: an ISR read is a trap into the device
+        (under its lock, in QEMU), too dear for every request. A range beyond the known
+        capacity re-reads the config anyway (check_range)."""
+        now = time.monotonic()
+        if now - self._config_polled < CONFIG_POLL_INTERVAL:
+            return
+        self._config_polled = now
         if self.transport.isr() & IsrBit.CONFIG:
             self.refresh_config()
 
@@ -341,7 +351,8 @@ class VirtioBlk:
         batch API validate up front (``check_range``)."""
         self._check_open()
         q = self.queue
-        need = sum(q.descriptors_needed(self._nsegs(r)) for r in requests)
+        need = (len(requests) if q.indirect  # one descriptor per request
+                else sum(self._nsegs(r) for r in requests))
         if need > q.num_free:
             raise QueueFull(f"{len(requests)} requests need {need} descriptors, "
                             f"{q.num_free} free")
@@ -404,9 +415,11 @@ class VirtioBlk:
         self._check_open()
         self._poll_config_change()
         self.check_range(sector, count)
-        out = bytearray(count * SECTOR_SIZE)
-        self._transfer(ReqType.VIRTIO_BLK_T_IN, sector, count, memoryview(out))
-        return bytes(out)
+        pieces: list[bytes] = []
+        self._transfer(ReqType.VIRTIO_BLK_T_IN, sector, count, pieces)
+        # One allocation for the result: under TCG, page faults on fresh memory cost more
+        # than the copies, so no zero-filled bytearray that is copied again.
+        return b"".join(pieces)
 
     def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (a whole number of blocks) at ``sector``."""
@@ -470,9 +483,11 @@ class VirtioBlk:
         self._transfer_requests([req])
 
     # -- the pipeline behind the plain API ----------------------------------------
-    def _transfer(self, rtype: ReqType, sector: int, count: int, data: memoryview) -> None:
-        """Move ``count`` sectors between ``data`` and the device in pieces of at most
-        one bounce buffer, keeping every pool buffer busy."""
+    def _transfer(self, rtype: ReqType, sector: int, count: int,
+                  data: memoryview | list[bytes]) -> None:
+        """Move ``count`` sectors between the device and ``data`` (a view to write from,
+        or a list that collects what is read, in order) in pieces of at most one bounce
+        buffer, keeping every pool buffer busy."""
         step = self._chunk_sectors
         pieces = iter(range(sector, sector + count, step))
         free = list(self._pool)
@@ -486,9 +501,11 @@ class VirtioBlk:
                     break
                 n = min(step, sector + count - start)
                 req = Request(rtype, start, n, free.pop(), n * SECTOR_SIZE)
-                if rtype == ReqType.VIRTIO_BLK_T_OUT:
+                if isinstance(data, memoryview):
                     off = (start - sector) * SECTOR_SIZE
                     req.buffer.mv[:req.nbytes] = data[off:off + req.nbytes]
+                else:
+                    data.append(b"")  # its place, filled when it completes
                 batch.append(req)
             if batch:
                 self.submit(batch)
@@ -500,10 +517,10 @@ class VirtioBlk:
                 err = self._status_error(req)
                 if err is not None:
                     error = error or err  # keep reaping: buffers may not be reused early
-                elif rtype == ReqType.VIRTIO_BLK_T_IN:
-                    off = (req.sector - sector) * SECTOR_SIZE
-                    data[off:off + req.nbytes] = req.buffer.mv[:req.nbytes]
+                elif isinstance(data, list):
+                    data[(req.sector - sector) // step] = bytes(req.buffer.mv[:req.nbytes])
         if error is not None:
+            self._explain(error, sector, count)
             raise error
 
     def _transfer_requests(self, requests: list[Request]) -> None:
@@ -514,7 +531,18 @@ class VirtioBlk:
             for req in self._reap_own(inflight):
                 error = error or self._status_error(req)
         if error is not None:
+            if requests[0].count:
+                self._explain(error, requests[0].sector, requests[0].count)
             raise error
+
+    def _explain(self, error: BaseException, sector: int, count: int) -> None:
+        """An I/O error may mean the device shrank since we last looked: then say so."""
+        if isinstance(error, BlkIOError):
+            self.refresh_config()
+            if sector + count > self.limits.capacity:
+                raise OutOfRange(f"sectors {sector}..{sector + count - 1} exceed capacity "
+                                 f"{self.limits.capacity}", sector, count,
+                                 self.limits.capacity) from error
 
     def _reap_own(self, inflight: dict[int, Request]) -> list[Request]:
         """Reap; requests of the batch API's callers are kept for their next reap()."""

@@ -45,8 +45,7 @@ CONFIG_POLL_INTERVAL = 0.05  # seconds between looks at the ISR's config-change 
 _HDR = struct.Struct("<IIQ")  # virtio_blk_outhdr: type, reserved, sector
 _UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*
 _DWZ_MAX_SECTORS = 0xFFFF_FFFF  # num_sectors is le32
-_MODIFYING = (ReqType.VIRTIO_BLK_T_OUT, ReqType.VIRTIO_BLK_T_DISCARD,
-              ReqType.VIRTIO_BLK_T_WRITE_ZEROES)
+_DEVICE_WRITES = frozenset((ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_GET_ID))
 
 
 class DmaBuffer:
@@ -59,12 +58,22 @@ class DmaBuffer:
         self.mv = chunk.mv
         self._size_max = size_max or (1 << 32) - 1
         self._segs: dict[int, list[tuple[int, int]]] = {}
+        self._chain: dict[tuple[int, bool], tuple[tuple[int, int, bool], ...]] = {}
 
     def segments(self, nbytes: int) -> list[tuple[int, int]]:
         segs = self._segs.get(nbytes)
         if segs is None:
             segs = self._segs[nbytes] = self.chunk.region.segments(
                 self.chunk.offset, nbytes, self._size_max)
+        return segs
+
+    def chain(self, nbytes: int, writable: bool) -> tuple[tuple[int, int, bool], ...]:
+        """The data part of a descriptor chain, cached: requests are recycled."""
+        key = (nbytes, writable)
+        segs = self._chain.get(key)
+        if segs is None:
+            segs = self._chain[key] = tuple((bus, n, writable)
+                                            for bus, n in self.segments(nbytes))
         return segs
 
 
@@ -369,17 +378,20 @@ class VirtioBlk:
         head = q.next_head()
         _HDR.pack_into(self._mm, self._hdr_off + 16 * head, req.type, 0, req.sector)
         self._mm[self._status_off + head] = _UNSET
-        if req.nbytes:
-            writable = req.type in (ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_GET_ID)
-            data = [(bus, n, writable) for bus, n in req.buffer.segments(req.nbytes)]
+        nbytes = req.nbytes
+        if nbytes:
+            into = req.type in _DEVICE_WRITES
+            data = req.buffer.chain(nbytes, into)  # type: ignore[union-attr]
             if len(data) > self._data_segs:
                 raise InvalidArgument(f"{req}: {len(data)} segments exceed {self._data_segs}")
-            segs = [self._hdr_seg[head], *data, self._status_seg[head]]
+            segs = (self._hdr_seg[head], *data, self._status_seg[head])
+            writable = nbytes + 1 if into else 1
         else:
-            segs = [self._hdr_seg[head], self._status_seg[head]]
+            segs = (self._hdr_seg[head], self._status_seg[head])
+            writable = 1
         req.status = None
         req.head = head
-        q.add(segs, req)
+        q.add(segs, req, writable)
 
     def reap(self, timeout: float | None = None) -> list[Request]:
         """Completed requests (waiting up to ``timeout`` for at least one while any is in

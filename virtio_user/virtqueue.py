@@ -155,6 +155,7 @@ class SplitQueue(Generic[T]):
             self._table_off = self.tables.offset
             self._table_bus = [region.bus(self._table_off + i * self._table_bytes)
                                for i in range(size)]
+            self._table_segs: list[Sequence[tuple[int, int, bool]] | None] = [None] * size
         self._structs: dict[int, struct.Struct] = {}
         # Driver-private bookkeeping (never read back from device memory).
         self._free = list(range(size - 1, -1, -1))
@@ -194,10 +195,13 @@ class SplitQueue(Generic[T]):
         return 1 if self.indirect and nsegs > 1 else nsegs
 
     # -- submit -------------------------------------------------------------------
-    def add(self, segs: Sequence[tuple[int, int, bool]], token: T) -> int:
+    def add(self, segs: Sequence[tuple[int, int, bool]], token: T,
+            writable: int | None = None) -> int:
         """Write a chain of (bus, length, device_writable) segments, queue its head for
-        the next ``kick`` and return the head's descriptor id."""
-        self._check_usable()
+        the next ``kick`` and return the head's descriptor id. ``writable`` (the sum of
+        the writable lengths) may be given by a caller that already knows it."""
+        if self.broken:
+            self._check_usable()
         n = len(segs)
         if n == 0 or token is None:
             raise ValueError("a chain needs at least one segment and a token")
@@ -205,7 +209,8 @@ class SplitQueue(Generic[T]):
             head = self._add_indirect(segs)
         else:
             head = self._add_direct(segs)
-        self._writable[head] = sum(length for _, length, w in segs if w)
+        self._writable[head] = (sum(length for _, length, w in segs if w)
+                                if writable is None else writable)
         self._token[head] = token
         self._u16[self._avail_ring + (self._next_avail & self._mask)] = head
         self._next_avail += 1
@@ -232,10 +237,15 @@ class SplitQueue(Generic[T]):
         if not self._free:
             raise QueueFull(f"all {self.size} descriptors are in use")
         head = self._free.pop()
-        self._packer(n).pack_into(self._mm, self._table_off + head * self._table_bytes,
-                                  *self._flat(segs, range(1, n)))
-        _DESC.pack_into(self._mm, self._desc_off + 16 * head, self._table_bus[head],
-                        16 * n, _INDIRECT, 0)
+        # A slot reused for the same chain (same buffer, same length: the common case
+        # when a caller recycles its requests) already holds the right table: only
+        # the driver writes these, and the device cannot change them.
+        if self._table_segs[head] != segs:
+            self._packer(n).pack_into(self._mm, self._table_off + head * self._table_bytes,
+                                      *self._flat(segs, range(1, n)))
+            _DESC.pack_into(self._mm, self._desc_off + 16 * head, self._table_bus[head],
+                            16 * n, _INDIRECT, 0)
+            self._table_segs[head] = segs
         return head
 
     def _add_direct(self, segs: Sequence[tuple[int, int, bool]]) -> int:
@@ -250,7 +260,8 @@ class SplitQueue(Generic[T]):
 
     def kick(self) -> None:
         """Publish every chain added since the last kick, and notify if needed."""
-        self._check_usable()
+        if self.broken:
+            self._check_usable()
         self._publish()
 
     def _publish(self) -> None:
@@ -288,7 +299,8 @@ class SplitQueue(Generic[T]):
         that chain's device-writable bytes, and used.idx not beyond what is in flight.
         Loads are not reordered with other loads on x86, so the entries read after
         used.idx are at least as new as it."""
-        self._check_usable()
+        if self.broken:
+            self._check_usable()
         used = self._u16[self._used_idx]
         n = (used - self._last_used) & 0xFFFF
         if not n:

@@ -370,7 +370,7 @@ class VirtioBlk:
         q.kick()
 
     def _nsegs(self, req: Request) -> int:
-        return 2 + (len(req.buffer.segments(req.nbytes)) if req.nbytes else 0)
+        return 2 + (len(req.buffer.segments(req.nbytes)) if req.buffer and req.nbytes else 0)
 
     def _post(self, req: Request) -> None:
         """Write the header in the head's preallocated slot and add the chain."""
@@ -512,10 +512,11 @@ class VirtioBlk:
                 if start is None:
                     break
                 n = min(step, sector + count - start)
-                req = Request(rtype, start, n, free.pop(), n * SECTOR_SIZE)
+                buf = free.pop()
+                req = Request(rtype, start, n, buf, n * SECTOR_SIZE)
                 if isinstance(data, memoryview):
                     off = (start - sector) * SECTOR_SIZE
-                    req.buffer.mv[:req.nbytes] = data[off:off + req.nbytes]
+                    buf.mv[:req.nbytes] = data[off:off + req.nbytes]
                 else:
                     data.append(b"")  # its place, filled when it completes
                 batch.append(req)
@@ -525,12 +526,14 @@ class VirtioBlk:
             if not inflight:
                 break
             for req in self._reap_own(inflight):
-                free.append(req.buffer)
+                done_buf = req.buffer
+                assert done_buf is not None
+                free.append(done_buf)
                 err = self._status_error(req)
                 if err is not None:
                     error = error or err  # keep reaping: buffers may not be reused early
                 elif isinstance(data, list):
-                    data[(req.sector - sector) // step] = bytes(req.buffer.mv[:req.nbytes])
+                    data[(req.sector - sector) // step] = bytes(done_buf.mv[:req.nbytes])
         if error is not None:
             self._explain(error, sector, count)
             raise error
@@ -620,12 +623,12 @@ class VirtioBlk:
         self.close()
 
 
-def _block_signals() -> set[signal.Signals] | None:
+def _block_signals() -> set[Any] | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def _unblock_signals(previous: set[signal.Signals] | None) -> None:
+def _unblock_signals(previous: set[Any] | None) -> None:
     if previous is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

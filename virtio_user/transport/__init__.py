@@ -18,8 +18,12 @@ class Backend(Protocol):
 
     name: str  # "uio", "vfio", "fake"
     bdf: str  # PCI address, e.g. "0000:00:10.0"
-    bar0: RegisterIO  # the legacy register block
     msix_enabled: bool  # device config at 24 instead of 20
+
+    @property
+    def bar0(self) -> RegisterIO:
+        """The legacy register block."""
+        ...
 
     def alloc_dma(self, size: int) -> DmaRegion:
         """Memory the device can reach, with each page's bus address (for vfio: mapped

@@ -23,7 +23,7 @@ from ..spec import (BLK_CONFIG_DTYPE, BLK_DWZ_DTYPE, LEGACY_CONFIG_OFFSET,
                     LEGACY_CONFIG_OFFSET_MSIX, LEGACY_PFN_SHIFT, SECTOR_SIZE,
                     VIRTIO_BLK_ID_BYTES, BlkStatus, DescFlag, Feature, IsrBit, LegacyReg,
                     ReqType, Reg)
-from ..virtqueue import legacy_layout
+from ..virtqueue import QueueLayout, legacy_layout
 
 DEFAULT_FEATURES = (
     Feature.VIRTIO_BLK_F_SEG_MAX | Feature.VIRTIO_BLK_F_BLK_SIZE | Feature.VIRTIO_BLK_F_FLUSH
@@ -195,7 +195,7 @@ class FakeBlkDevice:
             index = nxt
         raise AssertionError("descriptor chain loops")
 
-    def _complete(self, base: int, lay, size: int, head: int) -> None:
+    def _complete(self, base: int, lay: QueueLayout, size: int, head: int) -> None:
         segs = self._chain(base, head)
         readable = b"".join(bytes(self._mem(a, n)) for a, n, w in segs if not w)
         writable = [(a, n) for a, n, w in segs if w]

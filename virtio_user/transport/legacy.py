@@ -88,7 +88,7 @@ class LegacyTransport:
         return IsrBit(self.regs.read(LegacyReg.ISR_STATUS))
 
     # -- device config ------------------------------------------------------------
-    def read_config(self, dtype: np.dtype = BLK_CONFIG_DTYPE) -> np.ndarray:
+    def read_config(self, dtype: np.dtype = BLK_CONFIG_DTYPE) -> np.void:
         """The device-specific config as a 0-d structured array, read in 4-byte steps
         (the only widths the BAR file accepts). Legacy config has no generation counter,
         so read until two passes agree ("Legacy Interface: Device Configuration Space")."""
@@ -97,6 +97,7 @@ class LegacyTransport:
             raw = b"".join(self.regs.read_at(self.config_offset + off, 4).to_bytes(4, "little")
                            for off in range(0, dtype.itemsize, 4))
             if raw == previous:
-                return np.frombuffer(raw, dtype)[0]
+                record: np.void = np.frombuffer(raw, dtype)[0]
+                return record
             previous = raw
         raise DeviceError(f"{self.backend.bdf}: device config keeps changing")

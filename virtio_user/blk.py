@@ -365,33 +365,33 @@ class VirtioBlk:
         if need > q.num_free:
             raise QueueFull(f"{len(requests)} requests need {need} descriptors, "
                             f"{q.num_free} free")
+        # The loop is the hot path: names are bound to locals once per batch.
+        mm, hdr_off, status_off = self._mm, self._hdr_off, self._status_off
+        hdr_seg, status_seg, max_segs = self._hdr_seg, self._status_seg, self._data_segs
+        next_head, add, pack = q.next_head, q.add, _HDR.pack_into
         for req in requests:
-            self._post(req)
+            # The header goes in the head's preallocated slot: only type and sector change.
+            head = next_head()
+            pack(mm, hdr_off + 16 * head, req.type, 0, req.sector)
+            mm[status_off + head] = _UNSET
+            nbytes = req.nbytes
+            if nbytes:
+                into = req.type in _DEVICE_WRITES
+                data = req.buffer.chain(nbytes, into)  # type: ignore[union-attr]
+                if len(data) > max_segs:
+                    raise InvalidArgument(f"{req}: {len(data)} segments exceed {max_segs}")
+                segs = (hdr_seg[head], *data, status_seg[head])
+                writable = nbytes + 1 if into else 1
+            else:
+                segs = (hdr_seg[head], status_seg[head])
+                writable = 1
+            req.status = None
+            req.head = head
+            add(segs, req, writable)
         q.kick()
 
     def _nsegs(self, req: Request) -> int:
         return 2 + (len(req.buffer.segments(req.nbytes)) if req.buffer and req.nbytes else 0)
-
-    def _post(self, req: Request) -> None:
-        """Write the header in the head's preallocated slot and add the chain."""
-        q = self.queue
-        head = q.next_head()
-        _HDR.pack_into(self._mm, self._hdr_off + 16 * head, req.type, 0, req.sector)
-        self._mm[self._status_off + head] = _UNSET
-        nbytes = req.nbytes
-        if nbytes:
-            into = req.type in _DEVICE_WRITES
-            data = req.buffer.chain(nbytes, into)  # type: ignore[union-attr]
-            if len(data) > self._data_segs:
-                raise InvalidArgument(f"{req}: {len(data)} segments exceed {self._data_segs}")
-            segs = (self._hdr_seg[head], *data, self._status_seg[head])
-            writable = nbytes + 1 if into else 1
-        else:
-            segs = (self._hdr_seg[head], self._status_seg[head])
-            writable = 1
-        req.status = None
-        req.head = head
-        q.add(segs, req, writable)
 
     def reap(self, timeout: float | None = None) -> list[Request]:
         """Completed requests (waiting up to ``timeout`` for at least one while any is in

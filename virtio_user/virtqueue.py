@@ -186,8 +186,8 @@ class SplitQueue(Generic[T]):
     def next_head(self) -> int:
         """The descriptor id the next ``add`` will return as its head (callers keep
         per-head state, such as a request header, at that index)."""
-        self._check_usable()
-        if not self._free:
+        if self.broken or not self._free:
+            self._check_usable()
             raise QueueFull(f"all {self.size} descriptors are in use")
         return self._free[-1]
 
@@ -206,7 +206,15 @@ class SplitQueue(Generic[T]):
         if n == 0 or token is None:
             raise ValueError("a chain needs at least one segment and a token")
         if self.indirect and n > 1:
-            head = self._add_indirect(segs)
+            if n > self.max_chain or not self._free:
+                self._refuse_indirect(n)
+            head = self._free.pop()
+            # A slot reused for the same chain (same buffer, same length: the common
+            # case when a caller recycles its requests) already holds the right table.
+            # Only the driver writes tables; a device scribbling on them could as well
+            # scribble on anything else (uio gives no protection).
+            if self._table_segs[head] != segs:
+                self._write_table(head, segs)
         else:
             head = self._add_direct(segs)
         self._writable[head] = (sum(length for _, length, w in segs if w)
@@ -230,23 +238,19 @@ class SplitQueue(Generic[T]):
             s = self._structs[n] = struct.Struct("<" + "QIHH" * n)
         return s
 
-    def _add_indirect(self, segs: Sequence[tuple[int, int, bool]]) -> int:
-        n = len(segs)
+    def _refuse_indirect(self, n: int) -> None:
         if n > self.max_chain:
             raise ValueError(f"{n} segments exceed the indirect table of {self.max_chain}")
-        if not self._free:
-            raise QueueFull(f"all {self.size} descriptors are in use")
-        head = self._free.pop()
-        # A slot reused for the same chain (same buffer, same length: the common case
-        # when a caller recycles its requests) already holds the right table: only
-        # the driver writes these, and the device cannot change them.
-        if self._table_segs[head] != segs:
-            self._packer(n).pack_into(self._mm, self._table_off + head * self._table_bytes,
-                                      *self._flat(segs, range(1, n)))
-            _DESC.pack_into(self._mm, self._desc_off + 16 * head, self._table_bus[head],
-                            16 * n, _INDIRECT, 0)
-            self._table_segs[head] = segs
-        return head
+        raise QueueFull(f"all {self.size} descriptors are in use")
+
+    def _write_table(self, head: int, segs: Sequence[tuple[int, int, bool]]) -> None:
+        """Fill the head's indirect table and point its ring descriptor at it."""
+        n = len(segs)
+        self._packer(n).pack_into(self._mm, self._table_off + head * self._table_bytes,
+                                  *self._flat(segs, range(1, n)))
+        _DESC.pack_into(self._mm, self._desc_off + 16 * head, self._table_bus[head],
+                        16 * n, _INDIRECT, 0)
+        self._table_segs[head] = segs
 
     def _add_direct(self, segs: Sequence[tuple[int, int, bool]]) -> int:
         n = len(segs)

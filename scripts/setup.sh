@@ -69,3 +69,6 @@ mkdir -p "$cache"
 debian_packages
 guest_kernel
 python_env
+# The guest sees this checkout read-only and cannot cache bytecode: compile it here
+# (a no-op when nothing changed), or every guest command compiles the driver anew.
+"$venv/bin/python" -m compileall -q "$repo/virtio_user" "$repo/qemu" "$repo/tests/guest" >/dev/null

@@ -27,5 +27,5 @@ def make_image(path: Path, size_mib: int, fmt: str = "raw", pattern: bytes | Non
 
 
 def qcow2_to_raw(path: Path, out: Path) -> bytes:
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(out)], check=True)
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(path), str(out)], check=True)
     return out.read_bytes()

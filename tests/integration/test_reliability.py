@@ -88,10 +88,10 @@ def test_block_resize_grow_and_shrink_while_open(guest: Guest) -> None:
     cwd = guest.vm.config.cwd
     cmd = guest.vm.spawn(["python", str(GUEST_SCRIPTS / "resize.py"), RESIZE, str(cwd)])
     cmd.wait_output(b"capacity 16384")
-    guest.vm.qmp.cmd("block_resize", node_name="disk2", size=16 << 20)
+    guest.vm.qmp.cmd("block_resize", **{"node-name": "disk2", "size": 16 << 20})
     (cwd / "grown").touch()
     cmd.wait_output(b"capacity 32768")
-    guest.vm.qmp.cmd("block_resize", node_name="disk2", size=4 << 20)
+    guest.vm.qmp.cmd("block_resize", **{"node-name": "disk2", "size": 4 << 20})
     (cwd / "shrunk").touch()
     r = cmd.wait(timeout=120)
     assert r.status == 0, r.err

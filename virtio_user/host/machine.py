@@ -97,8 +97,10 @@ class Disk:
         proto: dict = {"driver": "file", "filename": str(self.path.resolve())}
         if self.inject_errors:
             # blkdebug fails any request touching the sector (../shared/NOTES.md).
+            # iotype keeps a read rule off writes to the same sector, and vice versa.
             proto = {"driver": "blkdebug", "image": proto, "inject-error": [
-                {"event": event, "errno": 5, "sector": sector}
+                {"event": event, "errno": 5, "sector": sector,
+                 "iotype": "write" if event.startswith("write") else "read"}
                 for event, sector in self.inject_errors]}
         return {"driver": self.detect_format(), "node-name": node, "file": proto,
                 "read-only": self.readonly, "discard": "unmap", "cache": cache}
@@ -188,9 +190,12 @@ class Machine:
         if c.backend == "vfio":
             # The IOMMU must exist before the devices it translates for.
             cmd[1:1] = ["-device", "intel-iommu,caching-mode=on"]
+        # Extra arguments go before the disks, so a disk can sit on a bus (a
+        # pcie-root-port, say) or use an object that they define.
+        cmd += c.qemu_args
         for i, disk in enumerate(c.disks):
             cmd += disk.qemu_args(i)
-        return cmd + list(c.qemu_args)
+        return cmd
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -220,7 +225,10 @@ class Machine:
 
     def launch_failure(self, message: str) -> VMLaunchFailure:
         code = self.proc.poll() if self.proc else None
-        return VMLaunchFailure(message, code, self.command(), self.qemu_output())
+        output = self.qemu_output()
+        if code is not None:
+            message += f"\nQEMU exited with status {code}:\n{output[-2000:]}"
+        return VMLaunchFailure(message, code, self.command(), output)
 
     def qemu_output(self) -> str:
         try:

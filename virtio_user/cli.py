@@ -21,6 +21,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Sequence
 
+from . import bench
 from .blk import DEFAULT_TIMEOUT, VirtioBlk
 from .errors import FileAccessError, Interrupted, InvalidArgument, VirtioError, exit_code
 from .spec import SECTOR_SIZE
@@ -270,6 +271,11 @@ def _run_write_zeroes(dev: VirtioBlk, args: argparse.Namespace, plan: tuple[int,
     return 0
 
 
+def _run_bench(dev: VirtioBlk, args: argparse.Namespace, spec: bench.BenchSpec) -> int:
+    bench.print_result(bench.run(dev, spec), args.json)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "info": Command(_add_info, _no_prepare, _run_info, "show the device and its features"),
     "read": Command(_add_read, _prepare_read, _run_read, "read sectors"),
@@ -279,6 +285,8 @@ COMMANDS: dict[str, Command] = {
     "discard": Command(_add_range, _prepare_range, _run_discard, "discard sectors"),
     "write-zeroes": Command(_add_write_zeroes, _prepare_range, _run_write_zeroes,
                             "zero sectors"),
+    "bench": Command(bench.add_args, bench.prepare, _run_bench,
+                     "measure IOPS, bandwidth and latency at a queue depth"),
 }
 
 

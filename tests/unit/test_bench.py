@@ -1,0 +1,58 @@
+"""virtio-user bench on the fake device: the batch loop, its results and verify pass."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from test_cli import Env
+from virtio_user.spec import Feature
+from virtio_user.transport.fake import DEFAULT_FEATURES
+
+
+@pytest.mark.parametrize("rw", ["randread", "randwrite", "read", "write"])
+@pytest.mark.parametrize("depth", [1, 8, 32])
+def test_bench_runs_the_asked_number_of_ios(rw: str, depth: int, capsys: Any) -> None:
+    env = Env()
+    assert env.run("bench", "--rw", rw, "--bs", "4k", "--iodepth", depth, "--ios", 300,
+                   "--verify", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ios"] == 300
+    assert (result["rw"], result["bs"], result["iodepth"]) == (rw, 4096, depth)
+    assert result["iops"] > 0 and result["mbps"] > 0
+    lat = result["lat_us"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["p99.9"]
+    assert result["verified_blocks"] > 0
+    assert result["kicks"] <= 300  # batches share kicks
+
+
+def test_bench_writes_land_on_the_disk(capsys: Any) -> None:
+    env = Env()
+    before = bytes(env.device.disk)
+    assert env.run("bench", "--rw", "write", "--bs", "8k", "--iodepth", 4, "--ios", 16) == 0
+    assert bytes(env.device.disk) != before
+    assert "IOPS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,text", [
+    (["--bs", "1000"], "multiple of 512"),
+    (["--bs", "2M"], "512 to 1M"),
+    (["--iodepth", "0"], "at least 1"),
+    (["--ios", "5", "--runtime", "1"], "not both"),
+    (["--iodepth", "100000"], "queue size"),
+    (["--rw", "sideways"], "invalid choice"),
+])
+def test_bench_refuses_bad_options(args: list[str], text: str, capsys: Any) -> None:
+    env = Env()
+    extra = [] if "--ios" in args else ["--ios", "1"]
+    assert env.run("bench", *args, *extra) == 1
+    assert text in capsys.readouterr().err
+
+
+def test_bench_write_to_read_only_device_is_exit_7(capsys: Any) -> None:
+    env = Env(features=DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_RO)
+    before = bytes(env.device.disk)
+    assert env.run("bench", "--rw", "randwrite", "--ios", 10) == 7
+    assert bytes(env.device.disk) == before

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Benchmark the Python driver next to the kernel's virtio_blk (fio, io_uring) in one
+# guest: 4 KiB random read/write and 1 MiB sequential, on raw images and on null-co.
+# Sets up what a fresh Debian 12 machine lacks first. Writes latest.{json,md,png} to
+# --out (default bench/results).
+#   scripts/bench.sh [--runtime SECONDS | --ios N] [--rounds N] [--quick]
+#                    [--backend uio|vfio] [--out DIR] [--only WORKLOAD]...
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+"$repo/scripts/setup.sh"
+exec "${VIRTIO_USER_VENV:-$repo/.venv}/bin/python" -m virtio_user.host.bench "$@"

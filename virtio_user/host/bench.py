@@ -1,0 +1,339 @@
+"""Benchmarks: our driver next to the kernel's virtio_blk, in one guest, in one run (issue 5).
+
+One TCG guest holds four identical legacy virtio-blk devices: two raw images of the same
+size and cache mode, and two ``null-co`` devices (QEMU's no-op backend, the ceiling of
+the device emulation itself). Of each pair, the first goes to ``virtio-user bench`` (which
+takes it from the kernel) and the second stays with the kernel's virtio_blk, driven by
+``fio --ioengine=io_uring --direct=1``. Each workload runs alternately, ours then the
+kernel's, for N rounds, and the medians are kept, so that noise from the host (other
+guests on a 2-core machine) hits both sides alike.
+
+    python -m virtio_user.host.bench [--runtime S | --ios N] [--rounds N] [--quick]
+                                     [--backend uio|vfio] [--out DIR]
+
+Writes ``latest.json``, ``latest.md`` and ``latest.png`` into ``--out`` (bench_report.py).
+Setting ``VIRTIO_USER_BENCH_OURS=fio`` runs fio on our device too (through the kernel):
+a stand-in to develop the orchestration against, never a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import bench_report
+from .errors import HarnessError
+from .machine import Disk
+from .session import CommandResult, GuestSession
+
+REPO = Path(__file__).resolve().parents[2]
+KIB, MIB = 1024, 1024 * 1024
+FIRST_NULL_SLOT = 0x12  # after the two raw images at 00:10.0 and 00:11.0
+STUB_ENV = "VIRTIO_USER_BENCH_OURS"
+COMMAND_SLACK = 180.0  # seconds a run may take beyond its runtime (start-up under TCG)
+
+
+@dataclass(frozen=True)
+class Workload:
+    rw: str  # fio's and our bench's --rw: randread, randwrite, read, write
+    bs: int
+    iodepth: int
+    target: float | None = None  # ours/kernel ratio the issue asks for (raw backend)
+
+    @property
+    def name(self) -> str:
+        size = f"{self.bs // MIB}m" if self.bs % MIB == 0 else f"{self.bs // KIB}k"
+        return f"{self.rw}-{size}-qd{self.iodepth}"
+
+    @property
+    def direction(self) -> str:
+        """The section of fio's JSON that holds the figures."""
+        return "write" if "write" in self.rw else "read"
+
+
+WORKLOADS = (
+    Workload("randread", 4 * KIB, 1, target=2.0),
+    Workload("randread", 4 * KIB, 8),
+    Workload("randread", 4 * KIB, 32, target=1.5),
+    Workload("randwrite", 4 * KIB, 1),
+    Workload("randwrite", 4 * KIB, 32),
+    Workload("read", MIB, 8, target=0.9),
+    Workload("write", MIB, 8),
+)
+
+
+@dataclass(frozen=True)
+class Amount:
+    """How long each run lasts: seconds (the benchmark) or a number of I/Os (the smoke)."""
+    runtime: float | None = None
+    ios: int | None = None
+
+    def describe(self) -> str:
+        return f"{self.runtime:g} s per run" if self.runtime else f"{self.ios} I/Os per run"
+
+    def timeout(self) -> float:
+        return (self.runtime or 0.0) + COMMAND_SLACK
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One run of one side: what both fio and ``virtio-user bench --json`` report."""
+    iops: float
+    mbps: float  # 10^6 bytes per second
+    lat_us: dict[str, float]  # completion latency percentiles: p50, p99, p99.9
+
+    @classmethod
+    def from_ours(cls, data: dict[str, Any]) -> "Sample":
+        lat = {k: float(data["lat_us"][k]) for k in bench_report.PERCENTILES}
+        return cls(float(data["iops"]), float(data["mbps"]), lat)
+
+    @classmethod
+    def from_fio(cls, data: dict[str, Any], direction: str) -> "Sample":
+        job = data["jobs"][0]
+        if job.get("error"):
+            raise HarnessError(f"fio job failed with error {job['error']}")
+        side = job[direction]
+        # fio's clat is completion latency, like ours; its keys read "99.900000".
+        pct = side["clat_ns"]["percentile"]
+        lat = {k: pct[f"{float(k[1:]):.6f}"] / 1000.0 for k in bench_report.PERCENTILES}
+        return cls(float(side["iops"]), side["bw_bytes"] / 1e6, lat)
+
+
+@dataclass
+class Pair:
+    """Two identical devices: ``ours`` for virtio-user, ``kernel`` stays with virtio_blk."""
+    backend_file: str  # "raw" or "null-co"
+    ours_bdf: str
+    kernel_bdf: str
+    blockdevs: dict[str, str] = field(default_factory=dict)  # BDF -> /dev/vdX
+
+
+# -- the two sides -----------------------------------------------------------------------
+
+def fio_argv(dev: str, w: Workload, amount: Amount) -> list[str]:
+    argv = ["fio", "--name=bench", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
+            f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}",
+            # fio's random map costs CPU per I/O, and CPU is what TCG measures; ours
+            # keeps none either.
+            "--norandommap", "--randrepeat=0",
+            "--percentile_list=50:99:99.9", "--output-format=json"]
+    if amount.runtime:
+        return argv + [f"--runtime={amount.runtime:g}", "--time_based"]
+    # io_size wraps around the device, so a count larger than the device still works.
+    return argv + [f"--io_size={amount.ios * w.bs}"]
+
+
+def ours_argv(bdf: str, backend: str, w: Workload, amount: Amount) -> list[str]:
+    argv = ["virtio-user", "--backend", backend, "--device", bdf, "bench",
+            "--rw", w.rw, "--bs", str(w.bs), "--iodepth", str(w.iodepth), "--json"]
+    if amount.runtime:
+        return argv + ["--runtime", f"{amount.runtime:g}"]
+    return argv + ["--ios", str(amount.ios)]
+
+
+@dataclass
+class Runner:
+    """Runs one side of one workload in the guest and parses what it printed."""
+    vm: GuestSession
+    backend: str  # uio or vfio, for our driver
+    amount: Amount
+    stub: bool  # VIRTIO_USER_BENCH_OURS=fio: our side runs fio through the kernel too
+
+    def kernel(self, pair: Pair, w: Workload) -> Sample:
+        out = self._run(fio_argv(pair.blockdevs[pair.kernel_bdf], w, self.amount))
+        return Sample.from_fio(json.loads(out), w.direction)
+
+    def ours(self, pair: Pair, w: Workload) -> Sample:
+        if self.stub:
+            out = self._run(fio_argv(pair.blockdevs[pair.ours_bdf], w, self.amount))
+            return Sample.from_fio(json.loads(out), w.direction)
+        out = self._run(ours_argv(pair.ours_bdf, self.backend, w, self.amount))
+        return Sample.from_ours(json.loads(out))
+
+    def _run(self, argv: list[str]) -> str:
+        r: CommandResult = self.vm.run(argv, timeout=self.amount.timeout())
+        if r.status != 0:
+            raise HarnessError(f"{' '.join(argv)}: exit status {r.status}\n{r.err[-2000:]}")
+        return r.out
+
+
+# -- the guest and its devices -----------------------------------------------------------
+
+def make_images(workdir: Path, size_mib: int) -> tuple[Path, Path]:
+    """Two raw images with the same non-zero contents, so reads are of data, not holes."""
+    first, second = workdir / "ours.raw", workdir / "kernel.raw"
+    chunk = os.urandom(MIB)
+    with first.open("wb") as f:
+        for _ in range(size_mib):
+            f.write(chunk)
+    shutil.copyfile(first, second)
+    return first, second
+
+
+def null_co_args(size_mib: int) -> list[str]:
+    args: list[str] = []
+    for i in range(2):
+        args += ["-drive", f"if=none,id=null{i},driver=null-co,size={size_mib}M,read-zeroes=on",
+                 "-device", f"virtio-blk-pci,drive=null{i},disable-modern=on,"
+                            f"disable-legacy=off,addr={FIRST_NULL_SLOT + i:#x},serial=null{i}"]
+    return args
+
+
+def pairs() -> list[Pair]:
+    return [Pair("raw", "0000:00:10.0", "0000:00:11.0"),
+            Pair("null-co", f"0000:00:{FIRST_NULL_SLOT:02x}.0",
+                 f"0000:00:{FIRST_NULL_SLOT + 1:02x}.0")]
+
+
+# /sys/block/vdX/device -> .../0000:00:11.0/virtioN: the PCI device is virtioN's parent.
+MAP_BLOCKDEVS = ('for b in /sys/block/vd*; do '
+                 'echo "$(basename "$b") $(basename "$(dirname "$(readlink -f "$b/device")")")";'
+                 ' done')
+
+
+def find_blockdevs(vm: GuestSession, all_pairs: list[Pair]) -> None:
+    """Fill each pair's BDF -> /dev/vdX map (before our driver takes its device away)."""
+    r = vm.run(MAP_BLOCKDEVS, timeout=60)
+    found = dict(reversed(line.split()) for line in r.out.splitlines() if line.strip())
+    for pair in all_pairs:
+        for bdf in (pair.ours_bdf, pair.kernel_bdf):
+            if bdf not in found:
+                raise HarnessError(f"no /dev/vd* for {bdf} in the guest: {r.out!r} {r.err!r}")
+            pair.blockdevs[bdf] = f"/dev/{found[bdf]}"
+
+
+# -- rounds and medians ------------------------------------------------------------------
+
+Progress = Callable[[str], None]
+
+
+def median_sample(samples: Sequence[Sample]) -> Sample:
+    """The median of each figure on its own (they need not come from the same round)."""
+    lat = {k: statistics.median(s.lat_us[k] for s in samples) for k in samples[0].lat_us}
+    return Sample(statistics.median(s.iops for s in samples),
+                  statistics.median(s.mbps for s in samples), lat)
+
+
+def measure(runner: Runner, pair: Pair, w: Workload, rounds: int,
+            say: Progress) -> tuple[list[Sample], list[Sample]]:
+    """Ours, kernel, ours, kernel, ...: alternation spreads drifting noise over both."""
+    ours: list[Sample] = []
+    kernel: list[Sample] = []
+    for i in range(rounds):
+        for label, run, into in (("ours", runner.ours, ours), ("kernel", runner.kernel, kernel)):
+            sample = run(pair, w)
+            into.append(sample)
+            say(f"{w.name:<18} {pair.backend_file:<7} round {i + 1}/{rounds} {label:<6} "
+                f"{sample.iops:>10.0f} IOPS {sample.mbps:>9.1f} MB/s "
+                f"p99 {sample.lat_us['p99']:>8.0f} us")
+    return ours, kernel
+
+
+def run_all(runner: Runner, all_pairs: list[Pair], workloads: Sequence[Workload],
+            rounds: int, say: Progress) -> list[bench_report.Row]:
+    rows = []
+    for pair in all_pairs:
+        for w in workloads:
+            ours, kernel = measure(runner, pair, w, rounds, say)
+            rows.append(bench_report.Row(
+                workload=w.name, rw=w.rw, bs=w.bs, iodepth=w.iodepth,
+                backend_file=pair.backend_file, target=w.target,
+                ours=median_sample(ours), kernel=median_sample(kernel),
+                ours_rounds=ours, kernel_rounds=kernel))
+    return rows
+
+
+# -- the command line --------------------------------------------------------------------
+
+QUICK_IOS = 256  # the smoke: every workload through both drivers, in seconds
+QUICK_IMAGE_MIB = 64
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench.sh", description=__doc__.split("\n")[0])
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--runtime", type=float, metavar="SECONDS", help="each run (default 5)")
+    how.add_argument("--ios", type=int, metavar="N", help="each run does N I/Os instead")
+    p.add_argument("--rounds", type=int, default=3, help="ours/kernel alternations (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke for CI: {QUICK_IOS} I/Os per run, 1 round, small images")
+    p.add_argument("--backend", choices=("uio", "vfio"), default="uio",
+                   help="how our driver reaches the device (default uio)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--cache", default="writeback", help="cache mode of both raw images")
+    p.add_argument("--image-mib", type=int, help="size of each device (default 1024)")
+    p.add_argument("--only", action="append", metavar="WORKLOAD",
+                   help="run just this workload (repeatable): " + ", ".join(w.name for w in WORKLOADS))
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
+        args.ios = args.ios or (None if args.runtime else QUICK_IOS)
+        args.image_mib = args.image_mib or QUICK_IMAGE_MIB
+    if args.runtime is None and args.ios is None:
+        args.runtime = 5.0
+    args.image_mib = args.image_mib or 1024
+    for name, value in (("--rounds", args.rounds), ("--ios", args.ios or 1),
+                        ("--runtime", args.runtime or 1), ("--image-mib", args.image_mib)):
+        if value <= 0:
+            p.error(f"{name} must be positive")
+    known = {w.name for w in WORKLOADS}
+    for name in args.only or ():
+        if name not in known:
+            p.error(f"--only {name}: not one of {', '.join(sorted(known))}")
+    return args
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> list[bench_report.Row]:
+    workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    stub = os.environ.get(STUB_ENV) == "fio"
+    if stub:
+        say(f"{STUB_ENV}=fio: OUR SIDE RUNS FIO THROUGH THE KERNEL (a stand-in, not a result)")
+    amount = Amount(args.runtime, args.ios)
+    with tempfile.TemporaryDirectory(prefix="virtio-user-bench-", dir="/var/tmp") as tmp:
+        images = make_images(Path(tmp), args.image_mib)
+        disks = [Disk(path, format="raw", cache=args.cache) for path in images]
+        say(f"booting the guest ({len(workloads)} workloads x 2 devices x {args.rounds} "
+            f"rounds, {amount.describe()})")
+        with GuestSession(disks, accel=args.accel, backend=args.backend, cwd=REPO,
+                          qemu_args=null_co_args(args.image_mib)) as vm:
+            all_pairs = pairs()
+            find_blockdevs(vm, all_pairs)
+            runner = Runner(vm, args.backend, amount, stub)
+            rows = run_all(runner, all_pairs, workloads, args.rounds, say)
+            accel = vm.accel
+    meta = bench_report.Meta(
+        accel=accel, machine=bench_report.machine_info(), driver_backend=args.backend,
+        rounds=args.rounds, runtime=args.runtime, ios=args.ios, cache=args.cache,
+        image_mib=args.image_mib, stub=stub)
+    for path in bench_report.write_all(rows, meta, args.out):
+        say(f"wrote {path}")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except HarnessError as exc:
+        say(f"failed: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The benchmark's outputs: latest.json, latest.md and latest.png (issue 5, item 3).
+
+Kept apart from the orchestration (bench.py) so a report can be redrawn from a JSON file
+without booting anything: ``python -m virtio_user.host.bench_report results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+PERCENTILES = ("p50", "p99", "p99.9")
+BACKENDS = ("raw", "null-co")
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Figures(Protocol):
+    """One side's figures (bench.Sample): what fio and ``virtio-user bench`` report."""
+    iops: float
+    mbps: float
+    lat_us: dict[str, float]
+
+
+@dataclass
+class Row:
+    """One workload on one pair of devices: the medians of both sides."""
+    workload: str
+    rw: str
+    bs: int
+    iodepth: int
+    backend_file: str
+    target: float | None
+    ours: Figures
+    kernel: Figures
+    ours_rounds: Sequence[Figures] = ()
+    kernel_rounds: Sequence[Figures] = ()
+
+    @property
+    def ratio(self) -> float:
+        # Same block size on both sides, so this is the bandwidth ratio too.
+        return self.ours.iops / self.kernel.iops if self.kernel.iops else 0.0
+
+
+@dataclass
+class Meta:
+    """How the figures were taken: the same for every row of one run."""
+    accel: str
+    machine: dict[str, Any]
+    driver_backend: str
+    rounds: int
+    runtime: float | None
+    ios: int | None
+    cache: str
+    image_mib: int
+    stub: bool = False
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc)
+                      .strftime("%Y-%m-%d %H:%M UTC"))
+
+    def per_run(self) -> str:
+        return f"{self.runtime:g} s" if self.runtime else f"{self.ios} I/Os"
+
+
+# -- the machine -------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else "unknown"
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (out.stdout.strip().splitlines() or ["unknown"])[0]
+
+
+def machine_info(guest: str = "q35, 2 vCPUs, 1024 MiB") -> dict[str, Any]:
+    qemu = _first_line(["qemu-system-x86_64", "--version"])
+    match = re.search(r"version (\S+)", qemu)
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "host_kernel": platform.release(),
+            "qemu": match.group(1) if match else qemu, "guest": guest,
+            "commit": _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])}
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    return (f"{machine['cpu']}, {machine['cores']} cores, host kernel "
+            f"{machine['host_kernel']}, QEMU {machine['qemu']}")
+
+
+# -- JSON --------------------------------------------------------------------------------
+
+def _figures(s: Figures) -> dict[str, Any]:
+    return {"iops": round(s.iops, 1), "mbps": round(s.mbps, 2),
+            "lat_us": {k: round(v, 1) for k, v in s.lat_us.items()}}
+
+
+def _ceiling(rows: Sequence[Row]) -> dict[str, tuple[float, float]]:
+    """Per workload, the raw image's IOPS as a share of null-co's, for ours and kernel."""
+    null = {r.workload: r for r in rows if r.backend_file == "null-co"}
+    out = {}
+    for r in rows:
+        n = null.get(r.workload)
+        if r.backend_file == "raw" and n is not None and n.ours.iops and n.kernel.iops:
+            out[r.workload] = (r.ours.iops / n.ours.iops, r.kernel.iops / n.kernel.iops)
+    return out
+
+
+def to_json(rows: Sequence[Row], meta: Meta) -> list[dict[str, Any]]:
+    ceiling = _ceiling(rows)
+    out = []
+    for r in rows:
+        obj: dict[str, Any] = {
+            "workload": r.workload, "rw": r.rw, "bs": r.bs, "iodepth": r.iodepth,
+            "backend_file": r.backend_file,
+            "python_iops": round(r.ours.iops, 1), "kernel_iops": round(r.kernel.iops, 1),
+            "ratio": round(r.ratio, 3),
+            "python_mbps": round(r.ours.mbps, 2), "kernel_mbps": round(r.kernel.mbps, 2),
+            "python_lat_us": {k: round(v, 1) for k, v in r.ours.lat_us.items()},
+            "kernel_lat_us": {k: round(v, 1) for k, v in r.kernel.lat_us.items()},
+            "target": r.target if r.backend_file == "raw" else None,
+            "target_met": (r.ratio >= r.target) if r.target and r.backend_file == "raw"
+            else None,
+        }
+        if r.backend_file == "raw" and r.workload in ceiling:
+            obj["python_share_of_null_co"] = round(ceiling[r.workload][0], 3)
+            obj["kernel_share_of_null_co"] = round(ceiling[r.workload][1], 3)
+        obj.update({
+            "accel": meta.accel, "machine": meta.machine,
+            "driver_backend": meta.driver_backend, "rounds": meta.rounds,
+            "runtime_s": meta.runtime, "ios_per_run": meta.ios, "cache": meta.cache,
+            "image_mib": meta.image_mib, "date": meta.date, "stub": meta.stub,
+            "python_per_round": [_figures(s) for s in r.ours_rounds],
+            "kernel_per_round": [_figures(s) for s in r.kernel_rounds],
+        })
+        out.append(obj)
+    return out
+
+
+# -- markdown ----------------------------------------------------------------------------
+
+def _lat(lat: dict[str, float]) -> str:
+    return " / ".join(f"{lat[k]:.0f}" for k in PERCENTILES)
+
+
+def _target(obj: dict[str, Any]) -> str:
+    if obj["target"] is None:
+        return ""
+    return f"{obj['target']:.1f}x {'met' if obj['target_met'] else '**not met**'}"
+
+
+def to_markdown(objs: Sequence[dict[str, Any]]) -> str:
+    first = objs[0]
+    runs = (f"{first['runtime_s']:g} s" if first["runtime_s"] else f"{first['ios_per_run']} I/Os")
+    lines = [
+        f"Ours: `virtio-user --backend {first['driver_backend']} bench`. Kernel: virtio_blk "
+        "with `fio --ioengine=io_uring --direct=1`. Same guest, identical legacy virtio-blk "
+        f"devices ({first['image_mib']} MiB, raw images with cache={first['cache']}, or "
+        f"null-co). Medians of {first['rounds']} alternating rounds of {runs}.",
+        "",
+        f"Accel **{first['accel']}**; {machine_line(first['machine'])}; guest "
+        f"{first['machine']['guest']}; commit {first['machine']['commit']}; {first['date']}.",
+        "",
+    ]
+    if first["stub"]:
+        lines += ["**STAND-IN RUN: our side ran fio through the kernel; not a result.**", ""]
+    lines += [
+        "| workload | device | ours IOPS | kernel IOPS | ours/kernel | target "
+        "| ours MB/s | kernel MB/s | ours p50/p99/p99.9 µs | kernel p50/p99/p99.9 µs |",
+        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|",
+    ]
+    for o in objs:
+        lines.append(
+            f"| {o['workload']} | {o['backend_file']} | {o['python_iops']:.0f} "
+            f"| {o['kernel_iops']:.0f} | {o['ratio']:.2f}x | {_target(o)} "
+            f"| {o['python_mbps']:.1f} | {o['kernel_mbps']:.1f} "
+            f"| {_lat(o['python_lat_us'])} | {_lat(o['kernel_lat_us'])} |")
+    shares = [o for o in objs if "python_share_of_null_co" in o]
+    if shares:
+        lines += ["", "How close each driver gets to the device emulation's ceiling "
+                  "(IOPS on the raw image / IOPS on null-co, same driver):", "",
+                  "| workload | ours | kernel |", "|---|--:|--:|"]
+        lines += [f"| {o['workload']} | {o['python_share_of_null_co']:.2f} "
+                  f"| {o['kernel_share_of_null_co']:.2f} |" for o in shares]
+    return "\n".join(lines) + "\n"
+
+
+# -- the chart ---------------------------------------------------------------------------
+
+COLOURS = {"raw": "#3b75af", "null-co": "#9fc2e0", "ours": "#3b75af", "kernel": "#e1812c"}
+
+
+def _bars(ax: Any, names: list[str], series: dict[str, list[float]], fmt: str) -> float:
+    """Grouped bars with their values on top; returns the highest value."""
+    width = 0.8 / len(series)
+    top = 0.0
+    for i, (label, values) in enumerate(series.items()):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(names))]
+        bars = ax.bar(xs, values, width, label=label, color=COLOURS[label.split()[0]])
+        ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=7, padding=2)
+        top = max([top, *values])
+    ax.set_xticks(range(len(names)), [n.replace("-", "\n", 1) for n in names], fontsize=8)
+    return top
+
+
+def _ratio_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> None:
+    by = {(o["workload"], o["backend_file"]): o for o in objs}
+    series = {f"{b} device": [by[(n, b)]["ratio"] if (n, b) in by else 0.0 for n in names]
+              for b in BACKENDS if any(o["backend_file"] == b for o in objs)}
+    top = _bars(ax, names, series, "{:.2f}x")
+    ax.axhline(1.0, color="black", linewidth=1, label="as fast as the kernel")
+    for x, n in enumerate(names):
+        target = by.get((n, "raw"), {}).get("target")
+        if target:
+            # Over the raw-device bar only: the targets are about real images.
+            left = x - 0.45 if len(series) > 1 else x - 0.4
+            ax.hlines(target, left, left + 0.45, colors="#c0392b", linestyles="--",
+                      linewidth=2, label="target (raw device)")
+            ax.annotate(f"{target:.1f}x", (left, target), xytext=(-2, 0),
+                        textcoords="offset points", ha="right", va="center",
+                        color="#c0392b", fontsize=8, fontweight="bold")
+            top = max(top, target)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry for all the target segments
+    # One row across the top, above the tallest bar, so it hides none.
+    ax.legend(unique.values(), unique.keys(), loc="upper center", ncol=4, fontsize=8)
+    ax.set_ylim(0, top * 1.3 + 0.1)
+    ax.set_ylabel("ours / kernel (IOPS; above 1 = ours faster)")
+
+
+def _ceiling_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> None:
+    by = {o["workload"]: o for o in objs if "python_share_of_null_co" in o}
+    series = {"ours": [by[n]["python_share_of_null_co"] if n in by else 0.0 for n in names],
+              "kernel": [by[n]["kernel_share_of_null_co"] if n in by else 0.0 for n in names]}
+    top = _bars(ax, names, series, "{:.2f}")
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_ylim(0, max(top, 1.0) * 1.3)
+    ax.set_ylabel("raw image / null-co (IOPS)")
+    ax.set_title("How close each driver gets to the device emulation's ceiling: IOPS on the "
+                 "raw image / IOPS on null-co, same driver (1.0 = the ceiling)", fontsize=9)
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
+
+
+def to_png(objs: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display on these machines, nor in CI
+    import matplotlib.pyplot as plt
+
+    first = objs[0]
+    names = list(dict.fromkeys(o["workload"] for o in objs))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8.5), height_ratios=(3, 2))
+    _ratio_panel(top, objs, names)
+    _ceiling_panel(bottom, objs, names)
+    runs = (f"{first['runtime_s']:g} s" if first["runtime_s"] else f"{first['ios_per_run']} I/Os")
+    stub = "  [STAND-IN: fio on both sides]" if first["stub"] else ""
+    top.set_title(
+        f"virtio-user (Python, {first['driver_backend']}) vs the kernel's virtio_blk + fio "
+        f"io_uring, same guest{stub}\naccel {first['accel'].upper()}: "
+        f"{machine_line(first['machine'])}\nmedian of {first['rounds']} alternating rounds "
+        f"of {runs}; {first['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- all three ---------------------------------------------------------------------------
+
+def write_all(rows: Sequence[Row], meta: Meta, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    objs = to_json(rows, meta)
+    (out / "latest.json").write_text(json.dumps(objs, indent=2) + "\n")
+    return [out / "latest.json", *render(objs, out)]
+
+
+def render(objs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """latest.md and latest.png from the JSON objects."""
+    (out / "latest.md").write_text(to_markdown(objs))
+    to_png(objs, out / "latest.png")
+    return [out / "latest.md", out / "latest.png"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Redraw latest.md and latest.png next to a latest.json."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m virtio_user.host.bench_report DIR/latest.json", file=sys.stderr)
+        return 1
+    src = Path(args[0])
+    render(json.loads(src.read_text()), src.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ queue full: one kick per batch, one pass over the used ring per reap, no copies.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import signal
 import struct
@@ -20,7 +21,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -500,6 +501,24 @@ class VirtioBlk:
         """Move ``count`` sectors between the device and ``data`` (a view to write from,
         or a list that collects what is read, in order) in pieces of at most one bounce
         buffer, keeping every pool buffer busy."""
+        with self._pool_guard():
+            self._pipeline(rtype, sector, count, data)
+
+    @contextlib.contextmanager
+    def _pool_guard(self) -> Iterator[None]:
+        """If a plain call is cut short (a signal, a device error) while its requests
+        are still out, their bounce buffers may not be reused: reset the device and
+        refuse further use, as after a protocol error."""
+        try:
+            yield
+        except BaseException:
+            if not self._closed and self.queue.outstanding and not self.queue.broken:
+                self.queue.broken = "a call was interrupted with requests in flight"
+                self._reset_quietly()
+            raise
+
+    def _pipeline(self, rtype: ReqType, sector: int, count: int,
+                  data: memoryview | list[bytes]) -> None:
         step = self._chunk_sectors
         pieces = iter(range(sector, sector + count, step))
         free = list(self._pool)
@@ -539,12 +558,13 @@ class VirtioBlk:
             raise error
 
     def _transfer_requests(self, requests: list[Request]) -> None:
-        self.submit(requests)
         inflight = {id(r): r for r in requests}
         error = None
-        while inflight:
-            for req in self._reap_own(inflight):
-                error = error or self._status_error(req)
+        with self._pool_guard():
+            self.submit(requests)
+            while inflight:
+                for req in self._reap_own(inflight):
+                    error = error or self._status_error(req)
         if error is not None:
             if requests[0].count:
                 self._explain(error, requests[0].sector, requests[0].count)

@@ -180,6 +180,11 @@ class SplitQueue(Generic[T]):
         return self._last_used
 
     @property
+    def outstanding(self) -> int:
+        """Chains added and not yet reaped, published or not."""
+        return self.in_flight + ((self._next_avail - self._published) & 0xFFFF)
+
+    @property
     def num_free(self) -> int:
         return len(self._free)
 

@@ -204,3 +204,19 @@ def test_requests_completed_counts_and_indices_match(make_blk) -> None:
         blk.read(i, 1)
     assert blk.requests_completed == 300
     assert blk.queue.avail_idx == blk.queue.used_idx == 300
+
+
+def test_a_call_cut_short_with_requests_out_resets_the_device(make_blk) -> None:
+    blk, dev = make_blk()
+    dev.auto = False  # the request stays in flight
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+    real_wait = blk.queue.wait
+    blk.queue.wait = lambda timeout: interrupt()  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        blk.read(0, 1)
+    blk.queue.wait = real_wait  # type: ignore[method-assign]
+    assert dev.status == 0 and blk.queue.broken
+    with pytest.raises(DeviceError, match="interrupted"):
+        blk.read(0, 1)

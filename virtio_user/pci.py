@@ -126,13 +126,16 @@ def bind(dev: PciDevice, driver: str) -> None:
         return
     if not (SYSFS_PCI / "drivers" / driver).is_dir():
         raise BindError(f"driver {driver} is not loaded (modprobe {driver})")
-    if dev.driver is not None:
+    previous = dev.driver
+    if previous is not None:
         _write(dev.path / "driver" / "unbind", dev.bdf)
     _write(dev.path / "driver_override", driver)
     _write(SYSFS_PCI / "drivers_probe", dev.bdf)
     if dev.driver != driver:
+        # Never leave the device half-bound: give it back to the driver it had.
+        release(dev, previous)
         raise BindError(f"{dev.bdf}: {driver} did not take the device "
-                        f"(driver now {dev.driver or 'none'})")
+                        f"(given back to {dev.driver or 'no driver'})")
 
 
 def release(dev: PciDevice, rebind_to: str | None) -> None:

@@ -40,6 +40,7 @@ class PciBackend:
         self.rebind = rebind
         self._lock_fd: int | None = self._lock()
         try:
+            self._preflight()
             if dev.driver != self.DRIVER:
                 pci.check_unused(dev)
                 pci.bind(dev, self.DRIVER)
@@ -55,6 +56,9 @@ class PciBackend:
     @classmethod
     def open(cls, bdf: str | None, *, rebind: bool = False) -> PciBackend:
         return cls(pci.find(bdf), rebind=rebind)
+
+    def _preflight(self) -> None:
+        """Refuse, before the device is taken from its driver, what cannot work."""
 
     def _open_registers(self) -> tuple[Registers, Registers]:
         """(BAR0, PCI config space)."""

@@ -150,6 +150,12 @@ class VfioBackend(PciBackend):
     name = "vfio"
     DRIVER = "vfio-pci"
 
+    def _preflight(self) -> None:
+        if not (VFIO_DEV / "vfio").exists():
+            raise BackendUnavailable("/dev/vfio/vfio is missing: the vfio and "
+                                     "vfio_iommu_type1 modules are not loaded")
+        iommu_group(self.bdf)
+
     def _open_registers(self) -> tuple[Registers, Registers]:
         self.vfio = VfioDevice(self.bdf)
         bar0 = self.vfio.region(ioctl.VFIO_PCI_BAR0_REGION_INDEX)

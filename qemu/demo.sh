@@ -3,23 +3,25 @@
 # the user-space driver on the first legacy virtio-blk disk, run inside the guest.
 # Sector 1 is written and then restored, so a disk given with --disk is left as it was.
 set -eu
-step() { printf '\n$ %s\n' "$*"; }
+backend=${VIRTIO_USER_BACKEND:-uio}  # run-in-qemu.sh --backend
+vu() { virtio-user --backend "$backend" "$@"; }
+step() { printf '\n$ virtio-user --backend %s %s\n' "$backend" "$*"; }
 saved=$(mktemp)
 trap 'rm -f "$saved"' EXIT
 
-step virtio-user info
-virtio-user info
+step info
+vu info
 
-step "virtio-user read 0 1 | hexdump -C"
-virtio-user read 0 1 | hexdump -C
+step "read 0 1 | hexdump -C"
+vu read 0 1 | hexdump -C
 
-virtio-user read 1 1 -o "$saved"
-step virtio-user write 1 --pattern 0xa5 --count 1
-virtio-user write 1 --pattern 0xa5 --count 1
+vu read 1 1 -o "$saved"
+step write 1 --pattern 0xa5 --count 1
+vu write 1 --pattern 0xa5 --count 1
 
-step "virtio-user read 1 1 | hexdump -C"
-virtio-user read 1 1 | hexdump -C
+step "read 1 1 | hexdump -C"
+vu read 1 1 | hexdump -C
 
-step "virtio-user write 1 -i saved-sector-1.bin   # put sector 1 back as it was"
-virtio-user write 1 -i "$saved"
+step "write 1 -i saved-sector-1.bin   # put sector 1 back as it was"
+vu write 1 -i "$saved"
 printf '\ndemo: done; the user-space driver read and wrote the disk through its own virtqueue\n'

@@ -187,3 +187,16 @@ with VirtioBlk.open("{DISKS['main']}", backend="{guest.backend}") as dev:
     avail, used, done = map(int, out)
     assert done >= 70002
     assert avail == used == done % 65536
+
+
+def test_readme_python_api_example_runs(guest: Guest) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('VirtioBlk.open("0000:00:10.0")',
+                        f'VirtioBlk.open("0000:00:10.0", backend="{guest.backend}")')
+    code = code.replace("VirtioBlk.open()", f'VirtioBlk.open(backend="{guest.backend}")')
+    r = guest.py(code)
+    assert r.out.splitlines()[0] == f"{64 * 2048} 256 main.raw"
+    assert len(r.out.splitlines()) == 33
+    assert image_bytes(guest, "main", 100, 1) == b"\x5a" * SECTOR

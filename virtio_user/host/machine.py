@@ -21,6 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -83,18 +84,18 @@ class Disk:
                              capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
             raise BadOption(f"--disk {self.path}: {out.stderr.strip()}")
-        return json.loads(out.stdout)["format"]
+        return str(json.loads(out.stdout)["format"])
 
     def default_serial(self) -> str:
         return self.path.name.encode()[:SERIAL_MAX].decode("utf-8", "ignore")
 
-    def blockdev(self, node: str) -> dict:
+    def blockdev(self, node: str) -> dict[str, Any]:
         """The -blockdev tree: format over file, or over blkdebug when errors are injected."""
         cache = CACHE_MODES.get(self.cache)
         if cache is None:
             raise BadOption(f"--disk {self.path}: cache={self.cache}: use one of "
                             + ", ".join(CACHE_MODES))
-        proto: dict = {"driver": "file", "filename": str(self.path.resolve())}
+        proto: dict[str, Any] = {"driver": "file", "filename": str(self.path.resolve())}
         if self.inject_errors:
             # blkdebug fails any request touching the sector (../shared/NOTES.md).
             # iotype keeps a read rule off writes to the same sector, and vice versa.

@@ -24,7 +24,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import accel as accel_mod
 from . import assets
@@ -112,7 +114,9 @@ class GuestSession:
         return self.config.accel
 
     @property
-    def qmp(self):  # noqa: ANN201 - qemu.qmp.legacy.QEMUMonitorProtocol
+    def qmp(self) -> QEMUMonitorProtocol:
+        if self.machine.qmp is None:
+            raise GuestDied("QMP is not connected: the guest is not running")
         return self.machine.qmp
 
     # -- start and stop ---------------------------------------------------------------
@@ -176,7 +180,7 @@ class GuestSession:
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _send(self, msg: dict) -> None:
+    def _send(self, msg: dict[str, Any]) -> None:
         if self.conn is None or self.closed_reason is not None:
             raise GuestDied(self._death_message())
         self.conn.sendall((json.dumps(msg) + "\n").encode())
@@ -199,7 +203,7 @@ class GuestSession:
             self.closed_reason = "the guest closed the agent channel"
             self.cond.notify_all()
 
-    def _dispatch(self, msg: dict) -> None:
+    def _dispatch(self, msg: dict[str, Any]) -> None:
         with self.cond:
             op = msg.get("op")
             if op == "ready":

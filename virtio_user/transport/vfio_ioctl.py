@@ -67,12 +67,15 @@ class vfio_iommu_type1_dma_unmap(ctypes.Structure):
                 ("iova", ctypes.c_uint64), ("size", ctypes.c_uint64)]
 
 
-def _ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array | int) -> int:
+IoctlArg = ctypes.Structure | ctypes.Array[ctypes.c_char] | ctypes.c_int | int
+
+
+def _ioctl(fd: int, request: int, arg: IoctlArg) -> int:
     """ioctl through libc: VFIO returns new fds as the call's value, which
     ``fcntl.ioctl`` hides when given a buffer (../shared/NOTES.md)."""
     ptr = ctypes.c_void_p(arg) if isinstance(arg, int) else ctypes.cast(
         ctypes.pointer(arg), ctypes.c_void_p)
-    ret = _libc.ioctl(fd, request, ptr)
+    ret: int = _libc.ioctl(fd, request, ptr)
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -80,7 +83,7 @@ def _ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array | int) ->
 
 
 def api_version(container: int) -> int:
-    return fcntl.ioctl(container, VFIO_GET_API_VERSION)
+    return int(fcntl.ioctl(container, VFIO_GET_API_VERSION))
 
 
 def has_type1(container: int) -> bool:

@@ -32,12 +32,14 @@ from typing import Any, Callable, Sequence
 from . import bench_report
 from .errors import HarnessError
 from .machine import Disk
-from .session import CommandResult, GuestSession
+from .session import Command, CommandResult, GuestSession
 
 REPO = Path(__file__).resolve().parents[2]
 KIB, MIB = 1024, 1024 * 1024
 FIRST_NULL_SLOT = 0x12  # after the two raw images at 00:10.0 and 00:11.0
 STUB_ENV = "VIRTIO_USER_BENCH_OURS"
+GUEST_SERVER = Path(__file__).with_name("bench_guest.py")
+GUEST_FIFO = "/tmp/virtio-user-bench.fifo"  # the guest's own /tmp
 COMMAND_SLACK = 180.0  # seconds a run may take beyond its runtime (start-up under TCG)
 
 
@@ -139,29 +141,80 @@ def ours_argv(bdf: str, backend: str, w: Workload, amount: Amount) -> list[str]:
     return argv + ["--ios", str(amount.ios)]
 
 
+class OursServer:
+    """``virtio-user`` commands run by one long-lived guest process (bench_guest.py).
+
+    It calls the same ``virtio_user.cli.main(argv)`` as the command, minus the 4-5 s of
+    imports a new process pays under TCG before its first I/O (not measured either way).
+    """
+
+    def __init__(self, vm: GuestSession, timeout: float) -> None:
+        self.vm = vm
+        self.timeout = timeout
+        self.next_id = 1
+        self.proc: Command = vm.spawn([sys.executable, str(GUEST_SERVER), GUEST_FIFO])
+        self._answer(b'{"ready": true}', "the benchmark's guest process to start")
+
+    def run(self, argv: list[str]) -> CommandResult:
+        """Run ``virtio-user ARGS...`` (argv[0] is the program name)."""
+        request = json.dumps({"id": self.next_id, "argv": argv[1:]})
+        self.next_id += 1
+        self._send(request)
+        answer = self._answer(f'{{"id": {self.next_id - 1},'.encode(), " ".join(argv))
+        return CommandResult(argv, answer["status"], answer["stdout"].encode(),
+                             answer["stderr"].encode())
+
+    def close(self) -> None:
+        if self.proc.status is None:
+            try:
+                self._send(json.dumps({"quit": True}))
+                self.proc.wait(timeout=30)
+            except HarnessError:
+                self.proc.signal()
+
+    def _send(self, line: str) -> None:
+        # printf through sh: the agent gives commands no stdin, so requests go by FIFO.
+        r = self.vm.run(["sh", "-c", 'printf "%s\\n" "$1" > "$0"', GUEST_FIFO, line],
+                        timeout=60)
+        if r.status != 0:
+            raise HarnessError(f"cannot reach the benchmark's guest process: {r.err}")
+
+    def _answer(self, prefix: bytes, what: str) -> dict[str, Any]:
+        # Answers are JSON with "stdout" escaped inside, so the prefix is found only at
+        # the start of its own line.
+        self.proc.wait_output(prefix, self.timeout)
+        for line in bytes(self.proc.stdout).splitlines():
+            if line.startswith(prefix):
+                return dict(json.loads(line))
+        raise HarnessError(f"no answer for {what}; the guest process said:\n"
+                           f"{bytes(self.proc.stderr).decode(errors='replace')[-2000:]}")
+
+
 @dataclass
 class Runner:
     """Runs one side of one workload in the guest and parses what it printed."""
     vm: GuestSession
     backend: str  # uio or vfio, for our driver
     amount: Amount
-    stub: bool  # VIRTIO_USER_BENCH_OURS=fio: our side runs fio through the kernel too
+    server: OursServer | None  # None: VIRTIO_USER_BENCH_OURS=fio, our side runs fio too
 
     def kernel(self, pair: Pair, w: Workload) -> Sample:
-        out = self._run(fio_argv(pair.blockdevs[pair.kernel_bdf], w, self.amount))
-        return Sample.from_fio(json.loads(out), w.direction)
+        return self._fio(pair.blockdevs[pair.kernel_bdf], w)
 
     def ours(self, pair: Pair, w: Workload) -> Sample:
-        if self.stub:
-            out = self._run(fio_argv(pair.blockdevs[pair.ours_bdf], w, self.amount))
-            return Sample.from_fio(json.loads(out), w.direction)
-        out = self._run(ours_argv(pair.ours_bdf, self.backend, w, self.amount))
-        return Sample.from_ours(json.loads(out))
+        if self.server is None:
+            return self._fio(pair.blockdevs[pair.ours_bdf], w)
+        argv = ours_argv(pair.ours_bdf, self.backend, w, self.amount)
+        return Sample.from_ours(json.loads(self._check(self.server.run(argv))))
 
-    def _run(self, argv: list[str]) -> str:
-        r: CommandResult = self.vm.run(argv, timeout=self.amount.timeout())
+    def _fio(self, dev: str, w: Workload) -> Sample:
+        r = self.vm.run(fio_argv(dev, w, self.amount), timeout=self.amount.timeout())
+        return Sample.from_fio(json.loads(self._check(r)), w.direction)
+
+    @staticmethod
+    def _check(r: CommandResult) -> str:
         if r.status != 0:
-            raise HarnessError(f"{' '.join(argv)}: exit status {r.status}\n{r.err[-2000:]}")
+            raise HarnessError(f"{' '.join(r.argv)}: exit status {r.status}\n{r.err[-2000:]}")
         return r.out
 
 
@@ -311,8 +364,13 @@ def run(args: argparse.Namespace) -> list[bench_report.Row]:
                           qemu_args=null_co_args(args.image_mib)) as vm:
             all_pairs = pairs()
             find_blockdevs(vm, all_pairs)
-            runner = Runner(vm, args.backend, amount, stub)
-            rows = run_all(runner, all_pairs, workloads, args.rounds, say)
+            server = None if stub else OursServer(vm, amount.timeout())
+            try:
+                runner = Runner(vm, args.backend, amount, server)
+                rows = run_all(runner, all_pairs, workloads, args.rounds, say)
+            finally:
+                if server is not None:
+                    server.close()
             accel = vm.accel
     meta = bench_report.Meta(
         accel=accel, machine=bench_report.machine_info(), driver_backend=args.backend,

@@ -130,6 +130,7 @@ def fio_argv(dev: str, w: Workload, amount: Amount) -> list[str]:
     if amount.runtime:
         return argv + [f"--runtime={amount.runtime:g}", "--time_based"]
     # io_size wraps around the device, so a count larger than the device still works.
+    assert amount.ios is not None
     return argv + [f"--io_size={amount.ios * w.bs}"]
 
 
@@ -255,7 +256,11 @@ MAP_BLOCKDEVS = ('for b in /sys/block/vd*; do '
 def find_blockdevs(vm: GuestSession, all_pairs: list[Pair]) -> None:
     """Fill each pair's BDF -> /dev/vdX map (before our driver takes its device away)."""
     r = vm.run(MAP_BLOCKDEVS, timeout=60)
-    found = dict(reversed(line.split()) for line in r.out.splitlines() if line.strip())
+    found: dict[str, str] = {}  # BDF -> vdX
+    for line in r.out.splitlines():
+        if line.strip():
+            name, bdf = line.split()
+            found[bdf] = name
     for pair in all_pairs:
         for bdf in (pair.ours_bdf, pair.kernel_bdf):
             if bdf not in found:

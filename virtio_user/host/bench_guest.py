@@ -22,6 +22,7 @@ import io
 import json
 import os
 import sys
+from typing import Any, Callable
 
 
 def serve(fifo: str) -> None:
@@ -38,11 +39,11 @@ def serve(fifo: str) -> None:
                 print(json.dumps(run_one(main, request)), flush=True)
 
 
-def run_one(main: object, request: dict) -> dict:
+def run_one(main: Callable[[list[str]], int], request: dict[str, Any]) -> dict[str, Any]:
     out, err = io.StringIO(), io.StringIO()
     gc.collect()  # each run starts with no garbage left by the one before, like a new process
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(request["argv"])  # type: ignore[operator]
+        status = main(request["argv"])
     return {"id": request["id"], "status": status, "stdout": out.getvalue(),
             "stderr": err.getvalue()}
 

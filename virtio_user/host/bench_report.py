@@ -24,9 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 class Figures(Protocol):
     """One side's figures (bench.Sample): what fio and ``virtio-user bench`` report."""
-    iops: float
-    mbps: float
-    lat_us: dict[str, float]
+    @property
+    def iops(self) -> float: ...
+    @property
+    def mbps(self) -> float: ...
+    @property
+    def lat_us(self) -> dict[str, float]: ...
 
 
 @dataclass

@@ -331,6 +331,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", action="append", metavar="WORKLOAD",
                    help="run just this workload (repeatable): " + ", ".join(w.name for w in WORKLOADS))
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--update-readme", action="store_true",
+                   help="also put the chart and table into README.md's Benchmarks section")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds = 1
@@ -383,6 +385,11 @@ def run(args: argparse.Namespace) -> list[bench_report.Row]:
         image_mib=args.image_mib, stub=stub)
     for path in bench_report.write_all(rows, meta, args.out):
         say(f"wrote {path}")
+    if args.update_readme:
+        objs = json.loads((args.out / "latest.json").read_text())
+        if not bench_report.update_readme(REPO / "README.md", objs, args.out.resolve()):
+            raise HarnessError("README.md has no bench:results markers to write between")
+        say("updated README.md")
     return rows
 
 

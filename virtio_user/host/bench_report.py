@@ -294,6 +294,22 @@ def render(objs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     return [out / "latest.md", out / "latest.png"]
 
 
+README_BEGIN = "<!-- bench:results:begin (written by scripts/bench.sh --update-readme) -->"
+README_END = "<!-- bench:results:end -->"
+
+
+def update_readme(readme: Path, objs: Sequence[dict[str, Any]], out: Path) -> bool:
+    """Put the chart and the table between the README's markers; False if it has none."""
+    text = readme.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        return False
+    chart = os.path.relpath(out / "latest.png", readme.parent)
+    block = f"{README_BEGIN}\n![ours / kernel per workload]({chart})\n\n{to_markdown(objs)}"
+    readme.write_text(text[:begin] + block + text[end:])
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Redraw latest.md and latest.png next to a latest.json."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -205,24 +205,28 @@ def to_markdown(objs: Sequence[dict[str, Any]]) -> str:
 COLOURS = {"raw": "#3b75af", "null-co": "#9fc2e0", "ours": "#3b75af", "kernel": "#e1812c"}
 
 
-def _bars(ax: Any, names: list[str], series: dict[str, list[float]], fmt: str) -> float:
-    """Grouped bars with their values on top; returns the highest value."""
+def _bars(ax: Any, names: list[str], series: dict[str, list[float]], fmt: str,
+          base: float = 0.0) -> tuple[float, float]:
+    """Grouped bars growing from ``base``, values at their ends; returns (lowest, highest)."""
     width = 0.8 / len(series)
-    top = 0.0
+    low, high = base, base
     for i, (label, values) in enumerate(series.items()):
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(names))]
-        bars = ax.bar(xs, values, width, label=label, color=COLOURS[label.split()[0]])
+        bars = ax.bar(xs, [v - base for v in values], width, bottom=base, label=label,
+                      color=COLOURS[label.split()[0]])
         ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=7, padding=2)
-        top = max([top, *values])
+        low, high = min([low, *values]), max([high, *values])
     ax.set_xticks(range(len(names)), [n.replace("-", "\n", 1) for n in names], fontsize=8)
-    return top
+    return low, high
 
 
 def _ratio_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> None:
+    """Ours / kernel on a log scale, bars from 1.0: 2x faster and 2x slower look alike."""
     by = {(o["workload"], o["backend_file"]): o for o in objs}
-    series = {f"{b} device": [by[(n, b)]["ratio"] if (n, b) in by else 0.0 for n in names]
+    series = {f"{b} device": [by[(n, b)]["ratio"] if (n, b) in by else 1.0 for n in names]
               for b in BACKENDS if any(o["backend_file"] == b for o in objs)}
-    top = _bars(ax, names, series, "{:.2f}x")
+    ax.set_yscale("log", base=2)
+    low, high = _bars(ax, names, series, "{:.2f}x", base=1.0)
     ax.axhline(1.0, color="black", linewidth=1, label="as fast as the kernel")
     for x, n in enumerate(names):
         target = by.get((n, "raw"), {}).get("target")
@@ -234,20 +238,22 @@ def _ratio_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> N
             ax.annotate(f"{target:.1f}x", (left, target), xytext=(-2, 0),
                         textcoords="offset points", ha="right", va="center",
                         color="#c0392b", fontsize=8, fontweight="bold")
-            top = max(top, target)
+            high = max(high, target)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one legend entry for all the target segments
     # One row across the top, above the tallest bar, so it hides none.
     ax.legend(unique.values(), unique.keys(), loc="upper center", ncol=4, fontsize=8)
-    ax.set_ylim(0, top * 1.3 + 0.1)
-    ax.set_ylabel("ours / kernel (IOPS; above 1 = ours faster)")
+    ax.set_ylim(min(0.5, max(low, 1e-3) / 1.3), max(2.0, high) * 2.0)
+    ticks = [2.0 ** k for k in range(-10, 11) if ax.get_ylim()[0] <= 2.0 ** k <= ax.get_ylim()[1]]
+    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.set_ylabel("ours / kernel, IOPS (log scale; above 1 = ours faster)")
 
 
 def _ceiling_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> None:
     by = {o["workload"]: o for o in objs if "python_share_of_null_co" in o}
     series = {"ours": [by[n]["python_share_of_null_co"] if n in by else 0.0 for n in names],
               "kernel": [by[n]["kernel_share_of_null_co"] if n in by else 0.0 for n in names]}
-    top = _bars(ax, names, series, "{:.2f}")
+    top = _bars(ax, names, series, "{:.2f}")[1]
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_ylim(0, max(top, 1.0) * 1.3)
     ax.set_ylabel("raw image / null-co (IOPS)")

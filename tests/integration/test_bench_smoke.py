@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from virtio_user.host.bench import WORKLOADS
+from virtio_user.host.bench import REPO, WORKLOADS
 
 pytestmark = pytest.mark.qemu
 

@@ -174,6 +174,9 @@ class OursServer:
                 self.proc.signal()
 
     def _send(self, line: str) -> None:
+        if self.proc.status is not None:  # else opening the FIFO would block: no reader
+            raise HarnessError(f"the benchmark's guest process exited ({self.proc.status}):"
+                               f"\n{bytes(self.proc.stderr).decode(errors='replace')[-2000:]}")
         # printf through sh: the agent gives commands no stdin, so requests go by FIFO.
         r = self.vm.run(["sh", "-c", 'printf "%s\\n" "$1" > "$0"', GUEST_FIFO, line],
                         timeout=60)

@@ -28,6 +28,8 @@ from typing import Any, Callable
 def serve(fifo: str) -> None:
     from virtio_user.cli import main  # the import cost this process exists to pay once
 
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(fifo)  # left by an earlier server in this guest
     os.mkfifo(fifo)
     print(json.dumps({"ready": True}), flush=True)
     while True:

@@ -25,6 +25,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -355,8 +356,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+STARTED = time.monotonic()
+
+
 def say(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    # Seconds since start: shows where a slow run spends its time (boot, a stalled side).
+    print(f"bench: {time.monotonic() - STARTED:6.1f} {message}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> list[bench_report.Row]:
@@ -372,9 +377,11 @@ def run(args: argparse.Namespace) -> list[bench_report.Row]:
             f"rounds, {amount.describe()})")
         with GuestSession(disks, accel=args.accel, backend=args.backend, cwd=REPO,
                           qemu_args=null_co_args(args.image_mib)) as vm:
+            say(f"guest up ({vm.accel})")
             all_pairs = pairs()
             find_blockdevs(vm, all_pairs)
             server = None if stub else OursServer(vm, amount.timeout())
+            say("our driver's guest process ready")
             try:
                 runner = Runner(vm, args.backend, amount, server)
                 rows = run_all(runner, all_pairs, workloads, args.rounds, say)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RUN_IN_QEMU, make_image
+from images import RUN_IN_QEMU, make_image
 from virtio_user.host import Disk, GuestSession, GuestTimeout
 from virtio_user.host import accel
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image, qcow2_to_raw
+from images import make_image, qcow2_to_raw
 from virtio_user.host import CommandResult, Disk, GuestSession
 
 pytestmark = pytest.mark.qemu

@@ -1,5 +1,5 @@
 """Errors a vfio user meets, each exit 15 with a clear message (issue 4). The driver's
-functional tests run on vfio too, in test_blk.py; these are the vfio-only failures."""
+functional tests run on vfio too, in test_device.py; these are the vfio-only failures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image
+from images import make_image
 from virtio_user.host import CommandResult, Disk, GuestSession
 
 pytestmark = pytest.mark.qemu

@@ -1,15 +1,14 @@
-"""Shared fixtures: disk images and guest sessions for the integration tests.
+"""Disk images for the integration tests (a plain module: two conftest.py files would
+both be imported as ``conftest``, so nothing imports from one).
 
 A guest boots in about 8 s under TCG, so integration test modules share one
-``GuestSession`` per module (``vm`` fixtures) instead of booting one per test.
+``GuestSession`` per module (``vm``/``guest`` fixtures) instead of booting one per test.
 """
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_IN_QEMU = REPO / "scripts" / "run-in-qemu.sh"

@@ -47,7 +47,7 @@ def test_workload_names_and_the_kernel_command() -> None:
                      "randwrite-4k-qd1", "randwrite-4k-qd32", "read-1m-qd8", "write-1m-qd8"]
     argv = bench.fio_argv("/dev/vdb", bench.WORKLOADS[2], bench.Amount(runtime=5))
     for opt in ("--ioengine=io_uring", "--direct=1", "--rw=randread", "--bs=4096",
-                "--iodepth=32", "--runtime=5", "--time_based"):
+                "--iodepth=32", "--runtime=5000ms", "--time_based"):
         assert opt in argv
     assert "--io_size=4194304" in bench.fio_argv("/dev/vdb", bench.WORKLOADS[5],
                                                  bench.Amount(ios=4))

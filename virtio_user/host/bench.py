@@ -129,7 +129,8 @@ def fio_argv(dev: str, w: Workload, amount: Amount) -> list[str]:
             "--norandommap", "--randrepeat=0",
             "--percentile_list=50:99:99.9", "--output-format=json"]
     if amount.runtime:
-        return argv + [f"--runtime={amount.runtime:g}", "--time_based"]
+        # In milliseconds: fio takes no fractional seconds, our side does.
+        return argv + [f"--runtime={round(amount.runtime * 1000)}ms", "--time_based"]
     # io_size wraps around the device, so a count larger than the device still works.
     assert amount.ios is not None
     return argv + [f"--io_size={amount.ios * w.bs}"]

@@ -30,7 +30,19 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroo
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
+# The guest gets its own /tmp, but a checkout or venv living under the host's /tmp (a
+# fresh clone in CI, say) must stay visible: keep the host's /tmp aside and bind them back.
+mkdir -p /hosttmp
+mount --bind $R/tmp /hosttmp
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
+for keep in "$VU_REPO" "$VU_VENV"; do
+    case "$keep" in
+    /tmp/*)
+        mkdir -p "$R$keep"
+        mount --bind "/hosttmp/${keep#/tmp/}" "$R$keep" || die "cannot keep $keep visible"
+        ;;
+    esac
+done
 mount -t tmpfs tmpfs $R/run
 mkdir -p $R/dev/hugepages $R/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm

@@ -156,7 +156,7 @@ class Machine:
         cwd = str(self.config.cwd.resolve())
         venv = sys.prefix  # the guest runs this very interpreter and venv
         for what, path in (("current directory", cwd), ("virtual environment", venv),
-                           ("agent", str(AGENT))):
+                           ("checkout", str(assets.REPO))):
             if not set(path) <= SAFE_PATH:
                 raise BadOption(f"the {what} path {path!r} has characters the guest "
                                 "kernel command line cannot carry (spaces, quotes, ...)")
@@ -166,6 +166,7 @@ class Machine:
         # virtual IOMMU); KVM guests skip it for the same reason.
         parts = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4", "no_timer_check",
                  f"VU_CWD={cwd}", f"VU_VENV={venv}", f"VU_AGENT={AGENT}",
+                 f"VU_REPO={assets.REPO}",
                  f"VU_HUGEPAGES={self.config.hugepages()}"]
         if self.config.accel == "tcg":
             # TCG's TSC follows QEMU's virtual clock: monotonic and shared by all vCPUs,

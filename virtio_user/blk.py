@@ -59,6 +59,9 @@ class DmaBuffer:
         self._size_max = size_max or (1 << 32) - 1
         self._segs: dict[int, list[tuple[int, int]]] = {}
         self._chain: dict[tuple[int, bool], tuple[tuple[int, int, bool], ...]] = {}
+        # nbytes * 2 + device_writes -> the packed data descriptor of a framed chain
+        # (SplitQueue.framed_data), or None when the data takes more than one segment.
+        self._framed: dict[int, bytes | None] = {}
 
     def segments(self, nbytes: int) -> list[tuple[int, int]]:
         segs = self._segs.get(nbytes)
@@ -75,6 +78,14 @@ class DmaBuffer:
             segs = self._chain[key] = tuple((bus, n, writable)
                                             for bus, n in self.segments(nbytes))
         return segs
+
+    def framed(self, nbytes: int, writable: bool) -> bytes | None:
+        """The data descriptor for ``SplitQueue.add_framed``, cached (None: more than one
+        segment, use the plain chain)."""
+        segs = self.segments(nbytes)
+        desc = SplitQueue.framed_data(segs[0][0], nbytes, writable) if len(segs) == 1 else None
+        self._framed[nbytes * 2 + writable] = desc
+        return desc
 
 
 @dataclass(eq=False)
@@ -213,6 +224,8 @@ class VirtioBlk:
         self._hdr_off, self._status_off = hdrs.offset, stat.offset
         self._hdr_seg = [(region.bus(hdrs.offset + 16 * i), 16, False) for i in range(qsize)]
         self._status_seg = [(region.bus(stat.offset + i), 1, True) for i in range(qsize)]
+        if self.queue.indirect and self.queue.max_chain >= 3:
+            self.queue.frame(self._hdr_seg, self._status_seg)
 
     def _chunk_limit(self, pool: Sequence[DmaBuffer]) -> int:
         """The most bytes one request can carry from any pool buffer within seg_max
@@ -368,6 +381,43 @@ class VirtioBlk:
                             f"{q.num_free} free")
         # The loop is the hot path: names are bound to locals once per batch.
         mm, hdr_off, status_off = self._mm, self._hdr_off, self._status_off
+        pack = _HDR.pack_into
+        if q.framed:
+            # Fast path: one data segment (or none) between the head's fixed header and
+            # status entries; only the data descriptor, the header's type and sector and
+            # the status byte are written per request.
+            add_framed, device_writes = q.add_framed, _DEVICE_WRITES
+            rest = []
+            for req in requests:
+                nbytes, rtype = req.nbytes, req.type
+                if not nbytes:
+                    rest.append(req)
+                    continue
+                into = rtype in device_writes
+                buf = req.buffer
+                key = nbytes * 2 + into
+                try:
+                    data = buf._framed[key]  # type: ignore[union-attr]
+                except KeyError:
+                    data = buf.framed(nbytes, into)  # type: ignore[union-attr]
+                if data is None:
+                    rest.append(req)
+                    continue
+                head = add_framed(data, req, nbytes + 1 if into else 1)
+                pack(mm, hdr_off + 16 * head, rtype, 0, req.sector)
+                mm[status_off + head] = _UNSET
+                req.status = None
+                req.head = head
+            if rest:
+                self._add_chains(rest)
+        else:
+            self._add_chains(requests)
+        q.kick()
+
+    def _add_chains(self, requests: Sequence[Request]) -> None:
+        """Write each request as a chain of its own segments (header, data, status)."""
+        q = self.queue
+        mm, hdr_off, status_off = self._mm, self._hdr_off, self._status_off
         hdr_seg, status_seg, max_segs = self._hdr_seg, self._status_seg, self._data_segs
         next_head, add, pack = q.next_head, q.add, _HDR.pack_into
         for req in requests:
@@ -389,7 +439,6 @@ class VirtioBlk:
             req.status = None
             req.head = head
             add(segs, req, writable)
-        q.kick()
 
     def _nsegs(self, req: Request) -> int:
         return 2 + (len(req.buffer.segments(req.nbytes)) if req.buffer and req.nbytes else 0)

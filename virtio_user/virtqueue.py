@@ -82,6 +82,7 @@ def legacy_layout(size: int) -> QueueLayout:
 
 
 _fence_lock = threading.Lock()
+_fence_acquire, _fence_release = _fence_lock.acquire, _fence_lock.release
 
 
 def _full_barrier() -> None:
@@ -156,6 +157,12 @@ class SplitQueue(Generic[T]):
             self._table_bus = [region.bus(self._table_off + i * self._table_bytes)
                                for i in range(size)]
             self._table_segs: list[Sequence[tuple[int, int, bool]] | None] = [None] * size
+        # Framed tables (``frame``/``add_framed``): the data descriptor each head's table
+        # holds between its fixed first and last entries, None when the table is not framed.
+        self._framed: list[bytes | None] = [None] * size
+        self._frame_first: list[bytes] = []
+        self._frame_last: list[bytes] = []
+        self._frame_ring: list[bytes] = []
         self._structs: dict[int, struct.Struct] = {}
         # Driver-private bookkeeping (never read back from device memory).
         self._free = list(range(size - 1, -1, -1))
@@ -256,16 +263,76 @@ class SplitQueue(Generic[T]):
         _DESC.pack_into(self._mm, self._desc_off + 16 * head, self._table_bus[head],
                         16 * n, _INDIRECT, 0)
         self._table_segs[head] = segs
+        self._framed[head] = None
 
     def _add_direct(self, segs: Sequence[tuple[int, int, bool]]) -> int:
         n = len(segs)
         if n > len(self._free):
             raise QueueFull(f"{n} descriptors needed, {len(self._free)} free")
         ids = [self._free.pop() for _ in range(n)]
+        if self.indirect:  # these ring descriptors no longer point at the ids' tables
+            for i in ids:
+                self._table_segs[i] = None
+                self._framed[i] = None
         for i, flat in enumerate(zip(*[iter(self._flat(segs, ids[1:]))] * 4)):
             _DESC.pack_into(self._mm, self._desc_off + 16 * ids[i], *flat)
         self._chain[ids[0]] = ids
         return ids[0]
+
+    # -- framed chains: the fast path for one data segment ---------------------------
+    @property
+    def framed(self) -> bool:
+        return bool(self._frame_ring)
+
+    def frame(self, first: Sequence[tuple[int, int, bool]],
+              last: Sequence[tuple[int, int, bool]]) -> None:
+        """Give every descriptor id a fixed first and last segment (for virtio-blk: the
+        head's request header and status byte). ``add_framed`` then fills a 3-entry
+        indirect table of which only the middle (data) entry changes, and a table whose
+        data entry is already the one asked for is not written at all."""
+        if not self.indirect or self.max_chain < 3:
+            raise ValueError("framed chains need indirect tables of at least 3 entries")
+        if len(first) != self.size or len(last) != self.size:
+            raise ValueError(f"frame needs one first and one last segment per id ({self.size})")
+        self._frame_first = [_DESC.pack(bus, n, _NEXT | (_WRITE if w else 0), 1)
+                             for bus, n, w in first]
+        self._frame_last = [_DESC.pack(bus, n, _WRITE if w else 0, 0) for bus, n, w in last]
+        self._frame_ring = [_DESC.pack(bus, 48, _INDIRECT, 0) for bus in self._table_bus]
+        self._framed = [None] * self.size
+
+    @staticmethod
+    def framed_data(bus: int, length: int, writable: bool) -> bytes:
+        """The middle entry of a framed table, packed: callers build it once per buffer
+        and pass the same object to every ``add_framed``."""
+        return _DESC.pack(bus, length, _NEXT | (_WRITE if writable else 0), 2)
+
+    def add_framed(self, data: bytes, token: T, writable: int) -> int:
+        """``add`` for a framed chain: first segment, ``data`` (from ``framed_data``),
+        last segment. ``writable`` is the chain's device-writable bytes."""
+        free = self._free
+        if self.broken or not free or token is None:
+            self._check_usable()
+            if token is None:
+                raise ValueError("a chain needs a token")
+            raise QueueFull(f"all {self.size} descriptors are in use")
+        head = free.pop()
+        held = self._framed[head]
+        if held is not data:  # identity: the caller reuses one object per buffer
+            table = self._table_off + head * self._table_bytes
+            mm = self._mm
+            if held is None:  # not framed yet, or a plain add wrote another table
+                mm[table:table + 16] = self._frame_first[head]
+                mm[table + 32:table + 48] = self._frame_last[head]
+                off = self._desc_off + 16 * head
+                mm[off:off + 16] = self._frame_ring[head]
+                self._table_segs[head] = None
+            mm[table + 16:table + 32] = data
+            self._framed[head] = data
+        self._writable[head] = writable
+        self._token[head] = token
+        self._u16[self._avail_ring + (self._next_avail & self._mask)] = head
+        self._next_avail += 1
+        return head
 
     def kick(self) -> None:
         """Publish every chain added since the last kick, and notify if needed."""
@@ -291,7 +358,8 @@ class SplitQueue(Generic[T]):
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read
         # a stale avail_event/flags while the device, having re-enabled notifications,
         # reads our old idx: a lost kick.
-        _full_barrier()
+        _fence_acquire()  # _full_barrier(), inlined: one call less per kick
+        _fence_release()
         if self.event_idx:
             event = self._u16[self._avail_event]
             need = (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
@@ -319,17 +387,26 @@ class SplitQueue(Generic[T]):
                         f"with only {self.in_flight} requests in flight")
         out: list[tuple[T, int]] = []
         u32, ring, mask, last = self._u32, self._used_ring, self._mask, self._last_used
+        tokens, writable, chains, free = self._token, self._writable, self._chain, self._free
+        size = self.size
         for i in range(n):
             slot = ring + 2 * ((last + i) & mask)
             head, length = u32[slot], u32[slot + 1]
-            token = self._token[head] if head < self.size else None
+            token = tokens[head] if head < size else None
             if token is None:
-                why = "out of range" if head >= self.size else "not the head of a chain in flight"
-                self._fault(f"used id {head} is {why} (queue size {self.size})")
-            if length > self._writable[head]:
+                why = "out of range" if head >= size else "not the head of a chain in flight"
+                self._fault(f"used id {head} is {why} (queue size {size})")
+            if length > writable[head]:
                 self._fault(f"used len {length} for id {head} exceeds the chain's "
-                            f"{self._writable[head]} device-writable bytes")
-            self._release(head)
+                            f"{writable[head]} device-writable bytes")
+            # Release the chain (as _release, inlined: this loop runs per completion).
+            tokens[head] = None
+            chain = chains[head]
+            if chain is None:
+                free.append(head)
+            else:
+                chains[head] = None
+                free.extend(chain)
             out.append((token, length))  # type: ignore[arg-type]
         self._last_used = used
         self.in_flight -= n
@@ -350,10 +427,9 @@ class SplitQueue(Generic[T]):
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout
         after ``timeout`` seconds."""
-        done = self.reap()
-        if done or not self.in_flight:
-            return done
         u16, pos, last = self._u16, self._used_idx, self._last_used
+        if u16[pos] != last or not self.in_flight or self.broken:
+            return self.reap()  # something to reap already (or nothing to wait for)
         clock = time.monotonic
         deadline = 0.0
         spins = 0

@@ -169,3 +169,59 @@ def test_no_notify_flag_suppresses_kicks_without_event_idx() -> None:
     h.q.kick()
     assert h.kicks == 0 and h.q.avail_idx == 1
     assert int(h.q.avail["flags"]) == 1  # we poll: no interrupts, please
+
+
+def _table(h: Harness, head: int, n: int) -> list[tuple[int, int, int, int]]:
+    desc = h.q.desc[head]
+    assert int(desc["flags"]) == INDIRECT and int(desc["len"]) == 16 * n
+    table = np.ndarray((n,), h.q.desc.dtype, h.region.mm,
+                       h.region.offset_of(int(desc["addr"])))
+    return [(int(e["addr"]), int(e["len"]), int(e["flags"]), int(e["next"])) for e in table]
+
+
+def test_framed_chain_writes_fixed_entries_once_and_the_data_entry_when_it_changes() -> None:
+    h = Harness(size=4, indirect=True)
+    first = [(0x1000 + 16 * i, 16, False) for i in range(4)]
+    last = [(0x2000 + i, 1, True) for i in range(4)]
+    h.q.frame(first, last)
+    a = SplitQueue.framed_data(0x10000, 4096, True)
+    b = SplitQueue.framed_data(0x20000, 512, False)
+    head = h.q.add_framed(a, "a", 4097)
+    h.q.kick()
+    assert _table(h, head, 3) == [(0x1000 + 16 * head, 16, NEXT, 1),
+                                  (0x10000, 4096, NEXT | WRITE, 2),
+                                  (0x2000 + head, 1, WRITE, 0)]
+    assert h.avail_heads() == [head]
+    h.complete(head, 4097)
+    assert h.q.reap() == [("a", 4097)]
+    again = h.q.add_framed(b, "b", 1)  # same head (LIFO free list), other data
+    assert again == head
+    assert _table(h, head, 3)[1] == (0x20000, 512, NEXT, 2)
+    h.q.kick()
+    h.complete(head, 2)  # more than the 1 writable byte
+    with pytest.raises(DeviceError, match="exceeds"):
+        h.q.reap()
+
+
+def test_plain_add_after_framed_rewrites_the_table_and_back() -> None:
+    h = Harness(size=2, indirect=True)
+    h.q.frame([(0x1000, 16, False)] * 2, [(0x2000, 1, True)] * 2)
+    data = SplitQueue.framed_data(0x10000, 512, True)
+    for token in ("framed", "plain", "framed again", "direct", "framed last"):
+        if token == "plain":
+            head = h.q.add([(0x5000, 16, False), (0x6000, 1, True)], token)
+        elif token == "direct":
+            head = h.q.add([(0x7000, 8, True)], token)
+        else:
+            head = h.q.add_framed(data, token, 513)
+        h.q.kick()
+        if token == "plain":
+            assert _table(h, head, 2) == [(0x5000, 16, NEXT, 1), (0x6000, 1, WRITE, 0)]
+        elif token == "direct":
+            assert int(h.q.desc[head]["addr"]) == 0x7000
+        else:
+            assert _table(h, head, 3)[1:] == [(0x10000, 512, NEXT | WRITE, 2),
+                                              (0x2000, 1, WRITE, 0)]
+        assert h.avail_heads() == [head]
+        h.complete(head, 1)
+        assert h.q.reap() == [(token, 1)]

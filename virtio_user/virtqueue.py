@@ -160,6 +160,7 @@ class SplitQueue(Generic[T]):
         # Framed tables (``frame``/``add_framed``): the data descriptor each head's table
         # holds between its fixed first and last entries, None when the table is not framed.
         self._framed: list[bytes | None] = [None] * size
+        self.framed = False  # frame() was called: add_framed may be used
         self._frame_first: list[bytes] = []
         self._frame_last: list[bytes] = []
         self._frame_ring: list[bytes] = []
@@ -280,10 +281,6 @@ class SplitQueue(Generic[T]):
         return ids[0]
 
     # -- framed chains: the fast path for one data segment ---------------------------
-    @property
-    def framed(self) -> bool:
-        return bool(self._frame_ring)
-
     def frame(self, first: Sequence[tuple[int, int, bool]],
               last: Sequence[tuple[int, int, bool]]) -> None:
         """Give every descriptor id a fixed first and last segment (for virtio-blk: the
@@ -299,6 +296,7 @@ class SplitQueue(Generic[T]):
         self._frame_last = [_DESC.pack(bus, n, _WRITE if w else 0, 0) for bus, n, w in last]
         self._frame_ring = [_DESC.pack(bus, 48, _INDIRECT, 0) for bus in self._table_bus]
         self._framed = [None] * self.size
+        self.framed = True
 
     @staticmethod
     def framed_data(bus: int, length: int, writable: bool) -> bytes:

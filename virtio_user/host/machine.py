@@ -255,11 +255,16 @@ class Machine:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def guest_panicked(self) -> bool:
+    def panic_line(self) -> str | None:
+        """The guest's "Kernel panic - not syncing: ..." line, if it panicked."""
         try:
-            return "Kernel panic" in self.serial_log.read_text(errors="replace")
+            text = self.serial_log.read_text(errors="replace")
         except OSError:
-            return False
+            return None
+        for line in text.splitlines():
+            if "Kernel panic" in line:
+                return line.strip()
+        return None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

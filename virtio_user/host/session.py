@@ -216,8 +216,10 @@ class GuestSession:
 
     def _death_message(self) -> str:
         why = self.closed_reason or "QEMU exited"
-        if self.machine.guest_panicked():
-            why = "the guest kernel panicked"
+        panic = self.machine.panic_line()
+        if panic is not None:
+            # The backtrace after it is long: name the cause before the tail.
+            why = f"the guest kernel panicked: {panic}"
         elif not self.machine.alive() and self.machine.proc is not None:
             why = f"QEMU exited with status {self.machine.proc.returncode}"
         return (f"{why}\n--- last lines of the guest serial console ---\n"

@@ -144,7 +144,7 @@ def _check(req: Request) -> None:
 def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
     """Run the workload; returns the fio-like result."""
     if spec.writing:
-        dev._check_writable("bench")  # refuse before anything reaches the device
+        dev.check_writable("bench")  # refuse before anything reaches the device
     if spec.iodepth > dev.queue_size:
         raise InvalidArgument(f"bench: --iodepth {spec.iodepth} exceeds the queue size "
                               f"{dev.queue_size}")

@@ -343,7 +343,8 @@ class VirtioBlk:
             raise InvalidArgument(f"sectors {sector}..{sector + count - 1} are not aligned "
                                   f"to the {self.limits.block_size}-byte block size")
 
-    def _check_writable(self, what: str) -> None:
+    def check_writable(self, what: str) -> None:
+        """Refuse a modifying request to a read-only device before it is sent."""
         if self.read_only:
             raise ReadOnlyDevice(f"{self.bdf} is read-only (VIRTIO_BLK_F_RO): "
                                  f"refusing to {what}")
@@ -495,7 +496,7 @@ class VirtioBlk:
         if not len(view) or len(view) % SECTOR_SIZE:
             raise InvalidArgument(f"data of {len(view)} bytes is not a positive multiple "
                                   f"of {SECTOR_SIZE}")
-        self._check_writable("write")
+        self.check_writable("write")
         self._poll_config_change()
         self.check_range(sector, len(view) // SECTOR_SIZE)
         self._transfer(ReqType.VIRTIO_BLK_T_OUT, sector, len(view) // SECTOR_SIZE, view)
@@ -532,7 +533,7 @@ class VirtioBlk:
         """One request per piece of at most ``max_sectors`` (whole blocks), each carrying
         one struct virtio_blk_discard_write_zeroes."""
         self._check_open()
-        self._check_writable(what)
+        self.check_writable(what)
         self._require(feature)
         self._poll_config_change()
         self.check_range(sector, count)

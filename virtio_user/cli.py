@@ -221,7 +221,7 @@ def _prepare_write(args: argparse.Namespace) -> WritePlan:
 
 
 def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int:
-    dev._check_writable("write")
+    dev.check_writable("write")
     dev.check_range(plan.sector, plan.count)
     fill = bytes([plan.pattern]) * SECTOR_SIZE * min(PIECE_SECTORS, plan.count)
     done = 0

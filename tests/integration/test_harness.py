@@ -100,6 +100,19 @@ def test_run_in_qemu_streams_output_and_exit_status(tmp_path: Path) -> None:
     assert "err\n" in r.stderr
 
 
+def test_qemu_arg_passes_values_starting_with_a_dash(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "extra.raw", 4)
+    r = run_in_qemu(["--qemu-arg", "-blockdev",
+                     "--qemu-arg", f"driver=file,node-name=extra,filename={img}",
+                     "--qemu-arg", "-device",
+                     "--qemu-arg", "virtio-blk-pci,drive=extra,addr=0x18,serial=extra-disk",
+                     "--", "sh", "-c", "cd /sys/bus/pci/devices/0000:00:18.0 && "
+                                       "cat vendor device virtio*/block/*/serial"],
+                    tmp_path, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0x1af4", "0x1001", "extra-disk"]
+
+
 def test_accel_auto_falls_back_to_tcg_here(tmp_path: Path) -> None:
     start = time.monotonic()
     r = run_in_qemu(["--accel", "auto", "--", "true"], tmp_path, tmp_path)

@@ -22,11 +22,39 @@ EXIT_TIMEOUT = 124
 EXIT_HARNESS = 125
 DEMO = Path(__file__).resolve().parents[2] / "qemu" / "demo.sh"
 SCRATCH_MIB = 64
+# The harness's options that take a value (the command's own options come after it).
+VALUE_OPTIONS = ("--disk", "--accel", "--backend", "--memory", "--qemu-arg", "--timeout")
+
+
+def split_qemu_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take ``--qemu-arg X`` and ``--qemu-arg=X`` out of ``argv`` (up to the command):
+    their values may be anything, ``-device`` or ``--`` included, which argparse would
+    read as options. Returns (the other words, the QEMU arguments in order); the value
+    of every other harness option is joined to it (``--opt=VALUE``) for the same reason."""
+    rest: list[str] = []
+    qemu: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--" or not word.startswith("-"):
+            return rest + argv[i:], qemu  # the command starts here
+        if word.startswith("--qemu-arg="):
+            qemu.append(word.partition("=")[2])
+        elif word in VALUE_OPTIONS and i + 1 < len(argv):
+            if word == "--qemu-arg":
+                qemu.append(argv[i + 1])
+            else:
+                rest.append(f"{word}={argv[i + 1]}")
+            i += 1
+        else:
+            rest.append(word)  # argparse says what is wrong with it
+        i += 1
+    return rest, qemu
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="run-in-qemu.sh",
+        prog="run-in-qemu.sh", allow_abbrev=False,
         description="Boot a QEMU guest with legacy virtio-blk disks and run COMMAND in it "
                     "(default: the virtio-user demo).")
     p.add_argument("--disk", action="append", default=[], metavar="PATH",
@@ -36,11 +64,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backend", choices=("uio", "vfio"), default="uio")
     p.add_argument("--memory", type=int, default=1024, metavar="MIB")
     p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
-                   help="one more argument for QEMU's command line; repeatable")
+                   help="one more argument for QEMU's command line, even one starting "
+                        "with '-' (--qemu-arg -device --qemu-arg virtio-blk-pci,...); "
+                        "repeatable")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="bound on the whole run, boot included (default 600)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
-    args = p.parse_args(argv)
+    words, qemu_args = split_qemu_args(argv)
+    args = p.parse_args(words)
+    args.qemu_arg = qemu_args
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
     if args.timeout <= 0 or args.memory < 256:

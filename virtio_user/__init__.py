@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+DEFAULT_TIMEOUT = 5.0  # seconds one wait for the device may take (VirtioBlk, --timeout)
+
 __all__ = ["Request", "VirtioBlk"]
 
 

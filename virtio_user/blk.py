@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from . import DEFAULT_TIMEOUT
 from .errors import (BlkIOError, DeviceError, InvalidArgument, Interrupted, OutOfRange,
                      ReadOnlyDevice, Unsupported)
 from .memory import HUGEPAGE, Chunk, DmaAllocator, DmaRegion
@@ -37,7 +38,6 @@ from .virtqueue import QueueFull, SplitQueue
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 5.0
 MAX_DATA_SEGS = 14  # data descriptors per request; with header and status: 16 per table
 MAX_CHUNK = 1 << 20  # the most one request carries from the bounce pool
 POOL_BUFFERS = 4

@@ -1,12 +1,16 @@
-"""``virtio-user``: the command line (issue 3, item 10).
+"""``virtio-user``: the command line.
 
 Every argument is checked before the device is touched; errors print one line (a
 traceback only with ``--debug``) and exit with the code ``errors.exit_code`` gives:
 0 ok, 1 bad arguments, 3 I/O error, 5 unsupported, 7 read-only, 15 cannot open or use
 the device or a file, 22 out of capacity, 33 timeout, 99 other, 128+N on signal N.
 
-New subcommands (``bench``, issue 5) register in COMMANDS with an ``add`` function for
-their arguments and a ``run(dev, args)`` function.
+Subcommands register in COMMANDS: an ``add`` function for their arguments, a
+``prepare(args)`` that validates before the device opens, and ``run(dev, args, plan)``.
+Start-up matters (under TCG every import is slow): nothing that needs numpy (the driver,
+``spec``, ``bench``) is imported before a command needs it, and a subcommand's
+arguments are built only when it is the one chosen, so ``--help`` and a bad option
+answer without loading the driver.
 """
 
 from __future__ import annotations
@@ -19,19 +23,42 @@ import signal
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from . import bench
-from .blk import DEFAULT_TIMEOUT, VirtioBlk
+from . import DEFAULT_TIMEOUT
 from .errors import FileAccessError, Interrupted, InvalidArgument, VirtioError, exit_code
-from .spec import SECTOR_SIZE
+
+if TYPE_CHECKING:
+    from .bench import BenchSpec
+    from .blk import VirtioBlk
 
 PIECE_SECTORS = 8192  # the CLI moves 4 MiB at a time: bounded memory, progress, resumable
-Opener = Callable[[argparse.Namespace], VirtioBlk]
+Opener = Callable[[argparse.Namespace], "VirtioBlk"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but bad usage is exit code 1 with one line, like every other error."""
+    """argparse, but bad usage is exit code 1 with one line, like every other error.
+
+    A subcommand's parser gets its arguments from ``populate`` on first use (parsing, or
+    a caller that wants its options, such as the shell's completion)."""
+
+    def __init__(self, *args: Any,
+                 populate: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def populate(self) -> _Parser:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+        return self
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        self.populate()
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         command = self.prog.removeprefix("virtio-user").strip()
@@ -66,7 +93,7 @@ def _range_args(args: argparse.Namespace) -> tuple[int, int]:
 # -- subcommands ---------------------------------------------------------------------
 
 @dataclass
-class Command:
+class Subcommand:
     add: Callable[[argparse.ArgumentParser], None]
     prepare: Callable[[argparse.Namespace], Any]  # validates; runs before the device opens
     run: Callable[[VirtioBlk, argparse.Namespace, Any], int]
@@ -198,6 +225,7 @@ def _prepare_write(args: argparse.Namespace) -> WritePlan:
     if sector < 0:
         raise InvalidArgument(f"sector {sector} is negative")
     if args.input is not None:
+        from .spec import SECTOR_SIZE
         if args.count is not None:
             raise InvalidArgument("--count goes with --pattern, not with -i")
         try:
@@ -221,6 +249,7 @@ def _prepare_write(args: argparse.Namespace) -> WritePlan:
 
 
 def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int:
+    from .spec import SECTOR_SIZE
     dev.check_writable("write")
     dev.check_range(plan.sector, plan.count)
     fill = bytes([plan.pattern]) * SECTOR_SIZE * min(PIECE_SECTORS, plan.count)
@@ -271,22 +300,33 @@ def _run_write_zeroes(dev: VirtioBlk, args: argparse.Namespace, plan: tuple[int,
     return 0
 
 
-def _run_bench(dev: VirtioBlk, args: argparse.Namespace, spec: bench.BenchSpec) -> int:
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from . import bench
+    bench.add_args(p)
+
+
+def _prepare_bench(args: argparse.Namespace) -> BenchSpec:
+    from . import bench
+    return bench.prepare(args)
+
+
+def _run_bench(dev: VirtioBlk, args: argparse.Namespace, spec: BenchSpec) -> int:
+    from . import bench
     bench.print_result(bench.run(dev, spec), args.json)
     return 0
 
 
-COMMANDS: dict[str, Command] = {
-    "info": Command(_add_info, _no_prepare, _run_info, "show the device and its features"),
-    "read": Command(_add_read, _prepare_read, _run_read, "read sectors"),
-    "write": Command(_add_write, _prepare_write, _run_write, "write sectors"),
-    "flush": Command(lambda p: None, _no_prepare, _run_flush, "flush the write cache"),
-    "id": Command(lambda p: None, _no_prepare, _run_id, "print the device ID (GET_ID)"),
-    "discard": Command(_add_range, _prepare_range, _run_discard, "discard sectors"),
-    "write-zeroes": Command(_add_write_zeroes, _prepare_range, _run_write_zeroes,
-                            "zero sectors"),
-    "bench": Command(bench.add_args, bench.prepare, _run_bench,
-                     "measure IOPS, bandwidth and latency at a queue depth"),
+COMMANDS: dict[str, Subcommand] = {
+    "info": Subcommand(_add_info, _no_prepare, _run_info, "show the device and its features"),
+    "read": Subcommand(_add_read, _prepare_read, _run_read, "read sectors"),
+    "write": Subcommand(_add_write, _prepare_write, _run_write, "write sectors"),
+    "flush": Subcommand(lambda p: None, _no_prepare, _run_flush, "flush the write cache"),
+    "id": Subcommand(lambda p: None, _no_prepare, _run_id, "print the device ID (GET_ID)"),
+    "discard": Subcommand(_add_range, _prepare_range, _run_discard, "discard sectors"),
+    "write-zeroes": Subcommand(_add_write_zeroes, _prepare_range, _run_write_zeroes,
+                               "zero sectors"),
+    "bench": Subcommand(_add_bench, _prepare_bench, _run_bench,
+                        "measure IOPS, bandwidth and latency at a queue depth"),
 }
 
 
@@ -305,13 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, add_help=False, allow_abbrev=False)
+        p = sub.add_parser(name, help=cmd.help, add_help=False, allow_abbrev=False,
+                           populate=cmd.add)
         p.add_argument("--help", action="help", help="show this help")  # no -h: see fuzz
-        cmd.add(p)
     return parser
 
 
+
 def default_opener(args: argparse.Namespace) -> VirtioBlk:
+    from .blk import VirtioBlk
     return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
                           timeout=args.timeout)
 
@@ -350,19 +392,23 @@ def main(argv: Sequence[str] | None = None, opener: Opener | None = None) -> int
                     return cmd.run(dev, args, plan)
             except KeyboardInterrupt as exc:
                 raise Interrupted(signal.SIGINT) from exc
-    except VirtioError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"virtio-user: {exc}", file=sys.stderr)
-        return exit_code(exc)
     except BrokenPipeError:
         return 0
     except Exception as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"virtio-user: internal error: {exc!r} (run with --debug for details)",
-              file=sys.stderr)
-        return 99
+        return report_error(exc, debug)
+
+
+def report_error(exc: Exception, debug: bool) -> int:
+    """Print the one-line message for ``exc`` (with its traceback if ``debug``) and
+    return its exit code: the same words at the shell's prompt as on the command line."""
+    if debug:
+        traceback.print_exc()
+    if isinstance(exc, VirtioError):
+        print(f"virtio-user: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    print(f"virtio-user: internal error: {exc!r} (run with --debug for details)",
+          file=sys.stderr)
+    return 99
 
 
 if __name__ == "__main__":

@@ -107,6 +107,20 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1  # "The Virtqueue Available Ring"
 VIRTQ_USED_F_NO_NOTIFY = 1  # "The Virtqueue Used Ring"
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 
+# "Packed Virtqueues": the two descriptor flags that carry the wrap counters ("Driver and
+# Device Ring Wrap Counters"), and the event suppression flags ("Event Suppression
+# Structure Format").
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+
+
+class RingEventFlags(IntEnum):
+    """``flags`` of struct pvirtq_event_suppress."""
+
+    RING_EVENT_FLAGS_ENABLE = 0
+    RING_EVENT_FLAGS_DISABLE = 1
+    RING_EVENT_FLAGS_DESC = 2  # notify at the descriptor in off_wrap (needs EVENT_IDX)
+
 
 class IsrBit(IntFlag):
     """"ISR status capability" (legacy: register at offset 19, read clears it)."""

@@ -1,0 +1,473 @@
+"""The packed virtqueue: numpy dtypes, the layout function, PackedQueue.
+
+virtio 1.2, "Packed Virtqueues": one descriptor ring that both sides write (the driver
+makes descriptors available, the device overwrites them as used), a driver and a device
+event suppression structure, and one wrap counter per side ("Driver and Device Ring
+Wrap Counters"). A descriptor is available when its AVAIL bit equals the driver's wrap
+counter and its USED bit does not; used when both equal the device's. A chain occupies
+consecutive ring slots; the device writes one used descriptor per chain, carrying the
+chain's buffer ID, and skips the rest of the chain's slots.
+
+Trust boundary as in SplitQueue: the driver's bookkeeping (free buffer IDs, the slots
+each chain took, tokens, writable lengths) lives here in Python. From device-visible
+memory PackedQueue reads only the used descriptor at its used position (flags, then id
+and len) and the device event suppression structure, and validates each used
+descriptor before believing it.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Generic, Sequence, TypeVar
+
+import numpy as np
+
+from .errors import DeviceError, DeviceTimeout, DmaError
+from .memory import PAGE, DmaAllocator
+from .spec import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
+                   RingEventFlags)
+from .virtqueue import QueueFull, _fence_acquire, _fence_release
+
+assert sys.byteorder == "little", "the memoryview casts below assume a little-endian CPU"
+
+T = TypeVar("T")
+
+# struct pvirtq_desc: addr (le64) + len (le32) + id (le16) + flags (le16).
+PACKED_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"),
+                              ("flags", "<u2")])
+# struct pvirtq_event_suppress: desc (le16: offset in bits 0-14, wrap in bit 15) + flags.
+EVENT_SUPPRESS_DTYPE = np.dtype([("off_wrap", "<u2"), ("flags", "<u2")])
+_DESC = struct.Struct("<QIHH")
+_PREFIX = struct.Struct("<QIH")  # a descriptor without its flags, which are stored last
+_NEXT = int(DescFlag.VIRTQ_DESC_F_NEXT)
+_WRITE = int(DescFlag.VIRTQ_DESC_F_WRITE)
+_INDIRECT = int(DescFlag.VIRTQ_DESC_F_INDIRECT)
+_AVAIL, _USED = VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
+_BOTH = _AVAIL | _USED
+_DISABLE = int(RingEventFlags.RING_EVENT_FLAGS_DISABLE)
+_DESC_EVENT = int(RingEventFlags.RING_EVENT_FLAGS_DESC)
+_WRAP_BIT = 15  # of off_wrap
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Byte offsets of the three areas of a packed virtqueue of ``size`` descriptors,
+    allocated together: descriptor ring (16-byte aligned), driver event suppression
+    ("Driver Area"), device event suppression ("Device Area"), each 4-byte aligned."""
+
+    size: int
+    desc: int
+    driver: int
+    device: int
+    total: int  # bytes to allocate, a whole number of pages
+
+
+def packed_layout(size: int) -> PackedLayout:
+    """"Packed Virtqueues": any queue size from 1 to 32768 (not only powers of two)."""
+    if not 1 <= size <= MAX_QUEUE_SIZE:
+        raise ValueError(f"queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
+    desc = 0
+    driver = desc + PACKED_DESC_DTYPE.itemsize * size
+    device = driver + EVENT_SUPPRESS_DTYPE.itemsize
+    total = -(-(device + EVENT_SUPPRESS_DTYPE.itemsize) // PAGE) * PAGE
+    return PackedLayout(size, desc, driver, device, total)
+
+
+def _avail_bits(wrap: int) -> int:
+    """The wrap bits of a descriptor the driver makes available in a lap ``wrap``."""
+    return _AVAIL if wrap else _USED
+
+
+class PackedQueue(Generic[T]):
+    """A packed virtqueue with SplitQueue's interface: ``add`` writes a chain (indirect
+    when negotiated) and holds back its head's flags; ``kick`` stores those flags, the
+    batch's first head last, so the device sees the whole batch at once, and notifies
+    unless the device's event suppression says not to; ``reap`` collects and validates
+    completions in ring order (in any buffer order); ``wait`` polls with a deadline.
+    A violation or a timeout runs ``on_fault`` (a device reset) and breaks the queue."""
+
+    def __init__(self, alloc: DmaAllocator, size: int, notify: Callable[[], None], *,
+                 indirect: bool, event_idx: bool, on_fault: Callable[[], None],
+                 max_chain: int = 16, name: str = "queue 0") -> None:
+        self.layout = lay = packed_layout(size)
+        self.size = size
+        self.name = name
+        self._notify = notify
+        self._on_fault = on_fault
+        self.indirect = indirect
+        self.event_idx = event_idx
+        self.max_chain = max_chain if indirect else size
+        region = alloc.region
+        self.ring = alloc.alloc(lay.total, PAGE)
+        if not self.ring.is_contiguous():
+            raise DmaError(f"queue memory ({lay.total} bytes) is not physically contiguous")
+        self.desc_bus = self.ring.bus + lay.desc
+        self.driver_bus = self.ring.bus + lay.driver
+        self.device_bus = self.ring.bus + lay.device
+        mm, base = region.mm, self.ring.offset
+        mm[base:base + lay.total] = bytes(lay.total)  # never hand stale rings to a device
+        self._mm = mm
+        self._desc_off = base + lay.desc
+        # numpy views by field name, for inspection and tests ...
+        self.desc = np.ndarray((size,), PACKED_DESC_DTYPE, mm, base + lay.desc)
+        self.driver_event = np.ndarray((), EVENT_SUPPRESS_DTYPE, mm, base + lay.driver)
+        self.device_event = np.ndarray((), EVENT_SUPPRESS_DTYPE, mm, base + lay.device)
+        # ... and memoryview casts for the hot path (a numpy scalar access costs several
+        # times a plain index). Slot i: id at u16 8i+6, flags at u16 8i+7, len at u32 4i+2.
+        self._u16 = memoryview(mm)[base:base + lay.total].cast("H")
+        self._u32 = memoryview(mm)[base:base + lay.total].cast("I")
+        self._device_off_wrap = lay.device // 2
+        self._device_flags = lay.device // 2 + 1
+        # We poll: no used buffer notifications ("Driver Requirements: Event Suppression").
+        self._u16[lay.driver // 2 + 1] = _DISABLE
+        if indirect:
+            self._table_bytes = 1 << (PACKED_DESC_DTYPE.itemsize * max_chain - 1).bit_length()
+            if self._table_bytes > PAGE:
+                raise ValueError(f"indirect tables of {max_chain} entries exceed a page")
+            # Aligned to its own power-of-two size, no table straddles a page boundary.
+            self.tables = alloc.alloc(size * self._table_bytes, self._table_bytes)
+            self._table_off = self.tables.offset
+            self._table_bus = [region.bus(self._table_off + i * self._table_bytes)
+                               for i in range(size)]
+            self._table_segs: list[Sequence[tuple[int, int, bool]] | None] = [None] * size
+        # Framed tables (``frame``/``add_framed``), per buffer ID as SplitQueue's per head.
+        self._framed: list[bytes | None] = [None] * size
+        self.framed = False
+        self._frame_first: list[bytes] = []
+        self._frame_last: list[bytes] = []
+        self._frame_ring: list[bytes] = []  # addr, len, id of the ring descriptor
+        self._structs: dict[int, struct.Struct] = {}
+        # Driver-private bookkeeping (never read back from device memory).
+        self._free = list(range(size - 1, -1, -1))  # buffer IDs
+        self._free_slots = size  # ring descriptors not held by a chain
+        self._token: list[T | None] = [None] * size
+        self._writable = [0] * size
+        self._nslots = [0] * size  # ring descriptors each buffer ID's chain took
+        self._avail_pos = 0  # next ring slot to fill
+        self._avail_wrap = 1  # "Driver Ring Wrap Counter", starts at 1
+        self._avail_flags = _avail_bits(1)
+        self._used_pos = 0  # where the device writes the next used descriptor
+        self._used_wrap = 1  # "Device Ring Wrap Counter" as the driver tracks it
+        self._held: list[int] = []  # u16 index, flags: heads added and not yet published
+        self._added_slots = 0  # ring slots covered by the held heads
+        self.in_flight = 0  # published and not yet reaped
+        self.completed = 0
+        self.kicks = 0
+        self.broken: str | None = None
+
+    # -- state --------------------------------------------------------------------
+    @property
+    def outstanding(self) -> int:
+        """Chains added and not yet reaped, published or not."""
+        return self.in_flight + len(self._held) // 2
+
+    @property
+    def num_free(self) -> int:
+        """Free ring descriptors (a buffer ID is free whenever a descriptor is)."""
+        return self._free_slots
+
+    @property
+    def avail_wrap(self) -> int:
+        return self._avail_wrap
+
+    @property
+    def used_wrap(self) -> int:
+        return self._used_wrap
+
+    def next_head(self) -> int:
+        """The buffer ID the next ``add`` will return (callers keep per-request state,
+        such as the request header, at that index)."""
+        if self.broken or not self._free_slots:
+            self._check_usable()
+            raise QueueFull(f"all {self.size} descriptors are in use")
+        return self._free[-1]
+
+    def descriptors_needed(self, nsegs: int) -> int:
+        return 1 if self.indirect and nsegs > 1 else nsegs
+
+    # -- submit -------------------------------------------------------------------
+    def add(self, segs: Sequence[tuple[int, int, bool]], token: T,
+            writable: int | None = None) -> int:
+        """Write a chain of (bus, length, device_writable) segments, hold its head's
+        flags for the next ``kick`` and return its buffer ID."""
+        if self.broken:
+            self._check_usable()
+        n = len(segs)
+        if n == 0 or token is None:
+            raise ValueError("a chain needs at least one segment and a token")
+        if self.indirect and n > 1:
+            if n > self.max_chain:
+                raise ValueError(f"{n} segments exceed the indirect table of {self.max_chain}")
+            if not self._free_slots:
+                raise QueueFull(f"all {self.size} descriptors are in use")
+            bid = self._free.pop()
+            if self._table_segs[bid] != segs:
+                self._write_table(bid, segs)
+            self._put_head(_PREFIX.pack(self._table_bus[bid], 16 * n, bid), _INDIRECT)
+            self._nslots[bid] = 1
+        else:
+            if n > self._free_slots:
+                raise QueueFull(f"{n} descriptors needed, {self._free_slots} free")
+            bid = self._free.pop()
+            self._add_direct(bid, segs)
+        self._writable[bid] = (sum(length for _, length, w in segs if w)
+                               if writable is None else writable)
+        self._token[bid] = token
+        return bid
+
+    def _put_head(self, prefix: bytes, flags: int) -> None:
+        """Store a one-descriptor chain's addr, len and id at the avail position and
+        hold its flags back for ``kick``."""
+        pos = self._avail_pos
+        off = self._desc_off + 16 * pos
+        self._mm[off:off + 14] = prefix
+        self._held += (8 * pos + 7, flags | self._avail_flags)
+        self._added_slots += 1
+        self._free_slots -= 1
+        pos += 1
+        if pos == self.size:
+            pos = 0
+            self._avail_wrap ^= 1
+            self._avail_flags ^= _BOTH
+        self._avail_pos = pos
+
+    def _add_direct(self, bid: int, segs: Sequence[tuple[int, int, bool]]) -> None:
+        """Consecutive ring descriptors, NEXT on all but the last, the buffer ID in
+        each; every flags word but the head's is stored now."""
+        if self.indirect:  # a plain add: the ID's table no longer matches what it held
+            self._table_segs[bid] = None
+            self._framed[bid] = None
+        last = len(segs) - 1
+        pos, wrap_flags, size = self._avail_pos, self._avail_flags, self.size
+        mm, base = self._mm, self._desc_off
+        for i, (addr, length, w) in enumerate(segs):
+            flags = (_WRITE if w else 0) | (_NEXT if i < last else 0) | wrap_flags
+            if i == 0:
+                head_index, head_flags = 8 * pos + 7, flags
+                _PREFIX.pack_into(mm, base + 16 * pos, addr, length, bid)
+            else:
+                _DESC.pack_into(mm, base + 16 * pos, addr, length, bid, flags)
+            pos += 1
+            if pos == size:
+                pos = 0
+                self._avail_wrap ^= 1
+                wrap_flags ^= _BOTH
+        self._avail_pos, self._avail_flags = pos, wrap_flags
+        self._held += (head_index, head_flags)
+        self._added_slots += len(segs)
+        self._free_slots -= len(segs)
+        self._nslots[bid] = len(segs)
+
+    def _packer(self, n: int) -> struct.Struct:
+        s = self._structs.get(n)
+        if s is None:
+            s = self._structs[n] = struct.Struct("<" + "QIHH" * n)
+        return s
+
+    def _write_table(self, bid: int, segs: Sequence[tuple[int, int, bool]]) -> None:
+        """Fill the buffer ID's indirect table. "Indirect Flag: Scatter-Gather Support":
+        in a table only VIRTQ_DESC_F_WRITE counts; entries follow each other, no NEXT."""
+        flat: list[int] = []
+        for addr, length, w in segs:
+            flat += (addr, length, 0, _WRITE if w else 0)
+        self._packer(len(segs)).pack_into(
+            self._mm, self._table_off + bid * self._table_bytes, *flat)
+        self._table_segs[bid] = segs
+        self._framed[bid] = None
+
+    # -- framed chains: the fast path for one data segment ---------------------------
+    def frame(self, first: Sequence[tuple[int, int, bool]],
+              last: Sequence[tuple[int, int, bool]]) -> None:
+        """Give every buffer ID a fixed first and last segment (as SplitQueue.frame):
+        ``add_framed`` then needs only the middle entry of a 3-entry table."""
+        if not self.indirect or self.max_chain < 3:
+            raise ValueError("framed chains need indirect tables of at least 3 entries")
+        if len(first) != self.size or len(last) != self.size:
+            raise ValueError(f"frame needs one first and one last segment per id ({self.size})")
+        self._frame_first = [_DESC.pack(bus, n, 0, _WRITE if w else 0) for bus, n, w in first]
+        self._frame_last = [_DESC.pack(bus, n, 0, _WRITE if w else 0) for bus, n, w in last]
+        self._frame_ring = [_PREFIX.pack(bus, 48, bid) for bid, bus in enumerate(self._table_bus)]
+        self._framed = [None] * self.size
+        self.framed = True
+
+    @staticmethod
+    def framed_data(bus: int, length: int, writable: bool) -> bytes:
+        """The middle entry of a framed table, packed once per buffer by the caller."""
+        return _DESC.pack(bus, length, 0, _WRITE if writable else 0)
+
+    def add_framed(self, data: bytes, token: T, writable: int) -> int:
+        """``add`` for a framed chain: first segment, ``data`` (from ``framed_data``),
+        last segment. ``writable`` is the chain's device-writable bytes."""
+        if self.broken or not self._free_slots or token is None:
+            self._check_usable()
+            if token is None:
+                raise ValueError("a chain needs a token")
+            raise QueueFull(f"all {self.size} descriptors are in use")
+        bid = self._free.pop()
+        mm = self._mm
+        if self._framed[bid] is not data:  # identity: the caller reuses one object per buffer
+            table = self._table_off + bid * self._table_bytes
+            if self._framed[bid] is None:  # not framed yet, or a plain add wrote the table
+                mm[table:table + 16] = self._frame_first[bid]
+                mm[table + 32:table + 48] = self._frame_last[bid]
+                self._table_segs[bid] = None
+            mm[table + 16:table + 32] = data
+            self._framed[bid] = data
+        # _put_head, inlined: this runs per request.
+        pos = self._avail_pos
+        off = self._desc_off + 16 * pos
+        mm[off:off + 14] = self._frame_ring[bid]
+        self._held += (8 * pos + 7, _INDIRECT | self._avail_flags)
+        self._added_slots += 1
+        self._free_slots -= 1
+        self._nslots[bid] = 1
+        pos += 1
+        if pos == self.size:
+            pos = 0
+            self._avail_wrap ^= 1
+            self._avail_flags ^= _BOTH
+        self._avail_pos = pos
+        self._writable[bid] = writable
+        self._token[bid] = token
+        return bid
+
+    def kick(self) -> None:
+        """Publish every chain added since the last kick, and notify if needed."""
+        if self.broken:
+            self._check_usable()
+        held = self._held
+        if not held:
+            return
+        u16 = self._u16
+        # Write ordering: each chain's other descriptors, and its head's addr/len/id,
+        # were stored before its head's flags. x86 is TSO (stores become visible in
+        # program order); a weaker CPU would need a write barrier here. Heads go last
+        # to first: the device, which looks at the first, then sees the whole batch.
+        for i in range(len(held) - 2, -1, -2):
+            u16[held[i]] = held[i + 1]
+        self.in_flight += len(held) // 2
+        self._held = []
+        added, self._added_slots = self._added_slots, 0
+        # Store-load ordering is NOT kept by TSO: without a full barrier we could read a
+        # stale event suppression structure while the device, having just re-enabled
+        # notifications, reads our old flags: a lost kick.
+        _fence_acquire()
+        _fence_release()
+        flags = u16[self._device_flags] & 3
+        if flags == _DISABLE:
+            return
+        if flags == _DESC_EVENT and self.event_idx and not self._need_event(added):
+            return
+        self._notify()  # a register write into the device: also a full barrier
+        self.kicks += 1
+
+    def _need_event(self, added: int) -> bool:
+        """"Driver notifications" with RING_EVENT_FLAGS_DESC: notify when the descriptor
+        at off_wrap is among the ``added`` slots just published (Linux's
+        virtqueue_kick_prepare_packed, in free-running 16-bit arithmetic)."""
+        off_wrap = self._u16[self._device_off_wrap]
+        event = off_wrap & 0x7FFF
+        if off_wrap >> _WRAP_BIT != self._avail_wrap:
+            event -= self.size
+        new = self._avail_pos
+        old = new - added
+        return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+    # -- complete -----------------------------------------------------------------
+    def reap(self) -> list[tuple[T, int]]:
+        """Every completion the device has published, as (token, used length), each
+        checked: wrap bits, buffer ID in flight, length within the chain's writable
+        bytes. The flags are read before id and len; x86 does not reorder loads."""
+        if self.broken:
+            self._check_usable()
+        left = self.in_flight
+        if not left:
+            return []
+        u16, u32, tokens, writable = self._u16, self._u32, self._token, self._writable
+        nslots, free, size = self._nslots, self._free, self.size
+        pos, wrap = self._used_pos, self._used_wrap
+        used_bits = _BOTH if wrap else 0
+        out: list[tuple[T, int]] = []
+        while left:
+            bits = u16[8 * pos + 7] & _BOTH
+            if bits != used_bits:
+                if bits == _avail_bits(wrap):
+                    break  # still available: not used yet
+                self._fault(f"{self.name}: used descriptor at slot {pos} has wrap bits "
+                            f"{bits:#06x}, expected {used_bits:#06x} (used wrap counter "
+                            f"{wrap})")
+            bid, length = u16[8 * pos + 6], u32[4 * pos + 2]
+            token = tokens[bid] if bid < size else None
+            if token is None:
+                why = "out of range" if bid >= size else "not in flight"
+                self._fault(f"{self.name}: used buffer ID {bid} at slot {pos} is {why} "
+                            f"(queue size {size})")
+            if length > writable[bid]:
+                self._fault(f"{self.name}: used len {length} for buffer ID {bid} exceeds "
+                            f"the chain's {writable[bid]} device-writable bytes")
+            tokens[bid] = None
+            free.append(bid)
+            n = nslots[bid]
+            self._free_slots += n
+            pos += n
+            if pos >= size:
+                pos -= size
+                wrap ^= 1
+                used_bits ^= _BOTH
+            out.append((token, length))  # type: ignore[arg-type]
+            left -= 1
+        self._used_pos, self._used_wrap = pos, wrap
+        self.in_flight = left
+        self.completed += len(out)
+        return out
+
+    def wait(self, timeout: float) -> list[tuple[T, int]]:
+        """Poll until at least one completion (or nothing is in flight); DeviceTimeout
+        after ``timeout`` seconds."""
+        if not self.in_flight or self.broken:
+            return self.reap()
+        u16, index = self._u16, 8 * self._used_pos + 7
+        pending = _avail_bits(self._used_wrap)
+        if u16[index] & _BOTH != pending:
+            return self.reap()
+        clock = time.monotonic
+        deadline = 0.0
+        spins = 0
+        while u16[index] & _BOTH == pending:
+            # The clock only every 1024 spins (see SplitQueue.wait: clock reads trap
+            # into QEMU under TCG).
+            spins += 1
+            if spins & 0x3FF:
+                continue
+            if not deadline:
+                deadline = clock() + timeout
+            elif clock() > deadline:
+                pending_tokens = [t for t in self._token if t is not None]
+                more = (f" (and {len(pending_tokens) - 1} more in flight)"
+                        if len(pending_tokens) > 1 else "")
+                self._fault(f"{self.name}: no completion within {timeout:g} s for "
+                            f"{pending_tokens[0]}{more}", DeviceTimeout)
+        return self.reap()
+
+    # -- failure ------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise DeviceError(f"the queue is unusable after: {self.broken}")
+
+    def _fault(self, message: str, cls: type[DeviceError] = DeviceError) -> None:
+        """Reset the device, then raise: no data from a misbehaving device is used."""
+        self.broken = message
+        try:
+            self._on_fault()
+        finally:
+            raise cls(f"{message}; the device has been reset")
+
+    def detach(self) -> None:
+        """Drop the views on DMA memory (after the device reset) so it can be unmapped."""
+        self._u16.release()
+        self._u32.release()
+        del self.desc, self.driver_event, self.device_event
+        self.broken = self.broken or "closed"

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .errors import DeviceError, DeviceTimeout, DmaError, VirtioError
 from .memory import PAGE, DmaAllocator
 from .spec import (LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE,
                    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, DescFlag)
+
+if TYPE_CHECKING:
+    from .interrupts import Waiter
 
 assert sys.byteorder == "little", "the memoryview casts below assume a little-endian CPU"
 
@@ -177,6 +180,7 @@ class SplitQueue(Generic[T]):
         self.completed = 0
         self.kicks = 0
         self.broken: str | None = None
+        self.waiter: Waiter | None = None  # None: poll; else sleep when spins run out
 
     # -- state --------------------------------------------------------------------
     @property
@@ -431,6 +435,8 @@ class SplitQueue(Generic[T]):
         clock = time.monotonic
         deadline = 0.0
         spins = 0
+        if self.waiter is not None:
+            return self._sleep_wait(self.waiter, timeout)
         while u16[pos] == last:
             # Look at the clock only every 1024 spins (the deadline starts at the first
             # look): in a TCG guest the clocksource is HPET, and each read traps into
@@ -441,11 +447,53 @@ class SplitQueue(Generic[T]):
             if not deadline:
                 deadline = clock() + timeout
             elif clock() > deadline:
-                pending = [t for t in self._token if t is not None]
-                more = f" (and {len(pending) - 1} more in flight)" if len(pending) > 1 else ""
-                self._fault(f"no completion within {timeout:g} s for {pending[0]}{more}",
-                            DeviceTimeout)
+                self._timed_out(timeout)
         return self.reap()
+
+    def _sleep_wait(self, waiter: Waiter, timeout: float) -> list[tuple[T, int]]:
+        """``wait`` with a waiter: look ``waiter.spins`` times, then sleep until the
+        device interrupts (the waiter arms, re-checks and disarms)."""
+        u16, pos, last = self._u16, self._used_idx, self._last_used
+        for _ in range(waiter.spins):
+            if u16[pos] != last:
+                return self.reap()
+        if not waiter.sleep(self, time.monotonic() + timeout):
+            self._timed_out(timeout)
+        return self.reap()
+
+    def _timed_out(self, timeout: float) -> None:
+        pending = [t for t in self._token if t is not None]
+        more = f" (and {len(pending) - 1} more in flight)" if len(pending) > 1 else ""
+        self._fault(f"no completion within {timeout:g} s for {pending[0]}{more}",
+                    DeviceTimeout)
+
+    # -- used buffer notifications (for a Waiter) ---------------------------------------
+    def has_used(self) -> bool:
+        return self._u16[self._used_idx] != self._last_used
+
+    def arm_interrupts(self) -> bool:
+        """Ask the device to interrupt for the next used buffer, then look again: True
+        if one is already there. "Driver Requirements: Used Buffer Notification
+        Suppression": without EVENT_IDX clear VIRTQ_AVAIL_F_NO_INTERRUPT, with it set
+        used_event to the used index we wait past. The barrier orders that store before
+        the re-read of used.idx: a device that published just before seeing our request
+        is caught by the re-read, one that publishes after it sees the request."""
+        u16 = self._u16
+        if self.event_idx:
+            u16[self._used_event] = self._last_used
+        else:
+            u16[self._avail_flags] = 0
+        _full_barrier()
+        return u16[self._used_idx] != self._last_used
+
+    def disarm_interrupts(self) -> None:
+        """Back to polling: no interrupts (with EVENT_IDX, only after a full wrap)."""
+        if not hasattr(self, "desc"):
+            return  # detached: the ring memory is gone
+        if self.event_idx:
+            self._u16[self._used_event] = (self._last_used - 1) & 0xFFFF
+        else:
+            self._u16[self._avail_flags] = VIRTQ_AVAIL_F_NO_INTERRUPT
 
     # -- failure ------------------------------------------------------------------
     def _check_usable(self) -> None:

@@ -82,6 +82,11 @@ class PciBackend:
                              f"(lock {path})") from None
         return fd
 
+    def refresh_msix(self) -> bool:
+        """Look again whether MSI-X is on (after vectors were set up or torn down)."""
+        self.msix_enabled = self._msix_enabled()
+        return self.msix_enabled
+
     def _msix_enabled(self) -> bool:
         """Whether MSI-X is on (then the legacy device config moves from 20 to 24)."""
         if not self.config.read_at(_PCI_STATUS, 2) & _STATUS_CAP_LIST:

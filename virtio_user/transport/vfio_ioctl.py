@@ -31,6 +31,8 @@ VFIO_GROUP_SET_CONTAINER = _io(4)
 VFIO_GROUP_UNSET_CONTAINER = _io(5)
 VFIO_GROUP_GET_DEVICE_FD = _io(6)
 VFIO_DEVICE_GET_REGION_INFO = _io(8)
+VFIO_DEVICE_GET_IRQ_INFO = _io(9)
+VFIO_DEVICE_SET_IRQS = _io(10)
 VFIO_DEVICE_RESET = _io(11)
 VFIO_IOMMU_MAP_DMA = _io(13)
 VFIO_IOMMU_UNMAP_DMA = _io(14)
@@ -44,6 +46,13 @@ VFIO_PCI_BAR0_REGION_INDEX = 0
 VFIO_PCI_CONFIG_REGION_INDEX = 7
 VFIO_REGION_INFO_FLAG_READ = 1 << 0
 VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
+VFIO_PCI_INTX_IRQ_INDEX = 0
+VFIO_PCI_MSIX_IRQ_INDEX = 2
+VFIO_IRQ_INFO_EVENTFD = 1 << 0
+VFIO_IRQ_SET_DATA_NONE = 1 << 0
+VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
+VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
 
 
 class vfio_group_status(ctypes.Structure):
@@ -65,6 +74,18 @@ class vfio_iommu_type1_dma_map(ctypes.Structure):
 class vfio_iommu_type1_dma_unmap(ctypes.Structure):
     _fields_ = [("argsz", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("iova", ctypes.c_uint64), ("size", ctypes.c_uint64)]
+
+
+class vfio_irq_info(ctypes.Structure):
+    _fields_ = [("argsz", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("index", ctypes.c_uint32), ("count", ctypes.c_uint32)]
+
+
+class vfio_irq_set(ctypes.Structure):
+    """The fixed part; ``data`` (here: one int32 eventfd per vector) follows it."""
+    _fields_ = [("argsz", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("index", ctypes.c_uint32), ("start", ctypes.c_uint32),
+                ("count", ctypes.c_uint32)]
 
 
 IoctlArg = ctypes.Structure | ctypes.Array[ctypes.c_char] | ctypes.c_int | int
@@ -125,3 +146,36 @@ def unmap_dma(container: int, iova: int, size: int) -> None:
     u = vfio_iommu_type1_dma_unmap(argsz=ctypes.sizeof(vfio_iommu_type1_dma_unmap),
                                    iova=iova, size=size)
     _ioctl(container, VFIO_IOMMU_UNMAP_DMA, u)
+
+
+def irq_info(device: int, index: int) -> vfio_irq_info:
+    """How many vectors of kind ``index`` (INTx, MSI-X) the device has (count 0: none)."""
+    info = vfio_irq_info(argsz=ctypes.sizeof(vfio_irq_info), index=index)
+    _ioctl(device, VFIO_DEVICE_GET_IRQ_INFO, info)
+    return info
+
+
+def set_irq_eventfds(device: int, index: int, fds: list[int]) -> None:
+    """Signal vector i of kind ``index`` on eventfd ``fds[i]``; an empty list tears
+    every vector of that kind down (DATA_NONE with count 0)."""
+    head = ctypes.sizeof(vfio_irq_set)
+    buf = ctypes.create_string_buffer(head + 4 * len(fds))
+    flags = VFIO_IRQ_SET_ACTION_TRIGGER | (VFIO_IRQ_SET_DATA_EVENTFD if fds
+                                           else VFIO_IRQ_SET_DATA_NONE)
+    hdr = vfio_irq_set.from_buffer(buf)
+    hdr.argsz, hdr.flags, hdr.index, hdr.start, hdr.count = (
+        len(buf), flags, index, 0, len(fds))
+    data = (ctypes.c_int32 * len(fds)).from_buffer(buf, head)
+    for i, fd in enumerate(fds):
+        data[i] = fd
+    del data
+    del hdr
+    _ioctl(device, VFIO_DEVICE_SET_IRQS, buf)
+
+
+def unmask_intx(device: int) -> None:
+    """vfio-pci masks INTx when it fires (level-triggered); unmask for the next one."""
+    s = vfio_irq_set(argsz=ctypes.sizeof(vfio_irq_set),
+                     flags=VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
+                     index=VFIO_PCI_INTX_IRQ_INDEX, start=0, count=1)
+    _ioctl(device, VFIO_DEVICE_SET_IRQS, s)

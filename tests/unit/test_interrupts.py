@@ -1,0 +1,274 @@
+"""The waiter (interrupt and hybrid modes) against a split queue and a device side that
+interrupts only when the ring asks for it, as the spec's suppression rules say: the
+re-check after arming that prevents a lost wake-up, spurious and shared interrupts,
+configuration-change interrupts, timeouts and the vfio SET_IRQS encoding."""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+from typing import Any
+
+import pytest
+
+from virtio_user import interrupts
+from virtio_user.errors import DeviceTimeout
+from virtio_user.interrupts import UioIntx, Waiter
+from virtio_user.memory import DmaAllocator, DmaRegion
+from virtio_user.spec import VIRTQ_AVAIL_F_NO_INTERRUPT, IsrBit
+from virtio_user.transport import vfio_ioctl
+from virtio_user.virtqueue import SplitQueue
+
+SEG = [(0x1000, 16, False), (0x3000, 1, True)]
+
+
+class Device:
+    """The device side of one split queue: completes what it is told to and decides,
+    like QEMU's virtio_should_notify, whether that would raise an interrupt."""
+
+    def __init__(self, q: SplitQueue[Any]) -> None:
+        self.q = q
+        self.seen = 0  # avail entries taken
+        self.pending: list[int] = []
+        self.interrupts = 0
+        self.armed_at_sleep: list[int] = []  # flags or used_event when the driver slept
+
+    def take(self) -> None:
+        idx = int(self.q.avail["idx"])
+        while self.seen != idx:
+            self.pending.append(int(self.q.avail["ring"][self.seen % self.q.size]))
+            self.seen = (self.seen + 1) & 0xFFFF
+
+    def complete_all(self) -> bool:
+        """Publish every pending completion; True if the driver asked to be interrupted."""
+        self.take()
+        used = self.q.used
+        old = int(used["idx"])
+        for head in self.pending:
+            used["ring"][int(used["idx"]) % self.q.size] = (head, 1)
+            used["idx"] = (int(used["idx"]) + 1) & 0xFFFF
+        self.pending = []
+        new = int(used["idx"])
+        if new == old:
+            return False
+        if self.q.event_idx:  # vring_need_event
+            event = int(self.q.avail["used_event"])
+            return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        return not int(self.q.avail["flags"]) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+
+class Source:
+    """An IrqSource driven by a script of what happens during each sleep."""
+
+    kind = "fake"
+
+    def __init__(self, device: Device, script: list[str]) -> None:
+        self.device = device
+        self.script = script
+        self.waits = 0
+        self.closed = False
+
+    def wait(self, timeout: float) -> IsrBit | None:
+        self.waits += 1
+        q = self.device.q
+        self.device.armed_at_sleep.append(
+            int(q.avail["used_event"]) if q.event_idx else int(q.avail["flags"]))
+        step = self.script.pop(0) if self.script else "nothing"
+        if step == "complete":  # the device completes; it interrupts only if asked
+            return IsrBit.QUEUE if self.device.complete_all() else None
+        if step == "shared":  # another device's interrupt on a shared INTx line
+            return IsrBit(0)
+        if step == "stale":  # an interrupt for something already reaped
+            return IsrBit.QUEUE
+        if step == "config":
+            return IsrBit.CONFIG
+        return None  # the slice of sleep ended with no interrupt
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make(event_idx: bool, script: list[str], mode: str = "interrupt",
+         spins: int | None = 0) -> tuple[SplitQueue[Any], Device, Source, Waiter, list[str]]:
+    """A queue of 8 with a waiter; the list collects "fault" and "config" events."""
+    region = DmaRegion.anonymous(1 << 20, contiguous=1 << 20)
+    events: list[str] = []
+    q: SplitQueue[Any] = SplitQueue(DmaAllocator(region), 8, lambda: None, indirect=False,
+                                    event_idx=event_idx,
+                                    on_fault=lambda: events.append("fault"))
+    dev = Device(q)
+    src = Source(dev, script)
+    waiter = Waiter(mode, src, on_config=lambda: events.append("config"), spins=spins)
+    q.waiter = waiter
+    return q, dev, src, waiter, events
+
+
+def suppressed(q: SplitQueue[Any]) -> bool:
+    """Whether the ring tells the device not to interrupt (the polling state)."""
+    if q.event_idx:
+        return int(q.avail["used_event"]) == (q.used_idx - 1) & 0xFFFF
+    return bool(int(q.avail["flags"]) & VIRTQ_AVAIL_F_NO_INTERRUPT)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_sleeps_armed_and_wakes_on_the_interrupt(event_idx: bool) -> None:
+    q, dev, src, waiter, _ = make(event_idx, ["complete"])
+    assert suppressed(q)  # polling state until someone waits
+    q.add(SEG, "a")
+    q.kick()
+    assert q.wait(5.0) == [("a", 1)]
+    assert src.waits == 1 and waiter.wakeups == 1 and waiter.spurious == 0
+    # While asleep the ring asked for an interrupt at the next used entry ...
+    assert dev.armed_at_sleep == [0]  # used_event = last used (0) / flags = 0
+    # ... and it is back to "no interrupts" now that the driver is not sleeping.
+    assert suppressed(q)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_no_interrupt_is_raised_while_not_armed(event_idx: bool) -> None:
+    """The device model's rule is the spec's: in the polling state completing a request
+    raises nothing. (So a waiter that forgot to arm would sleep until the deadline.)"""
+    q, dev, *_ = make(event_idx, [])
+    q.add(SEG, "a")
+    q.kick()
+    assert dev.complete_all() is False
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_completion_between_the_look_and_the_arming_is_not_lost(event_idx: bool) -> None:
+    """The device publishes right before the driver arms: no interrupt will come for it
+    (it was not asked for), so only the re-check after arming finds it."""
+    q, dev, src, waiter, _ = make(event_idx, [])
+    q.add(SEG, "a")
+    q.kick()
+    arm = q.arm_interrupts
+
+    def racing_arm() -> bool:
+        assert dev.complete_all() is False  # suppressed at this instant: no interrupt
+        return arm()
+    q.arm_interrupts = racing_arm  # type: ignore[method-assign]
+    assert q.wait(0.2) == [("a", 1)]
+    assert src.waits == 0  # never slept
+    assert suppressed(q)
+
+
+@pytest.mark.parametrize("kind", ["shared", "stale"])
+def test_spurious_and_shared_interrupts_are_not_errors(kind: str) -> None:
+    q, dev, src, waiter, events = make(False, [kind, kind, "complete"])
+    q.add(SEG, "a")
+    q.kick()
+    assert q.wait(5.0) == [("a", 1)]
+    assert waiter.spurious == 2 and waiter.wakeups == 3 and not events
+    assert dev.armed_at_sleep == [0, 0, 0]  # re-armed before every sleep
+
+
+def test_config_interrupt_calls_back_and_keeps_waiting() -> None:
+    q, dev, src, waiter, events = make(False, ["config", "complete"])
+    q.add(SEG, "a")
+    q.kick()
+    assert q.wait(5.0) == [("a", 1)]
+    assert waiter.config_changes == 1 and events == ["config"]
+    assert waiter.spurious == 0
+
+
+def test_no_interrupt_before_the_deadline_is_a_timeout_and_a_reset() -> None:
+    q, dev, src, waiter, events = make(True, [])  # nothing ever completes
+    q.add(SEG, "a")
+    q.kick()
+    with pytest.raises(DeviceTimeout, match="no completion within 0.05 s"):
+        q.wait(0.05)
+    assert events == ["fault"] and q.broken
+    assert src.waits >= 1
+
+
+def test_hybrid_spins_first_and_sleeps_only_when_nothing_came() -> None:
+    q, dev, src, waiter, _ = make(False, ["complete"], mode="hybrid", spins=1000)
+    q.add(SEG, "a")
+    q.kick()
+    dev.complete_all()  # done before the driver looks: found while spinning
+    assert q.wait(5.0) == [("a", 1)] and src.waits == 0
+    q.add(SEG, "b")
+    q.kick()
+    assert q.wait(5.0) == [("b", 1)] and src.waits == 1
+
+
+def test_hybrid_budget_is_calibrated_from_a_measurement() -> None:
+    spins = interrupts.calibrate_spins(50e-6)
+    assert 1 <= spins < 10_000_000
+    assert interrupts.calibrate_spins(500e-6) > spins
+
+
+def test_a_waiter_is_only_for_sleeping_modes() -> None:
+    with pytest.raises(ValueError, match="poll"):
+        Waiter("poll", Source(None, []))  # type: ignore[arg-type]
+
+
+def test_uio_source_acknowledges_through_the_isr_and_unmasks(tmp_path: Any,
+                                                             monkeypatch: Any) -> None:
+    """/dev/uioN stands in as one end of a socket pair: readable = an interrupt. The
+    source reads the count, reads the ISR (the acknowledgement), then writes a 32-bit 1
+    (the unmask), which the test reads at the other end."""
+    (tmp_path / "0000:00:10.0" / "uio" / "uio3").mkdir(parents=True)
+    monkeypatch.setattr(interrupts, "SYSFS_PCI", tmp_path)
+    assert UioIntx.find("0000:00:10.0") == interrupts.Path("/dev/uio3")
+    with pytest.raises(interrupts.BackendUnavailable, match="uio_pci_generic"):
+        UioIntx.find("0000:00:11.0")
+    ours, kernel = socket.socketpair()
+    isr_reads: list[int] = []
+
+    def isr() -> int:
+        isr_reads.append(1)
+        return 3
+    src = object.__new__(UioIntx)
+    src.fd, src.path, src._isr = ours.fileno(), interrupts.Path("/dev/uio3"), isr
+    assert src.wait(0.01) is None and not isr_reads  # nothing: a bounded wait, no ack
+    kernel.send((7).to_bytes(4, "little"))  # the interrupt count
+    assert src.wait(1.0) == IsrBit.QUEUE | IsrBit.CONFIG
+    assert isr_reads == [1]
+    assert kernel.recv(16) == (1).to_bytes(4, "little")
+    ours.detach()
+    src.close()
+    kernel.close()
+
+
+def test_set_irqs_carries_one_eventfd_per_vector_and_count_zero_tears_down(
+        monkeypatch: Any) -> None:
+    calls: list[tuple[int, int, int, int, int, list[int]]] = []
+
+    def fake_ioctl(fd: int, request: int, arg: Any) -> int:
+        assert request == vfio_ioctl.VFIO_DEVICE_SET_IRQS
+        raw = bytes(arg)
+        argsz, flags, index, start, count = (int.from_bytes(raw[i:i + 4], "little")
+                                             for i in range(0, 20, 4))
+        assert argsz == len(raw) == 20 + 4 * count
+        fds = [int.from_bytes(raw[20 + 4 * i:24 + 4 * i], "little") for i in range(count)]
+        calls.append((fd, flags, index, start, count, fds))
+        return 0
+    monkeypatch.setattr(vfio_ioctl, "_ioctl", fake_ioctl)
+    msix = interrupts.VfioMsix(42, 2)
+    assert len(msix.fds) == 2
+    msix.close()
+    trigger, eventfd, none = (vfio_ioctl.VFIO_IRQ_SET_ACTION_TRIGGER,
+                              vfio_ioctl.VFIO_IRQ_SET_DATA_EVENTFD,
+                              vfio_ioctl.VFIO_IRQ_SET_DATA_NONE)
+    assert calls[0][:5] == (42, trigger | eventfd, vfio_ioctl.VFIO_PCI_MSIX_IRQ_INDEX, 0, 2)
+    assert calls[1] == (42, trigger | none, vfio_ioctl.VFIO_PCI_MSIX_IRQ_INDEX, 0, 0, [])
+    assert msix.fds == []
+    assert ctypes.sizeof(vfio_ioctl.vfio_irq_set) == 20
+
+
+def test_msix_vector_refused_by_the_device_is_an_error(monkeypatch: Any) -> None:
+    class Backend:
+        bdf = "0000:00:10.0"
+
+        def refresh_msix(self) -> bool:
+            return True
+
+    class Transport:
+        def set_config_vector(self, vector: int) -> int:
+            return vector
+
+        def set_queue_vector(self, index: int, vector: int) -> int:
+            return 0xFFFF
+    with pytest.raises(interrupts.DeviceError, match="queue 0: the device refused it"):
+        interrupts._route_vectors(Backend(), Transport())  # type: ignore[arg-type]

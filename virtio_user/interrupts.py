@@ -1,0 +1,324 @@
+"""Waiting for completions: poll, interrupt or hybrid, and where interrupts come from.
+
+``poll`` spins on the used ring and asks the device for no interrupts at all (the
+queue's default). ``interrupt`` sleeps in poll(2) on a file descriptor the kernel
+signals when the device interrupts; ``hybrid`` spins for a short, calibrated while
+first and sleeps only if nothing completed by then.
+
+Sources (``IrqSource``), one per device, every wait bounded by a timeout:
+
+- ``UioIntx``: INTx through /dev/uioN. uio_pci_generic masks the line (PCI command
+  register, INTx-disable) when it fires; we read the ISR (which acknowledges the
+  device and lowers the level-triggered line), then write 1 to unmask.
+- ``VfioMsix``: MSI-X through VFIO_DEVICE_SET_IRQS, one eventfd per vector: vector 0
+  for configuration changes, vector 1 for queue 0 ("MSI-X Vector Configuration").
+- ``VfioIntx``: INTx through one eventfd when the device has no MSI-X; vfio-pci
+  masks it like uio does and is told to unmask through SET_IRQS.
+
+The lost wake-up ("Driver Requirements: Used Buffer Notification Suppression"): the
+device only interrupts for a used buffer if, when it writes used.idx, we had asked. So
+before sleeping the queue asks (clears VIRTQ_AVAIL_F_NO_INTERRUPT, or sets used_event
+to the last used index seen), issues a full barrier and looks at used.idx once more: a
+completion that slipped in before the device could see the request would otherwise
+never be announced, and we would sleep until the timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .errors import BackendUnavailable, CannotOpen, DeviceError
+from .spec import IsrBit
+
+log = logging.getLogger(__name__)
+
+WAIT_MODES = ("poll", "interrupt", "hybrid")
+HYBRID_SPIN_SECONDS = 50e-6  # spin this long before sleeping (see README "Waiting")
+MAX_SLEEP = 1.0  # one poll(2) at most this long: deadlines are re-checked in between
+CONFIG_VECTOR, QUEUE_VECTOR = 0, 1  # MSI-X table entries we use
+VIRTIO_MSI_NO_VECTOR = 0xFFFF  # "MSI-X Vector Configuration": the device refused
+_UNMASK = (1).to_bytes(4, "little")  # uio: a 32-bit 1 written to /dev/uioN re-enables
+SYSFS_PCI = Path("/sys/bus/pci/devices")
+
+
+class Armable(Protocol):
+    """What a queue (split or packed) offers the waiter."""
+
+    def arm_interrupts(self) -> bool:
+        """Ask for a used-buffer notification, barrier, look again: True when used
+        buffers are already there (then do not sleep)."""
+        ...
+
+    def disarm_interrupts(self) -> None: ...
+
+    def has_used(self) -> bool: ...
+
+
+class IrqSource(Protocol):
+    """Where a device's interrupts arrive; ``wait`` acknowledges and re-enables them."""
+
+    kind: str  # "uio-intx", "vfio-msix", "vfio-intx"
+
+    def wait(self, timeout: float) -> IsrBit | None:
+        """Block at most ``timeout`` seconds for an interrupt; None on timeout, else
+        what it announced (nothing, for a shared line's or a spurious interrupt)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _poll_fds(fds: list[int], timeout: float) -> list[int]:
+    """The fds of ``fds`` that are readable within ``timeout`` seconds."""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    return [fd for fd, _ in p.poll(max(0, int(timeout * 1000 + 0.999)))]
+
+
+class UioIntx:
+    """INTx of a device bound to uio_pci_generic, through /dev/uioN."""
+
+    kind = "uio-intx"
+
+    def __init__(self, bdf: str, isr: Callable[[], int]) -> None:
+        self.bdf = bdf
+        self._isr = isr
+        self.path = self.find(bdf)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CannotOpen(f"cannot open {self.path}: {exc.strerror}") from exc
+        self._unmask()  # a previous run may have left the line masked
+
+    @staticmethod
+    def find(bdf: str) -> Path:
+        names = sorted((SYSFS_PCI / bdf / "uio").glob("uio*"))
+        if not names:
+            raise BackendUnavailable(f"{bdf} has no uio device (is it bound to "
+                                     "uio_pci_generic?): no interrupts to wait for")
+        return Path("/dev") / names[0].name
+
+    def _unmask(self) -> None:
+        try:
+            os.write(self.fd, _UNMASK)
+        except OSError as exc:
+            raise DeviceError(f"{self.path}: cannot unmask INTx: {exc.strerror}") from exc
+
+    def wait(self, timeout: float) -> IsrBit | None:
+        if not _poll_fds([self.fd], timeout):
+            return None
+        os.read(self.fd, 4)  # the interrupt count; readable, so this does not block
+        bits = IsrBit(self._isr())  # acknowledges: the device lowers the line
+        self._unmask()
+        return bits
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _Eventfds:
+    """eventfds handed to VFIO_DEVICE_SET_IRQS, torn down before the device is released."""
+
+    kind = "vfio"
+    index = 0
+
+    def __init__(self, device: int, count: int) -> None:
+        from .transport import vfio_ioctl
+        self._ioctl = vfio_ioctl
+        self.device = device
+        self.fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(count)]
+        try:
+            vfio_ioctl.set_irq_eventfds(device, self.index, self.fds)
+        except OSError as exc:
+            self._close_fds()
+            raise DeviceError(f"VFIO_DEVICE_SET_IRQS ({self.kind}, {count} vectors): "
+                              f"{exc.strerror}") from exc
+
+    def _fired(self, timeout: float) -> list[int]:
+        """Indexes of the vectors that fired, each eventfd drained."""
+        fired = []
+        for fd in _poll_fds(self.fds, timeout):
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                continue
+            fired.append(self.fds.index(fd))
+        return fired
+
+    def _close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def close(self) -> None:
+        """Free the vectors (count 0), then the eventfds. The device is reset by then."""
+        if not self.fds:
+            return
+        try:
+            self._ioctl.set_irq_eventfds(self.device, self.index, [])
+        except OSError as exc:
+            log.warning("tearing down %s vectors: %s", self.kind, exc.strerror)
+        finally:
+            self._close_fds()
+
+
+class VfioMsix(_Eventfds):
+    """Vector CONFIG_VECTOR for configuration changes, QUEUE_VECTOR for queue 0."""
+
+    kind = "vfio-msix"
+    index = 2  # VFIO_PCI_MSIX_IRQ_INDEX
+
+    def wait(self, timeout: float) -> IsrBit | None:
+        fired = self._fired(timeout)
+        if not fired:
+            return None
+        bits = IsrBit(0)
+        for vector in fired:
+            bits |= IsrBit.CONFIG if vector == CONFIG_VECTOR else IsrBit.QUEUE
+        return bits
+
+
+class VfioIntx(_Eventfds):
+    """The one INTx line, with the ISR telling queue from config (as for uio)."""
+
+    kind = "vfio-intx"
+    index = 0  # VFIO_PCI_INTX_IRQ_INDEX
+
+    def __init__(self, device: int, isr: Callable[[], int]) -> None:
+        super().__init__(device, 1)
+        self._isr = isr
+
+    def wait(self, timeout: float) -> IsrBit | None:
+        if not self._fired(timeout):
+            return None
+        bits = IsrBit(self._isr())
+        try:
+            self._ioctl.unmask_intx(self.device)
+        except OSError as exc:
+            raise DeviceError(f"cannot unmask INTx: {exc.strerror}") from exc
+        return bits
+
+
+def calibrate_spins(seconds: float) -> int:
+    """How many looks at a ring index fit in ``seconds`` on this CPU: the hybrid
+    budget is counted in looks, since reading the clock on every look costs more
+    than the look (and under TCG, much more)."""
+    probe = memoryview(bytearray(4)).cast("H")
+    n = 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        if probe[1] != 0:
+            break
+    per_look = max((time.perf_counter() - t0) / n, 1e-9)
+    return max(1, int(seconds / per_look))
+
+
+class Waiter:
+    """Sleeps a queue until its device interrupts. Shared by split and packed queues:
+    they call ``sleep`` when their spin budget (``spins`` looks) runs out."""
+
+    def __init__(self, mode: str, source: IrqSource,
+                 on_config: Callable[[], None] = lambda: None,
+                 spins: int | None = None) -> None:
+        if mode not in ("interrupt", "hybrid"):
+            raise ValueError(f"a Waiter is for interrupt or hybrid, not {mode!r}")
+        self.mode = mode
+        self.source = source
+        self.on_config = on_config
+        self.spins = (spins if spins is not None else
+                      calibrate_spins(HYBRID_SPIN_SECONDS) if mode == "hybrid" else 0)
+        self.sleeps = 0  # times we went to sleep
+        self.wakeups = 0  # interrupts that announced something
+        self.spurious = 0  # interrupts after which the ring was still empty
+        self.config_changes = 0
+
+    def sleep(self, queue: Armable, deadline: float) -> bool:
+        """Sleep until ``queue`` has used buffers (True) or ``deadline`` (a
+        time.monotonic() value) passes (False). Interrupts are armed only while
+        sleeping, so a busy queue costs the device no interrupts."""
+        try:
+            while True:
+                if queue.arm_interrupts():
+                    return True  # the re-check after arming: no lost wake-up
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return queue.has_used()
+                self.sleeps += 1
+                bits = self.source.wait(min(remaining, MAX_SLEEP))
+                if bits is None:
+                    continue  # a slice of the sleep ended: arm, look, check the deadline
+                self.wakeups += 1
+                if bits & IsrBit.CONFIG:
+                    self.config_changes += 1
+                    self.on_config()
+                if queue.has_used():
+                    return True
+                if not bits & IsrBit.CONFIG:
+                    # A shared line, or an interrupt for buffers already reaped: not an
+                    # error, sleep again.
+                    self.spurious += 1
+        finally:
+            queue.disarm_interrupts()
+
+    def stats(self) -> dict[str, Any]:
+        return {"wait": self.mode, "irq": self.source.kind, "sleeps": self.sleeps,
+                "interrupts": self.wakeups, "spurious": self.spurious,
+                "config_changes": self.config_changes, "spin_looks": self.spins}
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class Transport(Protocol):
+    """What the interrupt set-up needs from a transport (legacy or modern)."""
+
+    def isr(self) -> IsrBit: ...
+
+    def set_config_vector(self, vector: int) -> int: ...
+
+    def set_queue_vector(self, index: int, vector: int) -> int: ...
+
+
+def open_source(backend: Any, transport: Transport) -> IrqSource:
+    """The best interrupt source the backend has: MSI-X on vfio if the device has two
+    vectors and accepts them, else INTx (uio, or vfio without MSI-X)."""
+    if backend.name == "uio":
+        return UioIntx(backend.bdf, transport.isr)
+    if backend.name != "vfio":
+        raise BackendUnavailable(f"the {backend.name} backend has no interrupts: "
+                                 "use --wait poll")
+    from .transport import vfio_ioctl
+    device = backend.vfio.device
+    if vfio_ioctl.irq_info(device, vfio_ioctl.VFIO_PCI_MSIX_IRQ_INDEX).count >= 2:
+        msix = VfioMsix(device, 2)
+        try:
+            _route_vectors(backend, transport)
+            return msix
+        except BaseException:
+            msix.close()
+            backend.refresh_msix()
+            raise
+    if not vfio_ioctl.irq_info(device, vfio_ioctl.VFIO_PCI_INTX_IRQ_INDEX).count:
+        raise BackendUnavailable(f"{backend.bdf} has neither MSI-X nor INTx: use --wait poll")
+    return VfioIntx(device, transport.isr)
+
+
+def _route_vectors(backend: Any, transport: Transport) -> None:
+    """With MSI-X now on (a legacy device's config moves from 20 to 24), point config
+    changes and queue 0 at their vectors and check the device kept them."""
+    if not backend.refresh_msix():
+        raise DeviceError(f"{backend.bdf}: MSI-X did not come on after SET_IRQS")
+    for what, got, want in (
+            ("config", transport.set_config_vector(CONFIG_VECTOR), CONFIG_VECTOR),
+            ("queue 0", transport.set_queue_vector(0, QUEUE_VECTOR), QUEUE_VECTOR)):
+        if got != want:
+            refused = "refused it" if got == VIRTIO_MSI_NO_VECTOR else f"reads back {got}"
+            raise DeviceError(f"{backend.bdf}: MSI-X vector {want} for {what}: the device "
+                              f"{refused}")

@@ -107,6 +107,7 @@ class PackedQueue(Generic[T]):
         self.desc_bus = self.ring.bus + lay.desc
         self.driver_bus = self.ring.bus + lay.driver
         self.device_bus = self.ring.bus + lay.device
+        self.areas = (self.desc_bus, self.driver_bus, self.device_bus)  # for setup_queue
         mm, base = region.mm, self.ring.offset
         mm[base:base + lay.total] = bytes(lay.total)  # never hand stale rings to a device
         self._mm = mm

@@ -1,4 +1,5 @@
-"""A seconds-long run of scripts/bench.sh: every workload through both drivers (issue 5).
+"""A seconds-long run of scripts/bench.sh: every kind of workload through both drivers
+(issue 5), with the options the README shows for bench.sh, each in its README form.
 
 It checks that the benchmark works end to end and writes its three outputs, never how
 fast anything is: the targets are benchmark figures, not timed tests.
@@ -7,12 +8,14 @@ fast anything is: the targets are benchmark figures, not timed tests.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from virtio_user.host.bench import REPO, WORKLOADS
+from virtio_user.host.bench import README_ENV, REPO, WORKLOADS
+from virtio_user.host.bench_report import README_BEGIN, README_END
 
 pytestmark = pytest.mark.qemu
 
@@ -21,12 +24,33 @@ BENCH = REPO / "scripts" / "bench.sh"
 FIGURES = ("python_iops", "kernel_iops", "ratio", "python_mbps", "kernel_mbps")
 
 
+# Every workload but one, each as the README shows it (`--only randread-4k-qd1`): the left
+# out one proves --only excludes; it only differs from its neighbours in queue depth.
+LEFT_OUT = "randread-4k-qd8"
+RUN = [w.name for w in WORKLOADS if w.name != LEFT_OUT]
+IMAGE_MIB, CACHE = 32, "writethrough"  # not --quick's 64 MiB and writeback
+
+
+def results_block(readme: str) -> str:
+    return readme[readme.index(README_BEGIN):readme.index(README_END)]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run; --update-readme writes a copy of the README (README_ENV), never the
+    checkout's."""
     out = tmp_path_factory.mktemp("bench")
-    r = subprocess.run([str(BENCH), "--quick", "--out", str(out)], capture_output=True,
-                       text=True, timeout=600)
+    readme = out / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    before = results_block((REPO / "README.md").read_text())
+    only = [arg for name in RUN for arg in ("--only", name)]
+    r = subprocess.run([str(BENCH), "--quick", *only, "--rounds", "1",
+                        "--image-mib", str(IMAGE_MIB), "--cache", CACHE,
+                        "--out", str(out), "--update-readme"],
+                       env=dict(os.environ, **{README_ENV: str(readme)}),
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-4000:]}"
+    assert results_block((REPO / "README.md").read_text()) == before
     return out
 
 
@@ -39,7 +63,7 @@ def test_writes_the_three_outputs(results: Path) -> None:
 def test_json_has_every_workload_on_both_devices(results: Path) -> None:
     rows = json.loads((results / "latest.json").read_text())
     got = {(r["workload"], r["backend_file"]) for r in rows}
-    assert got == {(w.name, b) for w in WORKLOADS for b in ("raw", "null-co")}
+    assert got == {(name, b) for name in RUN for b in ("raw", "null-co")}
     for r in rows:
         for key in FIGURES:
             assert r[key] > 0, (r["workload"], r["backend_file"], key)
@@ -48,6 +72,26 @@ def test_json_has_every_workload_on_both_devices(results: Path) -> None:
         assert r["accel"] in ("kvm", "tcg")
         assert r["driver_backend"] == "uio"
         assert {"cpu", "cores", "host_kernel", "qemu"} <= set(r["machine"])
+
+
+def test_options_reach_the_run(results: Path) -> None:
+    for r in json.loads((results / "latest.json").read_text()):
+        assert (r["rounds"], r["image_mib"], r["cache"]) == (1, IMAGE_MIB, CACHE)
+        assert len(r["python_per_round"]) == len(r["kernel_per_round"]) == 1
+
+
+def test_update_readme_fills_the_results_block(results: Path) -> None:
+    text = (results / "README.md").read_text()
+    original = (REPO / "README.md").read_text()
+    block = results_block(text)
+    # Only the block changed (the checkout's README may be edited meanwhile: compare ends).
+    assert text.startswith(original[:original.index(README_BEGIN)])
+    assert text.endswith(original[original.index(README_END):])
+    assert "![ours / kernel per workload](latest.png)" in block
+    assert f"devices ({IMAGE_MIB} MiB, raw images with cache={CACHE}" in block
+    for r in json.loads((results / "latest.json").read_text()):
+        assert f"| {r['workload']} | {r['backend_file']} |" in block
+    assert f"| {LEFT_OUT} |" not in block
 
 
 def test_markdown_table_has_a_row_per_result(results: Path) -> None:

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 KIB, MIB = 1024, 1024 * 1024
 FIRST_NULL_SLOT = 0x12  # after the two raw images at 00:10.0 and 00:11.0
 STUB_ENV = "VIRTIO_USER_BENCH_OURS"
+README_ENV = "VIRTIO_USER_BENCH_README"  # --update-readme writes this file instead (tests)
 GUEST_SERVER = Path(__file__).with_name("bench_guest.py")
 GUEST_FIFO = "/tmp/virtio-user-bench.fifo"  # the guest's own /tmp
 COMMAND_SLACK = 180.0  # seconds a run may take beyond its runtime (start-up under TCG)
@@ -398,9 +399,10 @@ def run(args: argparse.Namespace) -> list[bench_report.Row]:
         say(f"wrote {path}")
     if args.update_readme:
         objs = json.loads((args.out / "latest.json").read_text())
-        if not bench_report.update_readme(REPO / "README.md", objs, args.out.resolve()):
-            raise HarnessError("README.md has no bench:results markers to write between")
-        say("updated README.md")
+        readme = Path(os.environ.get(README_ENV) or REPO / "README.md")
+        if not bench_report.update_readme(readme, objs, args.out.resolve()):
+            raise HarnessError(f"{readme} has no bench:results markers to write between")
+        say(f"updated {readme}")
     return rows
 
 

@@ -5,17 +5,19 @@ would: ``take`` collects available chains (following NEXT and indirect tables),
 ``complete`` writes a used descriptor at the device's used position, in whatever
 buffer order a test asks for. Knobs let a test misbehave on purpose (a used descriptor
 with the wrong wrap bits, an unknown buffer ID, a length too large) and set the device
-event suppression structure. ``serve_blk`` answers virtio-blk requests from a bytearray.
+event suppression structure. ``serve_blk`` answers virtio-blk requests as the legacy
+model does, and ``PackedBlkTransport`` puts a VirtioBlk on top of it.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from virtio_user.memory import DmaRegion
-from virtio_user.spec import (SECTOR_SIZE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, BlkStatus,
-                              DescFlag, ReqType)
+from virtio_user.spec import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag, Feature
+from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
 
 _DESC = struct.Struct("<QIHH")
 NEXT, WRITE, INDIRECT = (int(DescFlag.VIRTQ_DESC_F_NEXT), int(DescFlag.VIRTQ_DESC_F_WRITE),
@@ -144,20 +146,82 @@ class PackedDevice:
             self.used_wrap ^= 1
 
     # -- a virtio-blk device on top -------------------------------------------------------
-    def serve_blk(self, disk: bytearray, bufs: list[Buffer]) -> None:
-        """Serve IN/OUT/FLUSH requests from ``disk`` and complete them in list order."""
-        for buf in bufs:
-            hdr = bytes(self.mem(buf.segs[0][0], 16))
-            rtype, _, sector = struct.unpack("<IIQ", hdr)
-            data, status = buf.segs[1:-1], buf.segs[-1]
-            pos = sector * SECTOR_SIZE
-            written = 0
-            for bus, n, w in data:
-                if rtype == ReqType.VIRTIO_BLK_T_IN:
-                    self.mem(bus, n)[:] = disk[pos:pos + n]
-                    written += n
-                elif rtype == ReqType.VIRTIO_BLK_T_OUT:
-                    disk[pos:pos + n] = self.mem(bus, n)
+    def serve_blk(self, blk: FakeBlkDevice, bufs: list[Buffer], order: str = "ring") -> None:
+        """Serve virtio-blk requests with the legacy model's semantics (``blk._serve``:
+        its disk, capacity, errors) and complete them in ring order or reversed."""
+        for buf in (reversed(bufs) if order == "reverse" else bufs):
+            readable = b"".join(bytes(self.mem(a, n)) for a, n, w in buf.segs if not w)
+            writable = [(a, n) for a, n, w in buf.segs if w]
+            rtype, _, sector = struct.unpack_from("<IIQ", readable)
+            in_len = sum(n for _, n in writable)
+            status, data = blk._serve(rtype, sector, readable[16:], in_len - 1)
+            out = (data or b"").ljust(in_len - 1, b"\0") + bytes([status])
+            pos = 0
+            for a, n in writable:
+                self.mem(a, n)[:] = out[pos:pos + n]
                 pos += n
-            self.mem(status[0], 1)[0] = int(BlkStatus.VIRTIO_BLK_S_OK)
-            self.complete(buf.id, written + 1)
+            self.complete(buf.id, in_len)
+
+
+class PackedBlkTransport:
+    """A modern transport test double whose queue 0 is served by a PackedDevice (the
+    register protocol is ModernTransport's business and tested there): it offers
+    VIRTIO_F_VERSION_1 and VIRTIO_F_RING_PACKED on top of a FakeBlkDevice's features,
+    config and disk."""
+
+    kind = "modern"
+    iommu = False
+
+    def __init__(self, backend: FakeBackend, packed: bool = True) -> None:
+        self.backend = backend
+        self.blk = backend.device
+        self.offered = self.blk.host_features | Feature.VIRTIO_F_VERSION_1 | (
+            Feature.VIRTIO_F_RING_PACKED if packed else 0)
+        self.status = 0
+        self.driver_features = 0
+        self.device: PackedDevice | None = None
+        self.order = "ring"
+        self.notifies = 0
+
+    def reset(self) -> None:
+        self.status = 0
+        self.device = None
+
+    def add_status(self, bits: int) -> None:
+        self.status |= int(bits)
+
+    def fail(self) -> None:
+        self.status |= 128
+
+    def device_features(self) -> int:
+        return int(self.offered)
+
+    def transport_features(self, offered: int) -> int:
+        return int(Feature.VIRTIO_F_VERSION_1)
+
+    def set_driver_features(self, features: int) -> None:
+        assert not features & ~self.offered, "driver accepted a feature not offered"
+        self.driver_features = features
+
+    def features_ok(self) -> None:
+        self.status |= 8
+
+    def queue_size(self, index: int) -> int:
+        return self.blk.queue_size_reported if index == 0 else 0
+
+    def setup_queue(self, index: int, size: int, desc: int, driver: int, device: int) -> None:
+        assert self.driver_features & Feature.VIRTIO_F_RING_PACKED, "packed ring not negotiated"
+        self.device = PackedDevice(self.blk.regions, size, desc, driver, device)
+
+    def notifier(self, index: int) -> Callable[[], None]:
+        def kick() -> None:
+            self.notifies += 1
+            if self.device is not None and not self.blk.stall:
+                self.device.serve_blk(self.blk, self.device.take(), self.order)
+        return kick
+
+    def isr(self) -> int:
+        return 0
+
+    def read_config(self, dtype: Any = None) -> Any:
+        return self.blk.config.copy()

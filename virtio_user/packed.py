@@ -21,7 +21,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from .memory import PAGE, DmaAllocator
 from .spec import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
                    RingEventFlags)
 from .virtqueue import QueueFull, _fence_acquire, _fence_release
+
+if TYPE_CHECKING:
+    from .interrupts import Waiter
 
 assert sys.byteorder == "little", "the memoryview casts below assume a little-endian CPU"
 
@@ -123,7 +126,8 @@ class PackedQueue(Generic[T]):
         self._device_off_wrap = lay.device // 2
         self._device_flags = lay.device // 2 + 1
         # We poll: no used buffer notifications ("Driver Requirements: Event Suppression").
-        self._u16[lay.driver // 2 + 1] = _DISABLE
+        self._driver_flags = lay.driver // 2 + 1
+        self._u16[self._driver_flags] = _DISABLE
         if indirect:
             self._table_bytes = 1 << (PACKED_DESC_DTYPE.itemsize * max_chain - 1).bit_length()
             if self._table_bytes > PAGE:
@@ -158,6 +162,7 @@ class PackedQueue(Generic[T]):
         self.completed = 0
         self.kicks = 0
         self.broken: str | None = None
+        self.waiter: Waiter | None = None  # None: poll; else sleep when spins run out
 
     # -- state --------------------------------------------------------------------
     @property
@@ -347,8 +352,11 @@ class PackedQueue(Generic[T]):
         # were stored before its head's flags. x86 is TSO (stores become visible in
         # program order); a weaker CPU would need a write barrier here. Heads go last
         # to first: the device, which looks at the first, then sees the whole batch.
-        for i in range(len(held) - 2, -1, -2):
-            u16[held[i]] = held[i + 1]
+        if len(held) == 2:
+            u16[held[0]] = held[1]
+        else:
+            for i in range(len(held) - 2, -1, -2):
+                u16[held[i]] = held[i + 1]
         self.in_flight += len(held) // 2
         self._held = []
         added, self._added_slots = self._added_slots, 0
@@ -391,11 +399,12 @@ class PackedQueue(Generic[T]):
         nslots, free, size = self._nslots, self._free, self.size
         pos, wrap = self._used_pos, self._used_wrap
         used_bits = _BOTH if wrap else 0
+        avail_bits = _AVAIL if wrap else _USED
         out: list[tuple[T, int]] = []
         while left:
             bits = u16[8 * pos + 7] & _BOTH
             if bits != used_bits:
-                if bits == _avail_bits(wrap):
+                if bits == avail_bits:
                     break  # still available: not used yet
                 self._fault(f"{self.name}: used descriptor at slot {pos} has wrap bits "
                             f"{bits:#06x}, expected {used_bits:#06x} (used wrap counter "
@@ -418,6 +427,7 @@ class PackedQueue(Generic[T]):
                 pos -= size
                 wrap ^= 1
                 used_bits ^= _BOTH
+                avail_bits ^= _BOTH
             out.append((token, length))  # type: ignore[arg-type]
             left -= 1
         self._used_pos, self._used_wrap = pos, wrap
@@ -431,9 +441,11 @@ class PackedQueue(Generic[T]):
         if not self.in_flight or self.broken:
             return self.reap()
         u16, index = self._u16, 8 * self._used_pos + 7
-        pending = _avail_bits(self._used_wrap)
+        pending = _AVAIL if self._used_wrap else _USED
         if u16[index] & _BOTH != pending:
             return self.reap()
+        if self.waiter is not None:
+            return self._sleep_wait(self.waiter, timeout)
         clock = time.monotonic
         deadline = 0.0
         spins = 0
@@ -446,12 +458,45 @@ class PackedQueue(Generic[T]):
             if not deadline:
                 deadline = clock() + timeout
             elif clock() > deadline:
-                pending_tokens = [t for t in self._token if t is not None]
-                more = (f" (and {len(pending_tokens) - 1} more in flight)"
-                        if len(pending_tokens) > 1 else "")
-                self._fault(f"{self.name}: no completion within {timeout:g} s for "
-                            f"{pending_tokens[0]}{more}", DeviceTimeout)
+                self._timed_out(timeout)
         return self.reap()
+
+    def _timed_out(self, timeout: float) -> None:
+        pending_tokens = [t for t in self._token if t is not None]
+        more = (f" (and {len(pending_tokens) - 1} more in flight)"
+                if len(pending_tokens) > 1 else "")
+        self._fault(f"{self.name}: no completion within {timeout:g} s for "
+                    f"{pending_tokens[0]}{more}", DeviceTimeout)
+
+    def _sleep_wait(self, waiter: Waiter, timeout: float) -> list[tuple[T, int]]:
+        """``wait`` with a waiter: look ``waiter.spins`` times, then sleep until the
+        device interrupts (the waiter arms, re-checks and disarms)."""
+        for _ in range(waiter.spins):
+            if self.has_used():
+                return self.reap()
+        if not waiter.sleep(self, time.monotonic() + timeout):
+            self._timed_out(timeout)
+        return self.reap()
+
+    # -- used buffer notifications (for a Waiter) ---------------------------------------
+    def has_used(self) -> bool:
+        """The descriptor at the used position no longer has the available bits."""
+        pending = _avail_bits(self._used_wrap)
+        return bool(self.in_flight) and self._u16[8 * self._used_pos + 7] & _BOTH != pending
+
+    def arm_interrupts(self) -> bool:
+        """"Driver Requirements: Event Suppression": RING_EVENT_FLAGS_ENABLE in the
+        driver event suppression structure (valid with or without EVENT_IDX), a full
+        barrier, then look at the used position again: True if a used descriptor is
+        already there (it may have been written before the device saw ENABLE)."""
+        self._u16[self._driver_flags] = int(RingEventFlags.RING_EVENT_FLAGS_ENABLE)
+        _fence_acquire()
+        _fence_release()
+        return self.has_used()
+
+    def disarm_interrupts(self) -> None:
+        if hasattr(self, "desc"):  # not detached
+            self._u16[self._driver_flags] = _DISABLE
 
     # -- failure ------------------------------------------------------------------
     def _check_usable(self) -> None:

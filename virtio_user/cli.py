@@ -36,7 +36,7 @@ PIECE_SECTORS = 8192  # the CLI moves 4 MiB at a time: bounded memory, progress,
 Opener = Callable[[argparse.Namespace], "VirtioBlk"]
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but bad usage is exit code 1 with one line, like every other error.
 
     A subcommand's parser gets its arguments from ``populate`` on first use (parsing, or
@@ -47,8 +47,9 @@ class _Parser(argparse.ArgumentParser):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._populate = populate
+        self.subcommands: dict[str, Parser] = {}  # filled by build_parser
 
-    def populate(self) -> _Parser:
+    def populate(self) -> Parser:
         if self._populate is not None:
             populate, self._populate = self._populate, None
             populate(self)
@@ -316,6 +317,11 @@ def _run_bench(dev: VirtioBlk, args: argparse.Namespace, spec: BenchSpec) -> int
     return 0
 
 
+def _run_shell(dev: VirtioBlk, args: argparse.Namespace, _: Any) -> int:
+    from .shell import Shell
+    return Shell(dev, args).run()
+
+
 COMMANDS: dict[str, Subcommand] = {
     "info": Subcommand(_add_info, _no_prepare, _run_info, "show the device and its features"),
     "read": Subcommand(_add_read, _prepare_read, _run_read, "read sectors"),
@@ -327,11 +333,13 @@ COMMANDS: dict[str, Subcommand] = {
                                "zero sectors"),
     "bench": Subcommand(_add_bench, _prepare_bench, _run_bench,
                         "measure IOPS, bandwidth and latency at a queue depth"),
+    "shell": Subcommand(lambda p: None, _no_prepare, _run_shell,
+                        "one device, many commands: a prompt with submit, reap and ring"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="virtio-user", allow_abbrev=False,
+def build_parser() -> Parser:
+    parser = Parser(prog="virtio-user", allow_abbrev=False,
                      description="A user-space driver for legacy virtio-blk PCI devices.")
     parser.add_argument("--device", metavar="BDF", help="PCI address (default: the first "
                         "legacy virtio-blk device)")
@@ -343,11 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress", action="store_true", help="report progress on stderr")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                parser_class=_Parser)
+                                parser_class=Parser)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, add_help=False, allow_abbrev=False,
                            populate=cmd.add)
         p.add_argument("--help", action="help", help="show this help")  # no -h: see fuzz
+        parser.subcommands[name] = p
     return parser
 
 

@@ -200,6 +200,10 @@ class SplitQueue(Generic[T]):
     def num_free(self) -> int:
         return len(self._free)
 
+    def free_ids(self) -> list[int]:
+        """The free descriptor ids, the one the next ``add`` takes first (to inspect)."""
+        return self._free[::-1]
+
     def next_head(self) -> int:
         """The descriptor id the next ``add`` will return as its head (callers keep
         per-head state, such as a request header, at that index)."""

@@ -105,7 +105,6 @@ class GuestSession:
         self.next_id = 1
         self.ready_uptime: float | None = None
         self.closed_reason: str | None = None
-        self.boot_seconds: float | None = None
         self.conn: socket.socket | None = None
         self.reader: threading.Thread | None = None
 
@@ -122,7 +121,6 @@ class GuestSession:
     # -- start and stop ---------------------------------------------------------------
 
     def start(self) -> "GuestSession":
-        started = time.monotonic()
         try:
             self.machine.launch()
             self.conn = self.machine.accept_agent(timeout=self.boot_timeout)
@@ -134,7 +132,6 @@ class GuestSession:
         except BaseException:
             self.close()
             raise
-        self.boot_seconds = time.monotonic() - started
         return self
 
     def close(self, timeout: float = 30.0) -> None:

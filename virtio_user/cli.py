@@ -101,6 +101,13 @@ class Subcommand:
     help: str
 
 
+@dataclass
+class Finished:
+    """What a ``prepare`` returns when it did the whole job (``nbd -d``, the parent of a
+    background server): main exits with ``status`` and opens no device."""
+    status: int
+
+
 def _add_range(p: argparse.ArgumentParser) -> None:
     p.add_argument("sector", metavar="SECTOR", help="first sector (decimal or 0x hex)")
     p.add_argument("count", metavar="COUNT", help="number of 512-byte sectors")
@@ -322,6 +329,21 @@ def _run_shell(dev: VirtioBlk, args: argparse.Namespace, _: Any) -> int:
     return Shell(dev, args).run()
 
 
+def _add_nbd(p: argparse.ArgumentParser) -> None:
+    from . import nbd
+    nbd.add_args(p)
+
+
+def _prepare_nbd(args: argparse.Namespace) -> Any:
+    from . import nbd
+    return nbd.prepare(args)
+
+
+def _run_nbd(dev: VirtioBlk, args: argparse.Namespace, plan: Any) -> int:
+    from . import nbd
+    return nbd.run(dev, args, plan)
+
+
 COMMANDS: dict[str, Subcommand] = {
     "info": Subcommand(_add_info, _no_prepare, _run_info, "show the device and its features"),
     "read": Subcommand(_add_read, _prepare_read, _run_read, "read sectors"),
@@ -333,6 +355,8 @@ COMMANDS: dict[str, Subcommand] = {
                                "zero sectors"),
     "bench": Subcommand(_add_bench, _prepare_bench, _run_bench,
                         "measure IOPS, bandwidth and latency at a queue depth"),
+    "nbd": Subcommand(_add_nbd, _prepare_nbd, _run_nbd,
+                      "serve the device to the kernel as /dev/nbdN (mkfs, mount)"),
     "shell": Subcommand(lambda p: None, _no_prepare, _run_shell,
                         "one device, many commands: a prompt with submit, reap and ring"),
 }
@@ -348,6 +372,9 @@ def build_parser() -> Parser:
                         help=f"per-wait deadline (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--rebind", action="store_true",
                         help="hand the device back to virtio-pci afterwards")
+    parser.add_argument("--wait", choices=("poll", "interrupt", "hybrid"), default="poll",
+                        help="how to wait for completions: spin on the ring (default), "
+                        "sleep until the device interrupts, or spin briefly then sleep")
     parser.add_argument("--progress", action="store_true", help="report progress on stderr")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
@@ -364,7 +391,7 @@ def build_parser() -> Parser:
 def default_opener(args: argparse.Namespace) -> VirtioBlk:
     from .blk import VirtioBlk
     return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
-                          timeout=args.timeout)
+                          timeout=args.timeout, wait=args.wait)
 
 
 @contextlib.contextmanager
@@ -395,6 +422,8 @@ def main(argv: Sequence[str] | None = None, opener: Opener | None = None) -> int
             args.device = parse_bdf(args.device)
         cmd = COMMANDS[args.command]
         plan = cmd.prepare(args)
+        if isinstance(plan, Finished):
+            return plan.status
         with _sigterm_raises():
             try:
                 with (opener or default_opener)(args) as dev:

@@ -20,6 +20,8 @@
      |         |                        a register access failed); it has been reset
      |         +-- DeviceTimeout    33  no completion before the deadline; it has been reset
      +-- Interrupted(signum)   128+sig  SIGINT / SIGTERM arrived; the device has been reset
+     +-- ProtocolError          99  a peer broke its protocol (a malformed NBD request);
+                                    the connection has been ended
 
 ``exit_code(exc)`` is the one table the CLI uses; anything not a ``VirtioError`` is 99.
 """
@@ -112,6 +114,11 @@ class Interrupted(VirtioError):
         name = signal.Signals(signum).name
         super().__init__(message or f"interrupted by {name}")
         self.signum = signum
+
+
+class ProtocolError(VirtioError):
+    """A peer (the kernel's NBD client) sent something malformed; the connection has
+    been ended."""
 
 
 EXIT_CODES: dict[type[BaseException], int] = {

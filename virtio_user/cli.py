@@ -372,9 +372,6 @@ def build_parser() -> Parser:
                         help=f"per-wait deadline (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--rebind", action="store_true",
                         help="hand the device back to virtio-pci afterwards")
-    parser.add_argument("--wait", choices=("poll", "interrupt", "hybrid"), default="poll",
-                        help="how to wait for completions: spin on the ring (default), "
-                        "sleep until the device interrupts, or spin briefly then sleep")
     parser.add_argument("--progress", action="store_true", help="report progress on stderr")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
@@ -391,7 +388,7 @@ def build_parser() -> Parser:
 def default_opener(args: argparse.Namespace) -> VirtioBlk:
     from .blk import VirtioBlk
     return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
-                          timeout=args.timeout, wait=args.wait)
+                          timeout=args.timeout)
 
 
 @contextlib.contextmanager

@@ -86,9 +86,9 @@ def _avail_bits(wrap: int) -> int:
 
 class PackedQueue(Generic[T]):
     """A packed virtqueue with SplitQueue's interface: ``add`` writes a chain (indirect
-    when negotiated) and holds back its head's flags; ``kick`` stores those flags, the
-    batch's first head last, so the device sees the whole batch at once, and notifies
-    unless the device's event suppression says not to; ``reap`` collects and validates
+    when negotiated), holding back the flags of the batch's first head; ``kick`` stores
+    them, so the device sees the whole batch at once, and notifies unless the device's
+    event suppression says not to; ``reap`` collects and validates
     completions in ring order (in any buffer order); ``wait`` polls with a deadline.
     A violation or a timeout runs ``on_fault`` (a device reset) and breaks the queue."""
 
@@ -156,8 +156,13 @@ class PackedQueue(Generic[T]):
         self._avail_flags = _avail_bits(1)
         self._used_pos = 0  # where the device writes the next used descriptor
         self._used_wrap = 1  # "Device Ring Wrap Counter" as the driver tracks it
-        self._held: list[int] = []  # u16 index, flags: heads added and not yet published
-        self._added_slots = 0  # ring slots covered by the held heads
+        # Publication: the first head added after a kick keeps its flags back (u16 index
+        # and value here) until the kick; later heads are stored at once, which the
+        # device cannot see past the held one ("the device ... in ring order").
+        self._held_at = -1
+        self._held_flags = 0
+        self._held_count = 0  # chains added since the last kick
+        self._added_slots = 0  # ring slots they took
         self.in_flight = 0  # published and not yet reaped
         self.completed = 0
         self.kicks = 0
@@ -168,7 +173,7 @@ class PackedQueue(Generic[T]):
     @property
     def outstanding(self) -> int:
         """Chains added and not yet reaped, published or not."""
-        return self.in_flight + len(self._held) // 2
+        return self.in_flight + self._held_count
 
     @property
     def num_free(self) -> int:
@@ -197,8 +202,8 @@ class PackedQueue(Generic[T]):
     # -- submit -------------------------------------------------------------------
     def add(self, segs: Sequence[tuple[int, int, bool]], token: T,
             writable: int | None = None) -> int:
-        """Write a chain of (bus, length, device_writable) segments, hold its head's
-        flags for the next ``kick`` and return its buffer ID."""
+        """Write a chain of (bus, length, device_writable) segments for the next ``kick``
+        to publish and return its buffer ID."""
         if self.broken:
             self._check_usable()
         n = len(segs)
@@ -224,13 +229,20 @@ class PackedQueue(Generic[T]):
         self._token[bid] = token
         return bid
 
+    def _hold(self, index: int, flags: int) -> None:
+        """Store a head's flags (at u16 ``index``), unless it is the batch's first."""
+        if self._held_at < 0:
+            self._held_at, self._held_flags = index, flags
+        else:
+            self._u16[index] = flags
+        self._held_count += 1
+
     def _put_head(self, prefix: bytes, flags: int) -> None:
-        """Store a one-descriptor chain's addr, len and id at the avail position and
-        hold its flags back for ``kick``."""
+        """Store a one-descriptor chain at the avail position (flags last, or held)."""
         pos = self._avail_pos
         off = self._desc_off + 16 * pos
         self._mm[off:off + 14] = prefix
-        self._held += (8 * pos + 7, flags | self._avail_flags)
+        self._hold(8 * pos + 7, flags | self._avail_flags)
         self._added_slots += 1
         self._free_slots -= 1
         pos += 1
@@ -242,7 +254,7 @@ class PackedQueue(Generic[T]):
 
     def _add_direct(self, bid: int, segs: Sequence[tuple[int, int, bool]]) -> None:
         """Consecutive ring descriptors, NEXT on all but the last, the buffer ID in
-        each; every flags word but the head's is stored now."""
+        each; the head's flags last (or held)."""
         if self.indirect:  # a plain add: the ID's table no longer matches what it held
             self._table_segs[bid] = None
             self._framed[bid] = None
@@ -262,7 +274,7 @@ class PackedQueue(Generic[T]):
                 self._avail_wrap ^= 1
                 wrap_flags ^= _BOTH
         self._avail_pos, self._avail_flags = pos, wrap_flags
-        self._held += (head_index, head_flags)
+        self._hold(head_index, head_flags)
         self._added_slots += len(segs)
         self._free_slots -= len(segs)
         self._nslots[bid] = len(segs)
@@ -326,7 +338,11 @@ class PackedQueue(Generic[T]):
         pos = self._avail_pos
         off = self._desc_off + 16 * pos
         mm[off:off + 14] = self._frame_ring[bid]
-        self._held += (8 * pos + 7, _INDIRECT | self._avail_flags)
+        if self._held_at < 0:  # _hold, inlined
+            self._held_at, self._held_flags = 8 * pos + 7, _INDIRECT | self._avail_flags
+        else:
+            self._u16[8 * pos + 7] = _INDIRECT | self._avail_flags
+        self._held_count += 1
         self._added_slots += 1
         self._free_slots -= 1
         self._nslots[bid] = 1
@@ -344,21 +360,17 @@ class PackedQueue(Generic[T]):
         """Publish every chain added since the last kick, and notify if needed."""
         if self.broken:
             self._check_usable()
-        held = self._held
-        if not held:
+        if self._held_at < 0:
             return
+        # Write ordering: every descriptor of the batch (and the later heads' flags) was
+        # stored before this one flags word, which makes the batch visible. x86 is TSO
+        # (stores become visible in program order); a weaker CPU would need a write
+        # barrier here.
+        self._u16[self._held_at] = self._held_flags
+        self._held_at = -1
+        self.in_flight += self._held_count
+        self._held_count = 0
         u16 = self._u16
-        # Write ordering: each chain's other descriptors, and its head's addr/len/id,
-        # were stored before its head's flags. x86 is TSO (stores become visible in
-        # program order); a weaker CPU would need a write barrier here. Heads go last
-        # to first: the device, which looks at the first, then sees the whole batch.
-        if len(held) == 2:
-            u16[held[0]] = held[1]
-        else:
-            for i in range(len(held) - 2, -1, -2):
-                u16[held[i]] = held[i + 1]
-        self.in_flight += len(held) // 2
-        self._held = []
         added, self._added_slots = self._added_slots, 0
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read a
         # stale event suppression structure while the device, having just re-enabled

@@ -181,6 +181,17 @@ class PackedQueue(Generic[T]):
         return self._free_slots
 
     @property
+    def avail_idx(self) -> int:
+        """The next slot to make available, the wrap counter in bit 15 (the encoding of
+        off_wrap in "Event Suppression Structure Format")."""
+        return self._avail_pos | self._avail_wrap << _WRAP_BIT
+
+    @property
+    def used_idx(self) -> int:
+        """The slot of the next used descriptor, the wrap counter in bit 15."""
+        return self._used_pos | self._used_wrap << _WRAP_BIT
+
+    @property
     def avail_wrap(self) -> int:
         return self._avail_wrap
 

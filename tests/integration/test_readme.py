@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,39 @@ def workdir(tmp_path: Path) -> Path:
 
 def test_the_command_line_examples_are_the_ones_tested() -> None:
     assert readme_block("### Command line", "sh") == CLI_EXAMPLES
+
+
+def test_the_main_job_runs_the_demo(tmp_path: Path) -> None:
+    """The README's first command, bare: a scratch disk, info, a read, a write restored."""
+    main_job, test_suite = readme_block("## The two commands", "sh")
+    assert main_job.split("#")[0].strip() == SCRIPT
+    # The second, scripts/test.sh, is this very suite: CI runs it (.ci/run).
+    assert test_suite.split("#")[0].strip() == "scripts/test.sh"
+    r = run_line(SCRIPT + " ", tmp_path)
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()
+    assert "$ virtio-user --backend uio info\n" in out
+    assert "capacity_sectors     131072\n" in out  # the 64 MiB scratch image
+    assert "|virtio-user scra|" in out  # sector 0 of the scratch image, hexdump -C
+    assert "a5 a5 a5 a5" in out  # sector 1 after the pattern write
+    assert out.endswith("demo: done; the user-space driver read and wrote the disk "
+                        "through its own virtqueue\n")
+    assert list((tmp_path / "tmp").iterdir()) == []  # the scratch image is gone
+
+
+def test_session_mode_example(tmp_path: Path) -> None:
+    """The Python block of "Session mode", verbatim, in a folder holding a disk.img."""
+    code = "\n".join(readme_block("### Session mode (Python)", "python"))
+    make_image(tmp_path / "disk.img", 64)
+    r = run_argv([sys.executable, "-c", code], tmp_path)
+    assert r.returncode == 0, r.stderr.decode()
+    lines = r.stdout.decode().splitlines()
+    status, first_json_line = lines[0].split(" ", 1)
+    assert (status, first_json_line) == ("0", "{")
+    end = lines.index("}")
+    assert json.loads("\n".join(["{", *lines[1:end + 1]]))["serial"] == "disk.img"
+    # r.out ends in a newline, then print's own; then 128 + SIGINT, the documented status.
+    assert lines[end + 1:] == ["", "130"]
 
 
 def test_read_example_then_write_example(workdir: Path) -> None:

@@ -8,8 +8,12 @@ from typing import Any
 import pytest
 
 from test_cli import Env
+from virtio_user.bench import VERIFY_BLOCKS
 from virtio_user.spec import Feature
 from virtio_user.transport.fake import DEFAULT_FEATURES
+
+
+BS = 8192
 
 
 @pytest.mark.parametrize("rw", ["randread", "randwrite", "read", "write"])
@@ -24,16 +28,26 @@ def test_bench_runs_the_asked_number_of_ios(rw: str, depth: int, capsys: Any) ->
     assert result["iops"] > 0 and result["mbps"] > 0
     lat = result["lat_us"]
     assert 0 < lat["p50"] <= lat["p99"] <= lat["p99.9"]
-    assert result["verified_blocks"] > 0
-    assert result["kicks"] <= 300  # batches share kicks
+    assert result["verified_blocks"] == VERIFY_BLOCKS
+    # The model completes a whole batch at its notify, so every reap takes all `depth`
+    # requests and resubmits them with one kick: one kick per batch of `depth`.
+    assert result["kicks"] == -(-300 // depth)
 
 
 def test_bench_writes_land_on_the_disk(capsys: Any) -> None:
     env = Env()
     before = bytes(env.device.disk)
     assert env.run("bench", "--rw", "write", "--bs", "8k", "--iodepth", 4, "--ios", 16) == 0
-    assert bytes(env.device.disk) != before
-    assert "IOPS" in capsys.readouterr().out
+    after = bytes(env.device.disk)
+    blocks = [after[i * BS:(i + 1) * BS] for i in range(16)]
+    # Sequential: blocks 0..15, the 4 buffers (distinct contents) taking turns in order.
+    assert len(set(blocks[:4])) == 4
+    assert blocks == blocks[:4] * 4
+    assert all(block != before[i * BS:(i + 1) * BS] for i, block in enumerate(blocks))
+    assert after[16 * BS:] == before[16 * BS:]
+    out = capsys.readouterr().out
+    assert out.startswith("write bs=8192 iodepth=4 backend=fake: 16 ios in ")
+    assert "kicks 4" in out
 
 
 @pytest.mark.parametrize("args,text", [

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,14 @@ def test_markdown_table_has_a_row_per_result(results: Path) -> None:
     rows = json.loads((results / "latest.json").read_text())
     for r in rows:
         assert f"| {r['workload']} | {r['backend_file']} |" in text
+
+
+def test_bench_report_redraws_from_the_json(results: Path, tmp_path: Path) -> None:
+    """The README's `python -m virtio_user.host.bench_report DIR/latest.json`."""
+    shutil.copy(results / "latest.json", tmp_path / "latest.json")
+    r = subprocess.run([sys.executable, "-m", "virtio_user.host.bench_report",
+                        str(tmp_path / "latest.json")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "latest.md").read_text() == (results / "latest.md").read_text()
+    assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

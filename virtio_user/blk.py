@@ -31,9 +31,8 @@ from .errors import (BlkIOError, DeviceError, InvalidArgument, Interrupted, OutO
 from .memory import HUGEPAGE, Chunk, DmaAllocator, DmaRegion
 from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus, Feature, IsrBit, ReqType,
-                   Status, feature_names)
-from .transport import Backend
-from .transport.legacy import LegacyTransport
+                   feature_names)
+from .transport import Backend, Transport, initialize, open_transport
 from .virtqueue import QueueFull, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -140,14 +139,20 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 class VirtioBlk:
-    """A legacy virtio-blk device, initialised and ready; close() resets it."""
+    """A virtio-blk device (legacy or modern transport), initialised and ready;
+    close() resets it."""
 
     def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
-                 pool_buffers: int = POOL_BUFFERS, handle_signals: bool = True) -> None:
+                 pool_buffers: int = POOL_BUFFERS, handle_signals: bool = True,
+                 transport: str = "auto") -> None:
         self.backend = backend
         self.bdf = backend.bdf
         self.timeout = timeout
-        self.transport = LegacyTransport(backend)
+        try:
+            self.transport: Transport = open_transport(backend, transport)
+        except BaseException:
+            backend.close()
+            raise
         self.requests_completed = 0
         self._closed = False
         self._regions: list[DmaRegion] = []
@@ -158,9 +163,10 @@ class VirtioBlk:
         self._config_polled = -1
         _open_devices.add(self)
         try:
-            self._setup(pool_buffers)
+            self.features_offered, self.features = initialize(
+                self.transport, DRIVER_FEATURES, lambda features: self._setup(pool_buffers,
+                                                                              features))
         except BaseException:
-            self.transport.fail()
             self.close()
             raise
         if handle_signals:
@@ -168,22 +174,20 @@ class VirtioBlk:
 
     @classmethod
     def open(cls, bdf: str | None = None, *, backend: str = "uio", rebind: bool = False,
-             timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> VirtioBlk:
-        """Find the device (``bdf`` or the first legacy virtio-blk), take it from the
-        kernel through ``backend`` and initialise it."""
+             timeout: float = DEFAULT_TIMEOUT, transport: str = "auto",
+             **kwargs: Any) -> VirtioBlk:
+        """Find the device (``bdf`` or the first virtio-blk), take it from the kernel
+        through ``backend`` and initialise it over ``transport`` (auto, legacy, modern)."""
         from .transport import open_backend
-        return cls(open_backend(backend, bdf, rebind=rebind), timeout=timeout, **kwargs)
+        return cls(open_backend(backend, bdf, rebind=rebind, transport=transport),
+                   timeout=timeout, transport=transport, **kwargs)
 
     # -- set-up -------------------------------------------------------------------
-    def _setup(self, pool_buffers: int) -> None:
-        """"Legacy Interface: Device Initialization": reset, ACKNOWLEDGE, DRIVER,
-        features, queue, DRIVER_OK."""
+    def _setup(self, pool_buffers: int, features: int) -> None:
+        """The block device's part of "Device Initialization", between FEATURES_OK and
+        DRIVER_OK (``transport.initialize`` does the rest): config, queue, buffers."""
         t = self.transport
-        t.reset()
-        t.add_status(Status.ACKNOWLEDGE)
-        t.add_status(Status.DRIVER)
-        self.features_offered = t.host_features()
-        self.features = t.negotiate(DRIVER_FEATURES)
+        self.features = features
         self.limits = self._read_limits()
         qsize = t.queue_size(0)
         if not qsize:
@@ -204,8 +208,7 @@ class VirtioBlk:
         self._pool = [DmaBuffer(alloc.alloc(MAX_CHUNK, MAX_CHUNK), self.limits.size_max)
                       for _ in range(pool_buffers)]
         self._chunk_sectors = self._chunk_limit(self._pool) // SECTOR_SIZE
-        t.set_queue_pfn(0, self.queue.pfn)
-        t.add_status(Status.DRIVER_OK)
+        t.setup_queue(0, qsize, *_queue_areas(self.queue))
         log.debug("%s: queue %d, indirect %s, event_idx %s, features %s", self.bdf, qsize,
                   indirect, self.queue.event_idx, feature_names(self.features))
 
@@ -300,6 +303,7 @@ class VirtioBlk:
         lim = self.limits
         return {
             "pci_address": self.bdf, "backend": self.backend.name,
+            "transport": self.transport.kind, "iommu": self.transport.iommu,
             "capacity_sectors": lim.capacity, "block_size": lim.block_size,
             "queue_size": self.queue_size,
             "features_offered": feature_names(self.features_offered),
@@ -696,6 +700,15 @@ class VirtioBlk:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _queue_areas(queue: Any) -> tuple[int, int, int]:
+    """Bus addresses of the queue's descriptor, driver and device areas."""
+    areas = getattr(queue, "areas", None)
+    if areas is not None:
+        return tuple(areas)
+    ring, lay = queue.ring.bus, queue.layout
+    return ring + lay.desc, ring + lay.avail, ring + lay.used
 
 
 def _block_signals() -> set[Any] | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DmaError
+from .errors import CannotOpen, DmaError
 
 PAGE = 4096
 HUGEPAGE = 2 << 20
@@ -78,8 +78,11 @@ class DmaRegion:
         self.vaddr = _address_of(mm)  # for VFIO_IOMMU_MAP_DMA
 
     @classmethod
-    def hugepages(cls, size: int, mount: str | None = None) -> DmaRegion:
-        """``size`` bytes (rounded up to 2 MiB) of pinned hugetlbfs memory, zeroed.
+    def hugepages(cls, size: int, mount: str | None = None,
+                  iova: int | None = None) -> DmaRegion:
+        """``size`` bytes (rounded up to 2 MiB) of pinned hugetlbfs memory, zeroed. The
+        bus address of each page is its physical address, or, given ``iova``, the
+        region is bus-contiguous from ``iova`` (the caller maps it so in an IOMMU).
 
         The file is unlinked at once: a hugetlbfs file outlives its process with its
         contents, and a stale ring would confuse the next run (../shared/NOTES.md).
@@ -103,8 +106,17 @@ class DmaRegion:
         finally:
             os.close(fd)
         mm[:] = bytes(size)  # touch every page so it is present, and zero it
+        if iova is not None:
+            page_bus = iova + np.arange(size // PAGE, dtype=np.uint64) * np.uint64(PAGE)
+            return cls(mm, page_bus, f"{size >> 20} MiB of hugepages at IOVA {iova:#x}")
         page_bus = _physical_pages(_address_of(mm), size // PAGE)
         return cls(mm, page_bus, f"{size >> 20} MiB of hugepages")
+
+    def physical(self, offset: int) -> int:
+        """The physical address of the byte at ``offset`` (pagemap; root only), whatever
+        its bus address: to show that an IOVA is not one."""
+        page = int(_physical_pages(self.vaddr + offset - offset % PAGE, 1)[0])
+        return page + offset % PAGE
 
     @classmethod
     def anonymous(cls, size: int, base: int = 0x1_0000_0000,
@@ -160,6 +172,16 @@ class DmaRegion:
             self.mm.close()
         except BufferError:
             pass  # a view is still alive; the mapping goes when the last one does
+
+
+def map_mmio(fd: int, offset: int, size: int, what: str) -> mmap.mmap:
+    """Map ``size`` bytes of a memory BAR: sysfs ``resourceN`` (at 0) or a VFIO region
+    (at its region offset in the device fd). Shared, so stores reach the device."""
+    try:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=offset)
+    except (OSError, ValueError) as exc:
+        raise CannotOpen(f"cannot map {what} ({size:#x} bytes at {offset:#x}): {exc}") from exc
 
 
 @dataclass

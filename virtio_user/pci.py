@@ -1,8 +1,10 @@
 """PCI discovery and driver binding through sysfs, with pyudev for enumeration.
 
-A legacy virtio-blk device is 1af4:1001 with subsystem device 2 ("Legacy Interfaces: A
-Note on PCI Device Discovery"). Binding uses ``driver_override`` + ``drivers_probe``, so
-no other device is affected.
+A virtio-blk device is either transitional, 1af4:1001 with subsystem device 2 ("Legacy
+Interfaces: A Note on PCI Device Discovery"; it may carry the modern capabilities too),
+or modern-only, 1af4:1042 ("PCI Device Discovery": 0x1040 + device type 2; its subsystem
+ID is free). Binding uses ``driver_override`` + ``drivers_probe``, so no other device is
+affected.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BindError, DeviceBusy, DeviceNotFound, InvalidArgument, WrongDevice
-from .spec import VIRTIO_ID_BLOCK, VIRTIO_PCI_LEGACY_BLK, VIRTIO_PCI_VENDOR
+from .spec import (VIRTIO_ID_BLOCK, VIRTIO_PCI_LEGACY_BLK, VIRTIO_PCI_MODERN_BLK,
+                   VIRTIO_PCI_VENDOR)
 
 SYSFS_PCI = Path("/sys/bus/pci")
 _BDF = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
@@ -53,6 +56,14 @@ class PciDevice:
         return (self.vendor == VIRTIO_PCI_VENDOR and self.device == VIRTIO_PCI_LEGACY_BLK
                 and self.subsystem_device == VIRTIO_ID_BLOCK)
 
+    @property
+    def is_modern_blk(self) -> bool:
+        return self.vendor == VIRTIO_PCI_VENDOR and self.device == VIRTIO_PCI_MODERN_BLK
+
+    @property
+    def is_virtio_blk(self) -> bool:
+        return self.is_legacy_blk or self.is_modern_blk
+
     def describe(self) -> str:
         return (f"{self.bdf} ({self.vendor:04x}:{self.device:04x}, driver "
                 f"{self.driver or 'none'})")
@@ -74,19 +85,20 @@ def list_devices() -> list[PciDevice]:
 
 
 def find(bdf: str | None) -> PciDevice:
-    """The legacy virtio-blk device at ``bdf``, or the first one if ``bdf`` is None."""
+    """The virtio-blk device at ``bdf``, or the first one if ``bdf`` is None."""
     devices = list_devices()
     if bdf is None:
-        blk = [d for d in devices if d.is_legacy_blk]
+        blk = [d for d in devices if d.is_virtio_blk]
         if not blk:
-            raise DeviceNotFound("no legacy virtio-blk PCI device (1af4:1001) found")
+            raise DeviceNotFound("no legacy virtio-blk PCI device (1af4:1001) and no "
+                                 "modern one (1af4:1042) found")
         return blk[0]
     bdf = parse_bdf(bdf)
     for d in devices:
         if d.bdf == bdf:
-            if not d.is_legacy_blk:
-                raise WrongDevice(f"{d.describe()} is not a legacy virtio-blk device "
-                                  "(1af4:1001, subsystem 0002)")
+            if not d.is_virtio_blk:
+                raise WrongDevice(f"{d.describe()} is not a virtio-blk device "
+                                  "(1af4:1001 with subsystem 0002, or 1af4:1042)")
             return d
     raise DeviceNotFound(f"no PCI device at {bdf}")
 

@@ -1,12 +1,16 @@
-"""Register I/O on an open file at a base offset: the only user of os.pread/os.pwrite
-for device registers.
+"""Register I/O: the only user of os.pread/os.pwrite for device registers, and of loads
+and stores on memory-mapped BARs.
 
 The legacy BAR0 is an I/O-port BAR that x86 cannot mmap; Linux's sysfs ``resource0``
 (and a vfio region) accept pread/pwrite of exactly 1, 2 or 4 bytes at a register offset.
+A memory BAR (the modern virtio structures) is mmapped (memory.map_mmio) and accessed
+with single loads and stores of the register's width (``MappedRegisters``). A ``Window``
+is the part of a BAR one virtio structure occupies, with the structure's registers.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Callable, Protocol
 
@@ -26,6 +30,21 @@ class RegisterIO(Protocol):
     def read_at(self, offset: int, width: int) -> int: ...
 
     def poker(self, reg: Reg, value: int) -> Callable[[], None]: ...
+
+
+class Mmio(Protocol):
+    """A BAR (or any register file) accessed by offset: 1, 2 or 4 bytes at a time."""
+
+    size: int
+    what: str
+
+    def read_at(self, offset: int, width: int) -> int: ...
+
+    def write_at(self, offset: int, width: int, value: int) -> None: ...
+
+    def poker_at(self, offset: int, width: int, value: int) -> Callable[[], None]: ...
+
+    def close(self) -> None: ...
 
 
 class Registers:
@@ -73,11 +92,15 @@ class Registers:
         with the checks and the encoding done once here instead of per kick."""
         if not reg.writable:
             raise InvalidArgument(f"{self.what}: {reg.name} is read-only")
-        self._check(reg.offset, reg.width)
-        fd, data, pos = self.fd, value.to_bytes(reg.width, "little"), self.base + reg.offset
+        return self.poker_at(reg.offset, reg.width, value, reg.name)
+
+    def poker_at(self, offset: int, width: int, value: int,
+                 name: str = "") -> Callable[[], None]:
+        self._check(offset, width)
+        fd, data, pos = self.fd, value.to_bytes(width, "little"), self.base + offset
         pwrite = os.pwrite
 
-        what = f"{self.what}: writing {reg.name}"
+        what = f"{self.what}: writing {name or f'offset {offset}'}"
 
         def poke() -> None:
             try:  # zero-cost in 3.11 unless it raises
@@ -85,3 +108,96 @@ class Registers:
             except OSError as exc:
                 raise DeviceError(f"{what}: {exc.strerror}") from exc
         return poke
+
+    def close(self) -> None:
+        """The owner closes the file."""
+
+
+class MappedRegisters:
+    """Loads and stores of 1, 2 or 4 bytes on an mmapped memory BAR, each a single
+    access of that width (memoryview item access on a cast view is one aligned load or
+    store), bounds- and alignment-checked."""
+
+    def __init__(self, mm: mmap.mmap, what: str) -> None:
+        self._mm = mm
+        self.size = len(mm)
+        self.what = what
+        whole = memoryview(mm)
+        self._views = {1: whole.cast("B"), 2: whole.cast("H"), 4: whole.cast("I")}
+        self._whole = whole
+
+    def _check(self, offset: int, width: int) -> None:
+        if (width not in _WIDTHS or offset < 0 or offset + width > self.size
+                or offset % width):
+            raise InvalidArgument(f"{self.what}: no aligned {width}-byte register at {offset}")
+
+    def read_at(self, offset: int, width: int) -> int:
+        self._check(offset, width)
+        return int(self._views[width][offset // width])
+
+    def write_at(self, offset: int, width: int, value: int) -> None:
+        self._check(offset, width)
+        self._views[width][offset // width] = value & ((1 << 8 * width) - 1)
+
+    def poker_at(self, offset: int, width: int, value: int,
+                 name: str = "") -> Callable[[], None]:
+        """The notify store on the hot path: checked and bound once."""
+        self._check(offset, width)
+        view, index, value = self._views[width], offset // width, value & ((1 << 8 * width) - 1)
+
+        def poke() -> None:
+            view[index] = value
+        return poke
+
+    def close(self) -> None:
+        for view in self._views.values():
+            view.release()
+        self._whole.release()
+        self._mm.close()
+
+
+class Window:
+    """The ``length`` bytes at ``offset`` of a BAR where one virtio structure lives
+    ("Virtio Structure PCI Capabilities"); registers are given relative to it. 8-byte
+    registers are two 4-byte accesses, low half first."""
+
+    def __init__(self, bar: Mmio, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length <= 0 or offset + length > bar.size:
+            raise DeviceError(f"{what}: {length} bytes at offset {offset:#x} do not fit "
+                              f"{bar.what} ({bar.size:#x} bytes)")
+        self.bar = bar
+        self.offset = offset
+        self.length = length
+        self.what = what
+
+    def _check(self, offset: int, width: int, name: str) -> None:
+        if offset < 0 or offset + width > self.length:
+            raise DeviceError(f"{self.what}: {name or f'offset {offset:#x}'} ({width} bytes) "
+                              f"is past the end of the structure ({self.length:#x} bytes)")
+
+    def read_at(self, offset: int, width: int, name: str = "") -> int:
+        self._check(offset, width, name)
+        if width == 8:
+            return (self.bar.read_at(self.offset + offset, 4)
+                    | self.bar.read_at(self.offset + offset + 4, 4) << 32)
+        return self.bar.read_at(self.offset + offset, width)
+
+    def write_at(self, offset: int, width: int, value: int, name: str = "") -> None:
+        self._check(offset, width, name)
+        if width == 8:
+            self.bar.write_at(self.offset + offset, 4, value & 0xFFFF_FFFF)
+            self.bar.write_at(self.offset + offset + 4, 4, value >> 32)
+        else:
+            self.bar.write_at(self.offset + offset, width, value)
+
+    def read(self, reg: Reg) -> int:
+        return self.read_at(reg.offset, reg.width, reg.name)
+
+    def write(self, reg: Reg, value: int) -> None:
+        if not reg.writable:
+            raise InvalidArgument(f"{self.what}: {reg.name} is read-only")
+        self.write_at(reg.offset, reg.width, value, reg.name)
+
+    def poker_at(self, offset: int, width: int, value: int) -> Callable[[], None]:
+        self._check(offset, width, "")
+        return self.bar.poker_at(self.offset + offset, width, value)

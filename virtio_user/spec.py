@@ -2,7 +2,9 @@
 
 Sections are cited by title: "Split Virtqueues", "Virtqueue Descriptor Table",
 "Legacy Interfaces: A Note on PCI Device Layout", "Device Status Field",
-"Reserved Feature Bits" and "Block Device".
+"Reserved Feature Bits", "Block Device", and from "Virtio Over PCI Bus": "Virtio
+Structure PCI Capabilities", "Common configuration structure layout" and "Notification
+structure layout".
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ MAX_QUEUE_SIZE = 32768  # "Split Virtqueues": queue size is a power of 2, at mos
 
 
 class Feature(IntFlag):
-    """Feature bits a legacy device can offer (32 bits: legacy has no high word)."""
+    """Feature bits, 64 of them: a legacy device has only the low 32; bits 32 and up
+    ("Reserved Feature Bits") exist only on the modern interface."""
 
     VIRTIO_BLK_F_BARRIER = 1 << 0  # legacy
     VIRTIO_BLK_F_SIZE_MAX = 1 << 1
@@ -42,6 +45,15 @@ class Feature(IntFlag):
     VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
     VIRTIO_RING_F_EVENT_IDX = 1 << 29
     VIRTIO_F_BAD_FEATURE = 1 << 30  # legacy: a device offering it is broken
+    VIRTIO_F_VERSION_1 = 1 << 32  # the modern interface; required by it
+    VIRTIO_F_ACCESS_PLATFORM = 1 << 33  # the device's DMA goes through the IOMMU
+    VIRTIO_F_RING_PACKED = 1 << 34
+    VIRTIO_F_IN_ORDER = 1 << 35
+    VIRTIO_F_ORDER_PLATFORM = 1 << 36
+    VIRTIO_F_SR_IOV = 1 << 37
+    VIRTIO_F_NOTIFICATION_DATA = 1 << 38
+    VIRTIO_F_NOTIF_CONFIG_DATA = 1 << 39
+    VIRTIO_F_RING_RESET = 1 << 40
 
 
 # Exactly what this driver implements (issue 3, item 5); everything else is refused.
@@ -56,7 +68,7 @@ DRIVER_FEATURES = (
 def feature_names(bits: int) -> list[str]:
     """Names of the set bits, lowest first; unknown bits as ``bit N``."""
     names = []
-    for n in range(32):
+    for n in range(64):
         if bits >> n & 1:
             try:
                 names.append(str(Feature(1 << n).name))
@@ -158,6 +170,62 @@ class LegacyReg:
 LEGACY_CONFIG_OFFSET = 20
 LEGACY_CONFIG_OFFSET_MSIX = 24
 
+
+class CommonCfg:
+    """"Common configuration structure layout" (struct virtio_pci_common_cfg), in the
+    memory the COMMON capability points at. 64-bit fields are accessed as two 32-bit
+    halves, low first, which the spec allows and devices (QEMU) expect."""
+
+    DEVICE_FEATURE_SELECT = Reg("device_feature_select", 0x00, 4, True)
+    DEVICE_FEATURE = Reg("device_feature", 0x04, 4, False)
+    DRIVER_FEATURE_SELECT = Reg("driver_feature_select", 0x08, 4, True)
+    DRIVER_FEATURE = Reg("driver_feature", 0x0C, 4, True)
+    CONFIG_MSIX_VECTOR = Reg("config_msix_vector", 0x10, 2, True)
+    NUM_QUEUES = Reg("num_queues", 0x12, 2, False)
+    DEVICE_STATUS = Reg("device_status", 0x14, 1, True)
+    CONFIG_GENERATION = Reg("config_generation", 0x15, 1, False)
+    QUEUE_SELECT = Reg("queue_select", 0x16, 2, True)
+    QUEUE_SIZE = Reg("queue_size", 0x18, 2, True)
+    QUEUE_MSIX_VECTOR = Reg("queue_msix_vector", 0x1A, 2, True)
+    QUEUE_ENABLE = Reg("queue_enable", 0x1C, 2, True)
+    QUEUE_NOTIFY_OFF = Reg("queue_notify_off", 0x1E, 2, False)
+    QUEUE_DESC = Reg("queue_desc", 0x20, 8, True)  # descriptor area
+    QUEUE_DRIVER = Reg("queue_driver", 0x28, 8, True)  # driver area (available ring)
+    QUEUE_DEVICE = Reg("queue_device", 0x30, 8, True)  # device area (used ring)
+
+
+COMMON_CFG_MIN_LENGTH = 0x38  # up to queue_device; 1.2's queue_notify_data/reset are optional
+VIRTIO_MSI_NO_VECTOR = 0xFFFF
+
+
+class PciCapType(IntEnum):
+    """"Virtio Structure PCI Capabilities": cfg_type of a vendor capability."""
+
+    VIRTIO_PCI_CAP_COMMON_CFG = 1
+    VIRTIO_PCI_CAP_NOTIFY_CFG = 2
+    VIRTIO_PCI_CAP_ISR_CFG = 3
+    VIRTIO_PCI_CAP_DEVICE_CFG = 4
+    VIRTIO_PCI_CAP_PCI_CFG = 5
+    VIRTIO_PCI_CAP_SHARED_MEMORY_CFG = 8
+    VIRTIO_PCI_CAP_VENDOR_CFG = 9
+
+
+# struct virtio_pci_cap: cap_vndr, cap_next, cap_len, cfg_type, bar, id, padding[2] (u8),
+# offset (le32), length (le32); struct virtio_pci_notify_cap adds notify_off_multiplier.
+VIRTIO_PCI_CAP_DTYPE = np.dtype([
+    ("cap_vndr", "u1"), ("cap_next", "u1"), ("cap_len", "u1"), ("cfg_type", "u1"),
+    ("bar", "u1"), ("id", "u1"), ("padding", "u1", (2,)),
+    ("offset", "<u4"), ("length", "<u4")])
+assert VIRTIO_PCI_CAP_DTYPE.itemsize == 16
+VIRTIO_PCI_NOTIFY_CAP_LEN = 20  # the above + notify_off_multiplier (le32)
+PCI_CAP_ID_VNDR = 0x09
+PCI_STATUS = 0x06  # PCI config: status register (le16)
+PCI_STATUS_CAP_LIST = 1 << 4
+PCI_CAPABILITY_LIST = 0x34  # PCI config: first capability pointer (u8)
+PCI_STD_HEADER_SIZEOF = 0x40  # capabilities live after the standard header
+PCI_CFG_SPACE_SIZE = 0x100  # the conventional space the capability list lives in
+PCI_STD_NUM_BARS = 6
+
 # "Block Device: Device configuration layout" (virtio_blk_config up to unused1).
 BLK_CONFIG_DTYPE = np.dtype([
     ("capacity", "<u8"),
@@ -185,8 +253,10 @@ BLK_OUTHDR_DTYPE = np.dtype([("type", "<u4"), ("reserved", "<u4"), ("sector", "<
 # struct virtio_blk_discard_write_zeroes: sector (le64) + num_sectors (le32) + flags (le32).
 BLK_DWZ_DTYPE = np.dtype([("sector", "<u8"), ("num_sectors", "<u4"), ("flags", "<u4")])
 
-# PCI identity of a legacy ("transitional") virtio-blk device: "Legacy Interfaces: A Note
-# on PCI Device Discovery": vendor 0x1af4, device 0x1001, subsystem device 2 (block).
+# PCI identity of a virtio-blk device ("PCI Device Discovery"): vendor 0x1af4; a
+# transitional device is 0x1001 with subsystem device 2 (block) ("Legacy Interfaces: A
+# Note on PCI Device Discovery"), a modern-only one 0x1040 + 2.
 VIRTIO_PCI_VENDOR = 0x1AF4
 VIRTIO_PCI_LEGACY_BLK = 0x1001
 VIRTIO_ID_BLOCK = 2
+VIRTIO_PCI_MODERN_BLK = 0x1040 + VIRTIO_ID_BLOCK

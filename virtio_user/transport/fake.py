@@ -22,7 +22,7 @@ from ..memory import DmaRegion
 from ..spec import (BLK_CONFIG_DTYPE, BLK_DWZ_DTYPE, LEGACY_CONFIG_OFFSET,
                     LEGACY_CONFIG_OFFSET_MSIX, LEGACY_PFN_SHIFT, SECTOR_SIZE,
                     VIRTIO_BLK_ID_BYTES, BlkStatus, DescFlag, Feature, IsrBit, LegacyReg,
-                    ReqType, Reg)
+                    ReqType, Reg, VIRTIO_PCI_LEGACY_BLK)
 from ..virtqueue import QueueLayout, legacy_layout
 
 DEFAULT_FEATURES = (
@@ -269,6 +269,16 @@ class FakeBackend:
         self.msix_enabled = self.device.msix
         self.contiguous = contiguous
         self.closed = False
+        self.device_id = VIRTIO_PCI_LEGACY_BLK
+        self.config = FakeConfigSpace()  # no capabilities: the legacy interface only
+        self.can_translate = False
+        self.translating = False
+
+    def bar(self, index: int) -> FakeConfigSpace:
+        raise AssertionError("the legacy fake has no memory BARs")
+
+    def enable_translation(self) -> None:
+        raise AssertionError("the fake backend cannot translate")
 
     def alloc_dma(self, size: int) -> DmaRegion:
         base = 0x1_0000_0000 + len(self.device.regions) * (1 << 32)
@@ -285,3 +295,29 @@ class FakeBackend:
     def close(self) -> None:
         self.device.log.append("backend closed")
         self.closed = True
+
+
+class FakeConfigSpace:
+    """256 bytes of PCI configuration space, by default with no capabilities; tests
+    write capability lists into ``data`` (see fake_modern.py)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = bytearray(data.ljust(256, b"\0"))
+        self.size = len(self.data)
+        self.what = "fake PCI config"
+
+    def read_at(self, offset: int, width: int) -> int:
+        assert 0 <= offset and offset + width <= self.size, f"config read at {offset:#x}"
+        return int.from_bytes(self.data[offset:offset + width], "little")
+
+    def write_at(self, offset: int, width: int, value: int) -> None:
+        self.data[offset:offset + width] = value.to_bytes(width, "little")
+
+    def read(self, reg: Reg) -> int:
+        return self.read_at(reg.offset, reg.width)
+
+    def write(self, reg: Reg, value: int) -> None:
+        self.write_at(reg.offset, reg.width, value)
+
+    def poker(self, reg: Reg, value: int) -> Callable[[], None]:
+        return lambda: self.write(reg, value)

@@ -12,9 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..errors import DeviceError, DmaError
 from ..spec import (BLK_CONFIG_DTYPE, LEGACY_CONFIG_OFFSET, LEGACY_CONFIG_OFFSET_MSIX,
-                    MAX_QUEUE_SIZE, IsrBit, LegacyReg, Status)
+                    LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE, IsrBit, LegacyReg,
+                    Status)
 from . import Backend
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,18 @@ log = logging.getLogger(__name__)
 class LegacyTransport:
     """Status, features, queue registers, ISR and device config of a legacy device."""
 
+    kind = "legacy"
+    # A legacy device ignores any IOMMU: its DMA addresses are physical ones.
+    iommu = False
+
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.regs = backend.bar0
-        self.config_offset = (LEGACY_CONFIG_OFFSET_MSIX if backend.msix_enabled
-                              else LEGACY_CONFIG_OFFSET)
+
+    @property
+    def config_offset(self) -> int:
+        """Where the device config starts: it follows MSI-X being switched on or off."""
+        return LEGACY_CONFIG_OFFSET_MSIX if self.backend.msix_enabled else LEGACY_CONFIG_OFFSET
 
     # -- status -------------------------------------------------------------------
     def reset(self) -> None:
@@ -53,14 +61,17 @@ class LegacyTransport:
             log.debug("could not set FAILED", exc_info=True)
 
     # -- features -----------------------------------------------------------------
-    def host_features(self) -> int:
+    def device_features(self) -> int:
         return self.regs.read(LegacyReg.HOST_FEATURES)
 
-    def negotiate(self, wanted: int) -> int:
-        """Write the subset of offered features we implement; returns it."""
-        accepted = self.host_features() & wanted
-        self.regs.write(LegacyReg.GUEST_FEATURES, accepted)
-        return accepted
+    def transport_features(self, offered: int) -> int:
+        return 0  # 32 feature bits, none of them the transport's
+
+    def set_driver_features(self, features: int) -> None:
+        self.regs.write(LegacyReg.GUEST_FEATURES, features & 0xFFFF_FFFF)
+
+    def features_ok(self) -> None:
+        """"Legacy Interface: Device Initialization": no FEATURES_OK step."""
 
     # -- queues -------------------------------------------------------------------
     def queue_size(self, index: int) -> int:
@@ -73,6 +84,21 @@ class LegacyTransport:
                               f"power of 2 up to {MAX_QUEUE_SIZE}")
         return size
 
+    def setup_queue(self, index: int, size: int, desc: int, driver: int, device: int) -> None:
+        """A legacy device takes one page frame number: the three areas must be the
+        legacy layout ("Legacy Interfaces: A Note on Virtqueue Layout"), contiguous from
+        a 4096-byte aligned descriptor table, used ring on the next 4096-byte boundary
+        after the available ring."""
+        from ..virtqueue import legacy_layout
+        lay = legacy_layout(size)
+        if (desc % LEGACY_QUEUE_ALIGN or driver != desc + lay.avail
+                or device != desc + lay.used):
+            raise DmaError(f"queue {index} areas {desc:#x}/{driver:#x}/{device:#x} are not "
+                           f"the legacy layout for size {size}")
+        if (desc >> LEGACY_PFN_SHIFT) >> 32:
+            raise DmaError(f"queue at {desc:#x} is beyond QUEUE_ADDRESS's 32-bit PFN")
+        self.set_queue_pfn(index, desc >> LEGACY_PFN_SHIFT)
+
     def set_queue_pfn(self, index: int, pfn: int) -> None:
         self.regs.write(LegacyReg.QUEUE_SELECT, index)
         self.regs.write(LegacyReg.QUEUE_ADDRESS, pfn)
@@ -82,6 +108,19 @@ class LegacyTransport:
     def notifier(self, index: int) -> Callable[[], None]:
         """The kick for queue ``index``: a write of its number to QUEUE_NOTIFY."""
         return self.regs.poker(LegacyReg.QUEUE_NOTIFY, index)
+
+    def set_config_vector(self, vector: int) -> int:
+        """Route config-change interrupts to MSI-X ``vector``; returns what the device
+        kept (VIRTIO_MSI_NO_VECTOR: refused). Only while MSI-X is enabled."""
+        self.regs.write(LegacyReg.CONFIG_MSIX_VECTOR, vector)
+        return self.regs.read(LegacyReg.CONFIG_MSIX_VECTOR)
+
+    def set_queue_vector(self, index: int, vector: int) -> int:
+        """Route queue ``index``'s used-buffer interrupts to MSI-X ``vector``; returns
+        what the device kept, as ``set_config_vector``."""
+        self.regs.write(LegacyReg.QUEUE_SELECT, index)
+        self.regs.write(LegacyReg.QUEUE_MSIX_VECTOR, vector)
+        return self.regs.read(LegacyReg.QUEUE_MSIX_VECTOR)
 
     def isr(self) -> IsrBit:
         """Read (and thereby clear) the ISR status: bit 1 means the config changed."""

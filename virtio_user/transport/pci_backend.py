@@ -4,7 +4,8 @@ backend's driver, turn on I/O decoding and bus mastering, find out whether MSI-X
 and on close optionally hand the device back to virtio-pci.
 
 Subclasses say which driver (``DRIVER``), how BAR0 and the config space are reached
-(``_open_registers``) and where DMA memory comes from (``alloc_dma``).
+(``_open_registers``), how other BARs are mapped (``_open_bar``) and where DMA memory
+comes from (``alloc_dma``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 from .. import pci
 from ..errors import DeviceBusy
 from ..memory import DmaRegion
-from ..regs import Registers
+from ..errors import DeviceError
+from ..regs import Mmio, Registers
 
 REBIND_DRIVER = "virtio-pci"
 _PCI_STATUS, _STATUS_CAP_LIST, _CAP_PTR, _CAP_MSIX = 6, 1 << 4, 0x34, 0x11
@@ -33,11 +35,15 @@ class PciBackend:
 
     name = "pci"
     DRIVER = ""
+    can_translate = False  # can map DMA at IOVAs != physical addresses (vfio)
 
     def __init__(self, dev: pci.PciDevice, *, rebind: bool = False) -> None:
         self.dev = dev
         self.bdf = dev.bdf
+        self.device_id = dev.device
         self.rebind = rebind
+        self.translating = False
+        self._bars: dict[int, Mmio] = {}
         self._lock_fd: int | None = self._lock()
         try:
             self._preflight()
@@ -66,6 +72,25 @@ class PciBackend:
 
     def alloc_dma(self, size: int) -> DmaRegion:
         raise NotImplementedError
+
+    def bar(self, index: int) -> Mmio:
+        """BAR ``index``, mapped on first use and kept until close."""
+        if not 0 <= index < 6:
+            raise DeviceError(f"{self.bdf}: there is no BAR {index}")
+        if index not in self._bars:
+            self._bars[index] = self._open_bar(index)
+        return self._bars[index]
+
+    def _open_bar(self, index: int) -> Mmio:
+        raise NotImplementedError
+
+    def enable_translation(self) -> None:
+        raise DeviceError(f"{self.bdf}: the {self.name} backend cannot translate DMA")
+
+    def _close_bars(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars = {}
 
     def _release(self) -> None:
         """Close what ``_open_registers`` and ``alloc_dma`` opened."""
@@ -102,6 +127,7 @@ class PciBackend:
     def close(self) -> None:
         """Only after the device reset and every DmaRegion closed (see Backend)."""
         try:
+            self._close_bars()
             self._release()
             if self.rebind:
                 pci.release(self.dev, REBIND_DRIVER)

@@ -7,7 +7,13 @@ say otherwise), so the device ignores the IOMMU and puts guest-physical addresse
 bus. Every DMA mapping therefore uses IOVA == physical address; the mapping still pins
 the pages and keeps the VFIO contract, but it is not isolation. ``map_dma`` checks each
 mapping against the IOMMU's usable ranges at set-up, so a violation is a clear error
-here rather than a request that hangs later. Real isolation needs the modern transport.
+here rather than a request that hangs later.
+
+Real isolation: a modern device that negotiated VIRTIO_F_ACCESS_PLATFORM puts IOVAs on
+the bus, translated by the IOMMU ("Reserved Feature Bits"). Then ``enable_translation``
+switches the backend to IOVAs of its own choosing, a compact range from ``IOVA_BASE``
+that avoids the group's reserved regions, one bus-contiguous range per DmaRegion; the
+device can reach exactly what was mapped there and nothing else.
 """
 
 from __future__ import annotations
@@ -16,14 +22,18 @@ import errno
 import os
 from pathlib import Path
 
-from ..errors import BackendUnavailable, CannotOpen, DeviceBusy, DmaError
-from ..memory import DmaRegion
-from ..regs import Registers
+from ..errors import BackendUnavailable, CannotOpen, DeviceBusy, DeviceError, DmaError
+from ..memory import HUGEPAGE, DmaRegion, map_mmio
+from ..regs import MappedRegisters, Mmio, Registers
 from . import vfio_ioctl as ioctl
 from .pci_backend import PciBackend
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 VFIO_DEV = Path("/dev/vfio")
+# Where translated DMA memory goes: 64 GiB, above the physical addresses of the small
+# guests this runs in (so an IOVA is visibly not a physical address) and below the
+# 39-bit address width of QEMU's emulated Intel IOMMU.
+IOVA_BASE = 0x10_0000_0000
 
 
 def iommu_group(bdf: str) -> int:
@@ -61,6 +71,7 @@ class VfioDevice:
         self.bdf = bdf
         self.container = self.group = self.device = -1
         self.mappings: list[tuple[int, int]] = []  # (iova, size)
+        self._next_iova = IOVA_BASE
         try:
             self._open()
         except BaseException:
@@ -124,6 +135,29 @@ class VfioDevice:
                 "falls in a range the IOMMU reserves") from exc
         self.mappings.append((phys, size))
 
+    def alloc_iova(self, size: int) -> int:
+        """The next free ``size`` bytes of IOVA space (2 MiB aligned) that no reserved
+        region of the group touches."""
+        iova = self._next_iova
+        moved = True
+        while moved:
+            moved = False
+            for start, end, _ in self.reserved:
+                if iova <= end and start < iova + size:
+                    iova = -(-(end + 1) // HUGEPAGE) * HUGEPAGE
+                    moved = True
+        self._next_iova = iova + size
+        return iova
+
+    def map_iova(self, vaddr: int, iova: int, size: int) -> None:
+        """Map ``size`` bytes at ``vaddr`` to ``iova`` (a device behind the IOMMU)."""
+        try:
+            ioctl.map_dma(self.container, vaddr, iova, size)
+        except OSError as exc:
+            raise DmaError(f"cannot map DMA memory at IOVA {iova:#x} (+{size:#x}) for "
+                           f"{self.bdf}: {exc.strerror}") from exc
+        self.mappings.append((iova, size))
+
     def unmap_all(self) -> None:
         while self.mappings:
             iova, size = self.mappings.pop()
@@ -149,6 +183,7 @@ class VfioBackend(PciBackend):
 
     name = "vfio"
     DRIVER = "vfio-pci"
+    can_translate = True
 
     def _preflight(self) -> None:
         if not (VFIO_DEV / "vfio").exists():
@@ -163,7 +198,15 @@ class VfioBackend(PciBackend):
         return (Registers(self.vfio.device, *bar0, f"{self.bdf} BAR0 (vfio)"),
                 Registers(self.vfio.device, *config, f"{self.bdf} PCI config (vfio)"))
 
+    def enable_translation(self) -> None:
+        if self.vfio.mappings:
+            raise DeviceError(f"{self.bdf}: DMA memory was mapped before translation was "
+                              "negotiated")
+        self.translating = True
+
     def alloc_dma(self, size: int) -> DmaRegion:
+        if self.translating:
+            return self._alloc_translated(size)
         region = DmaRegion.hugepages(size)
         try:
             for offset, bus, length in region.runs():
@@ -172,6 +215,32 @@ class VfioBackend(PciBackend):
             region.close()
             raise
         return region
+
+    def _alloc_translated(self, size: int) -> DmaRegion:
+        """Hugepages mapped at one IOVA range: bus-contiguous whatever the physical pages."""
+        size = -(-size // HUGEPAGE) * HUGEPAGE
+        iova = self.vfio.alloc_iova(size)
+        region = DmaRegion.hugepages(size, iova=iova)
+        try:
+            self.vfio.map_iova(region.vaddr, iova, region.size)
+        except BaseException:
+            region.close()
+            raise
+        return region
+
+    def _open_bar(self, index: int) -> Mmio:
+        """The BAR's VFIO region: mmapped when vfio-pci allows it, else pread/pwrite."""
+        what = f"{self.bdf} BAR{index} (vfio)"
+        try:
+            info = ioctl.region_info(self.vfio.device, index)
+        except OSError as exc:
+            raise DeviceError(f"{what}: no region info: {exc.strerror}") from exc
+        if not info.size:
+            raise DeviceError(f"{what} is not implemented by the device")
+        offset, size = int(info.offset), int(info.size)
+        if info.flags & ioctl.VFIO_REGION_INFO_FLAG_MMAP:
+            return MappedRegisters(map_mmio(self.vfio.device, offset, size, what), what)
+        return Registers(self.vfio.device, offset, size, what)
 
     def _release(self) -> None:
         if hasattr(self, "vfio"):

@@ -8,4 +8,4 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$repo/scripts/setup.sh"
-exec "${VIRTIO_USER_VENV:-$repo/.venv}/bin/python" -m virtio_user.host.bench "$@"
+exec "${VIRTIO_USER_VENV:-$repo/.venv}/bin/python" -m virtio_user.host.bench_harness "$@"

@@ -1,5 +1,5 @@
-"""A seconds-long run of scripts/bench.sh: every kind of workload through both drivers
-(issue 5), with the options the README shows for bench.sh, each in its README form.
+"""A seconds-long run of scripts/bench.sh: every kind of workload through both drivers,
+with the options the README shows for bench.sh, each in its README form.
 
 It checks that the benchmark works end to end and writes its three outputs, never how
 fast anything is: the targets are benchmark figures, not timed tests.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_user.host.bench import README_ENV, REPO, WORKLOADS
+from virtio_user.host.bench_harness import README_ENV, REPO, WORKLOADS
 from virtio_user.host.bench_report import README_BEGIN, README_END
 
 pytestmark = pytest.mark.qemu

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_user.host import bench, bench_report
+from virtio_user.host import bench_harness, bench_report
 
 FIO_READ = {"jobs": [{"error": 0, "read": {
     "iops": 4000.0, "bw_bytes": 16_384_000,
@@ -15,49 +15,49 @@ FIO_READ = {"jobs": [{"error": 0, "read": {
                                "99.900000": 900_000}}}, "write": {}}]}
 
 
-def sample(iops: float, p99: float = 400.0) -> bench.Sample:
-    return bench.Sample(iops, iops * 4096 / 1e6, {"p50": 150.0, "p99": p99, "p99.9": 900.0})
+def sample(iops: float, p99: float = 400.0) -> bench_harness.Sample:
+    return bench_harness.Sample(iops, iops * 4096 / 1e6, {"p50": 150.0, "p99": p99, "p99.9": 900.0})
 
 
 def test_fio_json_gives_iops_mbps_and_clat_in_microseconds() -> None:
-    s = bench.Sample.from_fio(FIO_READ, "read")
-    assert s == bench.Sample(4000.0, 16.384, {"p50": 150.0, "p99": 400.0, "p99.9": 900.0})
+    s = bench_harness.Sample.from_fio(FIO_READ, "read")
+    assert s == bench_harness.Sample(4000.0, 16.384, {"p50": 150.0, "p99": 400.0, "p99.9": 900.0})
 
 
 def test_a_failed_fio_job_is_an_error() -> None:
-    with pytest.raises(bench.HarnessError):
-        bench.Sample.from_fio({"jobs": [{"error": 5}]}, "read")
+    with pytest.raises(bench_harness.HarnessError):
+        bench_harness.Sample.from_fio({"jobs": [{"error": 5}]}, "read")
 
 
 def test_our_json_contract() -> None:
     ours = {"rw": "randread", "bs": 4096, "iodepth": 32, "ios": 12345, "seconds": 2.0,
             "iops": 6172.5, "mbps": 25.3, "lat_us": {"p50": 150.0, "p99": 400.0,
                                                      "p99.9": 900.0}, "backend": "uio"}
-    assert bench.Sample.from_ours(ours) == bench.Sample(6172.5, 25.3, ours["lat_us"])
+    assert bench_harness.Sample.from_ours(ours) == bench_harness.Sample(6172.5, 25.3, ours["lat_us"])
 
 
 def test_medians_are_taken_figure_by_figure() -> None:
-    m = bench.median_sample([sample(1000, p99=900), sample(3000, p99=100), sample(2000)])
+    m = bench_harness.median_sample([sample(1000, p99=900), sample(3000, p99=100), sample(2000)])
     assert (m.iops, m.lat_us["p99"]) == (2000, 400)
 
 
 def test_workload_names_and_the_kernel_command() -> None:
-    names = [w.name for w in bench.WORKLOADS]
+    names = [w.name for w in bench_harness.WORKLOADS]
     assert names == ["randread-4k-qd1", "randread-4k-qd8", "randread-4k-qd32",
                      "randwrite-4k-qd1", "randwrite-4k-qd32", "read-1m-qd8", "write-1m-qd8"]
-    argv = bench.fio_argv("/dev/vdb", bench.WORKLOADS[2], bench.Amount(runtime=5))
+    argv = bench_harness.fio_argv("/dev/vdb", bench_harness.WORKLOADS[2], bench_harness.Amount(runtime=5))
     for opt in ("--ioengine=io_uring", "--direct=1", "--rw=randread", "--bs=4096",
                 "--iodepth=32", "--runtime=5000ms", "--time_based"):
         assert opt in argv
-    assert "--io_size=4194304" in bench.fio_argv("/dev/vdb", bench.WORKLOADS[5],
-                                                 bench.Amount(ios=4))
+    assert "--io_size=4194304" in bench_harness.fio_argv("/dev/vdb", bench_harness.WORKLOADS[5],
+                                                 bench_harness.Amount(ios=4))
 
 
 def test_outputs(tmp_path: Path) -> None:
     rows = [bench_report.Row(w.name, w.rw, w.bs, w.iodepth, dev, w.target,
                              ours=sample(3000 if dev == "raw" else 6000),
                              kernel=sample(2000 if dev == "raw" else 4000))
-            for dev in ("raw", "null-co") for w in bench.WORKLOADS]
+            for dev in ("raw", "null-co") for w in bench_harness.WORKLOADS]
     meta = bench_report.Meta("tcg", {"cpu": "CPU", "cores": 2, "host_kernel": "6.1",
                                      "qemu": "7.2", "guest": "q35", "commit": "abc"},
                              "uio", rounds=3, runtime=5.0, ios=None, cache="writeback",

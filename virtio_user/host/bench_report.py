@@ -1,6 +1,6 @@
-"""The benchmark's outputs: latest.json, latest.md and latest.png (issue 5, item 3).
+"""The benchmark's outputs: latest.json, latest.md and latest.png.
 
-Kept apart from the orchestration (bench.py) so a report can be redrawn from a JSON file
+Kept apart from the orchestration (bench_harness.py) so a report can be redrawn from a JSON file
 without booting anything: ``python -m virtio_user.host.bench_report results/latest.json``.
 """
 

@@ -1,4 +1,4 @@
-"""Benchmarks: our driver next to the kernel's virtio_blk, in one guest, in one run (issue 5).
+"""Benchmarks: our driver next to the kernel's virtio_blk, in one guest, in one run.
 
 One TCG guest holds four identical legacy virtio-blk devices: two raw images of the same
 size and cache mode, and two ``null-co`` devices (QEMU's no-op backend, the ceiling of
@@ -8,7 +8,7 @@ takes it from the kernel) and the second stays with the kernel's virtio_blk, dri
 kernel's, for N rounds, and the medians are kept, so that noise from the host (other
 guests on a 2-core machine) hits both sides alike.
 
-    python -m virtio_user.host.bench [--runtime S | --ios N] [--rounds N] [--quick]
+    python -m virtio_user.host.bench_harness [--runtime S | --ios N] [--rounds N] [--quick]
                                      [--backend uio|vfio] [--out DIR]
 
 Writes ``latest.json``, ``latest.md`` and ``latest.png`` into ``--out`` (bench_report.py).

@@ -154,15 +154,18 @@ class PackedQueue(Generic[T]):
         self._avail_pos = 0  # next ring slot to fill
         self._avail_wrap = 1  # "Driver Ring Wrap Counter", starts at 1
         self._avail_flags = _avail_bits(1)
-        self._used_pos = 0  # where the device writes the next used descriptor
-        self._used_wrap = 1  # "Device Ring Wrap Counter" as the driver tracks it
+        # Where the device writes the next used descriptor, as the u16 index of its
+        # flags (slot 8i+7), and the wrap bits that slot has while still available: the
+        # "Device Ring Wrap Counter" as the driver tracks it (1 at first: AVAIL set).
+        self._used_at = 7
+        self._used_pending = _AVAIL
         # Publication: the first head added after a kick keeps its flags back (u16 index
         # and value here) until the kick; later heads are stored at once, which the
         # device cannot see past the held one ("the device ... in ring order").
         self._held_at = -1
         self._held_flags = 0
         self._held_count = 0  # chains added since the last kick
-        self._added_slots = 0  # ring slots they took
+        self._kick_pos = 0  # the avail position at the last kick
         self.in_flight = 0  # published and not yet reaped
         self.completed = 0
         self.kicks = 0
@@ -189,7 +192,7 @@ class PackedQueue(Generic[T]):
     @property
     def used_idx(self) -> int:
         """The slot of the next used descriptor, the wrap counter in bit 15."""
-        return self._used_pos | self._used_wrap << _WRAP_BIT
+        return self._used_at >> 3 | self.used_wrap << _WRAP_BIT
 
     @property
     def avail_wrap(self) -> int:
@@ -197,7 +200,7 @@ class PackedQueue(Generic[T]):
 
     @property
     def used_wrap(self) -> int:
-        return self._used_wrap
+        return int(self._used_pending == _AVAIL)
 
     def next_head(self) -> int:
         """The buffer ID the next ``add`` will return (callers keep per-request state,
@@ -254,7 +257,6 @@ class PackedQueue(Generic[T]):
         off = self._desc_off + 16 * pos
         self._mm[off:off + 14] = prefix
         self._hold(8 * pos + 7, flags | self._avail_flags)
-        self._added_slots += 1
         self._free_slots -= 1
         pos += 1
         if pos == self.size:
@@ -286,7 +288,6 @@ class PackedQueue(Generic[T]):
                 wrap_flags ^= _BOTH
         self._avail_pos, self._avail_flags = pos, wrap_flags
         self._hold(head_index, head_flags)
-        self._added_slots += len(segs)
         self._free_slots -= len(segs)
         self._nslots[bid] = len(segs)
 
@@ -354,7 +355,6 @@ class PackedQueue(Generic[T]):
         else:
             self._u16[8 * pos + 7] = _INDIRECT | self._avail_flags
         self._held_count += 1
-        self._added_slots += 1
         self._free_slots -= 1
         self._nslots[bid] = 1
         pos += 1
@@ -377,12 +377,12 @@ class PackedQueue(Generic[T]):
         # stored before this one flags word, which makes the batch visible. x86 is TSO
         # (stores become visible in program order); a weaker CPU would need a write
         # barrier here.
-        self._u16[self._held_at] = self._held_flags
+        u16 = self._u16
+        u16[self._held_at] = self._held_flags
         self._held_at = -1
         self.in_flight += self._held_count
         self._held_count = 0
-        u16 = self._u16
-        added, self._added_slots = self._added_slots, 0
+        since, self._kick_pos = self._kick_pos, self._avail_pos
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read a
         # stale event suppression structure while the device, having just re-enabled
         # notifications, reads our old flags: a lost kick.
@@ -391,22 +391,23 @@ class PackedQueue(Generic[T]):
         flags = u16[self._device_flags] & 3
         if flags == _DISABLE:
             return
-        if flags == _DESC_EVENT and self.event_idx and not self._need_event(added):
+        if flags == _DESC_EVENT and self.event_idx and not self._need_event(since):
             return
         self._notify()  # a register write into the device: also a full barrier
         self.kicks += 1
 
-    def _need_event(self, added: int) -> bool:
+    def _need_event(self, since: int) -> bool:
         """"Driver notifications" with RING_EVENT_FLAGS_DESC: notify when the descriptor
-        at off_wrap is among the ``added`` slots just published (Linux's
-        virtqueue_kick_prepare_packed, in free-running 16-bit arithmetic)."""
+        at off_wrap is among the slots just published, from ``since`` (exclusive of the
+        new avail position; a whole ring when they are equal) (Linux's
+        virtqueue_kick_prepare_packed, in 16-bit arithmetic)."""
         off_wrap = self._u16[self._device_off_wrap]
         event = off_wrap & 0x7FFF
         if off_wrap >> _WRAP_BIT != self._avail_wrap:
             event -= self.size
         new = self._avail_pos
-        old = new - added
-        return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        added = (new - since) % self.size or self.size
+        return (new - event - 1) & 0xFFFF < added
 
     # -- complete -----------------------------------------------------------------
     def reap(self) -> list[tuple[T, int]]:
@@ -420,23 +421,23 @@ class PackedQueue(Generic[T]):
             return []
         u16, u32, tokens, writable = self._u16, self._u32, self._token, self._writable
         nslots, free, size = self._nslots, self._free, self.size
-        pos, wrap = self._used_pos, self._used_wrap
-        used_bits = _BOTH if wrap else 0
-        avail_bits = _AVAIL if wrap else _USED
+        at, end = self._used_at, 8 * size  # u16 index of the used position's flags
+        pending = self._used_pending
+        used_bits = pending ^ _USED  # AVAIL|USED in lap 1, neither in lap 0
         out: list[tuple[T, int]] = []
         while left:
-            bits = u16[8 * pos + 7] & _BOTH
+            bits = u16[at] & _BOTH
             if bits != used_bits:
-                if bits == avail_bits:
+                if bits == pending:
                     break  # still available: not used yet
-                self._fault(f"{self.name}: used descriptor at slot {pos} has wrap bits "
+                self._fault(f"{self.name}: used descriptor at slot {at >> 3} has wrap bits "
                             f"{bits:#06x}, expected {used_bits:#06x} (used wrap counter "
-                            f"{wrap})")
-            bid, length = u16[8 * pos + 6], u32[4 * pos + 2]
+                            f"{int(bool(used_bits))})")
+            bid, length = u16[at - 1], u32[(at >> 1) - 1]  # id and len of that slot
             token = tokens[bid] if bid < size else None
             if token is None:
                 why = "out of range" if bid >= size else "not in flight"
-                self._fault(f"{self.name}: used buffer ID {bid} at slot {pos} is {why} "
+                self._fault(f"{self.name}: used buffer ID {bid} at slot {at >> 3} is {why} "
                             f"(queue size {size})")
             if length > writable[bid]:
                 self._fault(f"{self.name}: used len {length} for buffer ID {bid} exceeds "
@@ -445,15 +446,14 @@ class PackedQueue(Generic[T]):
             free.append(bid)
             n = nslots[bid]
             self._free_slots += n
-            pos += n
-            if pos >= size:
-                pos -= size
-                wrap ^= 1
+            at += 8 * n
+            if at >= end:
+                at -= end
                 used_bits ^= _BOTH
-                avail_bits ^= _BOTH
+                pending ^= _BOTH
             out.append((token, length))  # type: ignore[arg-type]
             left -= 1
-        self._used_pos, self._used_wrap = pos, wrap
+        self._used_at, self._used_pending = at, pending
         self.in_flight = left
         self.completed += len(out)
         return out
@@ -461,18 +461,15 @@ class PackedQueue(Generic[T]):
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout
         after ``timeout`` seconds."""
-        if not self.in_flight or self.broken:
-            return self.reap()
-        u16, index = self._u16, 8 * self._used_pos + 7
-        pending = _AVAIL if self._used_wrap else _USED
-        if u16[index] & _BOTH != pending:
-            return self.reap()
+        u16, at, pending = self._u16, self._used_at, self._used_pending
+        if u16[at] & _BOTH != pending or not self.in_flight or self.broken:
+            return self.reap()  # something to reap already (or nothing to wait for)
         if self.waiter is not None:
             return self._sleep_wait(self.waiter, timeout)
         clock = time.monotonic
         deadline = 0.0
         spins = 0
-        while u16[index] & _BOTH == pending:
+        while u16[at] & _BOTH == pending:
             # The clock only every 1024 spins (see SplitQueue.wait: clock reads trap
             # into QEMU under TCG).
             spins += 1
@@ -504,8 +501,8 @@ class PackedQueue(Generic[T]):
     # -- used buffer notifications (for a Waiter) ---------------------------------------
     def has_used(self) -> bool:
         """The descriptor at the used position no longer has the available bits."""
-        pending = _avail_bits(self._used_wrap)
-        return bool(self.in_flight) and self._u16[8 * self._used_pos + 7] & _BOTH != pending
+        return bool(self.in_flight) and (self._u16[self._used_at] & _BOTH
+                                         != self._used_pending)
 
     def arm_interrupts(self) -> bool:
         """"Driver Requirements: Event Suppression": RING_EVENT_FLAGS_ENABLE in the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,14 @@ echo "kernel-sectors $(cat /sys/bus/pci/devices/0000:00:10.0/virtio*/block/vd*/s
 virtio-user --device 0000:00:11.0 info --json > ro.json; echo "status info $?"
 echo "memtotal-kib $(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
 """
-QCOW2_OPTIONS = "format=qcow2,readonly=on,cache=none,queue-size=1024"  # the README's
+SERIAL = "ro-layer"
+
+
+def readme_disk_options() -> str:
+    """What the README shows after ``PATH,`` for --disk, its serial S made a real one."""
+    shown = re.search(r"`PATH,([^`]+)`", (REPO / "README.md").read_text())
+    assert shown is not None
+    return shown.group(1).replace("serial=S", f"serial={SERIAL}")
 
 
 def test_disk_options_memory_rebind_and_unmap(workdir: Path) -> None:
@@ -147,8 +155,10 @@ def test_disk_options_memory_rebind_and_unmap(workdir: Path) -> None:
     layered = make_image(workdir / "layered.qcow2", 16, "qcow2")
     layered_before = layered.read_bytes()
 
+    options = readme_disk_options()
+    assert options.startswith("format=qcow2,readonly=on,cache=none,queue-size=1024")
     r = run_argv([str(RUN_IN_QEMU), "--disk", "disk.img",
-                  "--disk", f"layered.qcow2,{QCOW2_OPTIONS}", "--memory", "768",
+                  "--disk", f"layered.qcow2,{options}", "--memory", "768",
                   "--", "sh", "-c", GUEST_SCRIPT], workdir)
     assert r.returncode == 0, r.stderr.decode()
     lines = r.stdout.decode().splitlines()
@@ -165,12 +175,13 @@ def test_disk_options_memory_rebind_and_unmap(workdir: Path) -> None:
     assert after[:8 * SECTOR] == original[:8 * SECTOR]
     assert after[24 * SECTOR:] == original[24 * SECTOR:]
 
-    # PATH,format=qcow2,readonly=on,cache=none,queue-size=1024: the guest sees the format,
-    # readonly and queue-size; cache=none (O_DIRECT on the host) shows only in QEMU starting.
+    # PATH,format=qcow2,readonly=on,cache=none,queue-size=1024[,serial=S]: the guest sees
+    # all but cache=none (O_DIRECT on the host), which shows only in QEMU starting.
     info = json.loads((workdir / "ro.json").read_text())
     assert info["capacity_sectors"] == 16 * 2048  # qcow2's virtual size, not the file's
     assert info["read_only"] is True
     assert info["queue_size"] == 1024
+    assert info["serial"] == (SERIAL if "serial=" in options else "layered.qcow2")
     assert layered.read_bytes() == layered_before
 
     # --memory 768: the guest has 768 MiB less what the kernel keeps for itself.

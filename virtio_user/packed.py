@@ -120,13 +120,16 @@ class PackedQueue(Generic[T]):
         self.driver_event = np.ndarray((), EVENT_SUPPRESS_DTYPE, mm, base + lay.driver)
         self.device_event = np.ndarray((), EVENT_SUPPRESS_DTYPE, mm, base + lay.device)
         # ... and memoryview casts for the hot path (a numpy scalar access costs several
-        # times a plain index). Slot i: id at u16 8i+6, flags at u16 8i+7, len at u32 4i+2.
-        self._u16 = memoryview(mm)[base:base + lay.total].cast("H")
-        self._u32 = memoryview(mm)[base:base + lay.total].cast("I")
-        self._device_off_wrap = lay.device // 2
-        self._device_flags = lay.device // 2 + 1
+        # times a plain index), over the whole region so that an index follows from a
+        # byte offset with a shift: the slot at offset o has id at u16 o/2+6, flags at
+        # u16 o/2+7, len at u32 o/4+2.
+        self._u16 = memoryview(mm).cast("H")
+        self._u32 = memoryview(mm).cast("I")
+        self._device_off_wrap = (base + lay.device) // 2
+        self._device_flags = (base + lay.device) // 2 + 1
         # We poll: no used buffer notifications ("Driver Requirements: Event Suppression").
-        self._driver_flags = lay.driver // 2 + 1
+        self._driver_off_wrap = (base + lay.driver) // 2
+        self._driver_flags = (base + lay.driver) // 2 + 1
         self._u16[self._driver_flags] = _DISABLE
         if indirect:
             self._table_bytes = 1 << (PACKED_DESC_DTYPE.itemsize * max_chain - 1).bit_length()
@@ -145,19 +148,21 @@ class PackedQueue(Generic[T]):
         self._frame_last: list[bytes] = []
         self._frame_ring: list[bytes] = []  # addr, len, id of the ring descriptor
         self._structs: dict[int, struct.Struct] = {}
-        # Driver-private bookkeeping (never read back from device memory).
+        # Driver-private bookkeeping (never read back from device memory). A chain of k
+        # ring descriptors holds k buffer IDs (its own, first in _chain, and k-1 parked),
+        # so there are always exactly as many free IDs as free descriptors.
         self._free = list(range(size - 1, -1, -1))  # buffer IDs
-        self._free_slots = size  # ring descriptors not held by a chain
+        self._chain: list[list[int] | None] = [None] * size  # IDs of a multi-slot chain
         self._token: list[T | None] = [None] * size
         self._writable = [0] * size
-        self._nslots = [0] * size  # ring descriptors each buffer ID's chain took
-        self._avail_pos = 0  # next ring slot to fill
+        self._ring_end = self._desc_off + 16 * size
+        self._avail_off = self._desc_off  # byte offset (in the region) of the next slot
         self._avail_wrap = 1  # "Driver Ring Wrap Counter", starts at 1
         self._avail_flags = _avail_bits(1)
         # Where the device writes the next used descriptor, as the u16 index of its
-        # flags (slot 8i+7), and the wrap bits that slot has while still available: the
-        # "Device Ring Wrap Counter" as the driver tracks it (1 at first: AVAIL set).
-        self._used_at = 7
+        # flags, and the wrap bits that slot has while still available: the "Device Ring
+        # Wrap Counter" as the driver tracks it (1 at first: AVAIL set).
+        self._used_at = self._desc_off // 2 + 7
         self._used_pending = _AVAIL
         # Publication: the first head added after a kick keeps its flags back (u16 index
         # and value here) until the kick; later heads are stored at once, which the
@@ -165,7 +170,7 @@ class PackedQueue(Generic[T]):
         self._held_at = -1
         self._held_flags = 0
         self._held_count = 0  # chains added since the last kick
-        self._kick_pos = 0  # the avail position at the last kick
+        self._kick_off = self._desc_off  # _avail_off at the last kick
         self.in_flight = 0  # published and not yet reaped
         self.completed = 0
         self.kicks = 0
@@ -180,19 +185,31 @@ class PackedQueue(Generic[T]):
 
     @property
     def num_free(self) -> int:
-        """Free ring descriptors (a buffer ID is free whenever a descriptor is)."""
-        return self._free_slots
+        """Free ring descriptors (as many as free buffer IDs)."""
+        return len(self._free)
+
+    @property
+    def avail_pos(self) -> int:
+        return (self._avail_off - self._desc_off) >> 4
+
+    @property
+    def used_pos(self) -> int:
+        return self._slot(self._used_at)
+
+    def _slot(self, flags_at: int) -> int:
+        """The ring slot whose flags are at u16 index ``flags_at``."""
+        return (2 * flags_at - 14 - self._desc_off) >> 4
 
     @property
     def avail_idx(self) -> int:
         """The next slot to make available, the wrap counter in bit 15 (the encoding of
         off_wrap in "Event Suppression Structure Format")."""
-        return self._avail_pos | self._avail_wrap << _WRAP_BIT
+        return self.avail_pos | self._avail_wrap << _WRAP_BIT
 
     @property
     def used_idx(self) -> int:
         """The slot of the next used descriptor, the wrap counter in bit 15."""
-        return self._used_at >> 3 | self.used_wrap << _WRAP_BIT
+        return self.used_pos | self.used_wrap << _WRAP_BIT
 
     @property
     def avail_wrap(self) -> int:
@@ -202,10 +219,14 @@ class PackedQueue(Generic[T]):
     def used_wrap(self) -> int:
         return int(self._used_pending == _AVAIL)
 
+    def free_ids(self) -> list[int]:
+        """Free buffer IDs, the next one ``add`` takes first (for inspection)."""
+        return self._free[::-1]
+
     def next_head(self) -> int:
         """The buffer ID the next ``add`` will return (callers keep per-request state,
         such as the request header, at that index)."""
-        if self.broken or not self._free_slots:
+        if self.broken or not self._free:
             self._check_usable()
             raise QueueFull(f"all {self.size} descriptors are in use")
         return self._free[-1]
@@ -226,18 +247,16 @@ class PackedQueue(Generic[T]):
         if self.indirect and n > 1:
             if n > self.max_chain:
                 raise ValueError(f"{n} segments exceed the indirect table of {self.max_chain}")
-            if not self._free_slots:
+            if not self._free:
                 raise QueueFull(f"all {self.size} descriptors are in use")
             bid = self._free.pop()
             if self._table_segs[bid] != segs:
                 self._write_table(bid, segs)
             self._put_head(_PREFIX.pack(self._table_bus[bid], 16 * n, bid), _INDIRECT)
-            self._nslots[bid] = 1
         else:
-            if n > self._free_slots:
-                raise QueueFull(f"{n} descriptors needed, {self._free_slots} free")
-            bid = self._free.pop()
-            self._add_direct(bid, segs)
+            if n > len(self._free):
+                raise QueueFull(f"{n} descriptors needed, {len(self._free)} free")
+            bid = self._add_direct(segs)
         self._writable[bid] = (sum(length for _, length, w in segs if w)
                                if writable is None else writable)
         self._token[bid] = token
@@ -251,45 +270,46 @@ class PackedQueue(Generic[T]):
             self._u16[index] = flags
         self._held_count += 1
 
-    def _put_head(self, prefix: bytes, flags: int) -> None:
-        """Store a one-descriptor chain at the avail position (flags last, or held)."""
-        pos = self._avail_pos
-        off = self._desc_off + 16 * pos
-        self._mm[off:off + 14] = prefix
-        self._hold(8 * pos + 7, flags | self._avail_flags)
-        self._free_slots -= 1
-        pos += 1
-        if pos == self.size:
-            pos = 0
+    def _advance(self, off: int) -> int:
+        """The byte offset of the slot after the one at ``off``, flipping the driver's
+        wrap counter at the end of the ring."""
+        off += 16
+        if off == self._ring_end:
+            off = self._desc_off
             self._avail_wrap ^= 1
             self._avail_flags ^= _BOTH
-        self._avail_pos = pos
+        return off
 
-    def _add_direct(self, bid: int, segs: Sequence[tuple[int, int, bool]]) -> None:
+    def _put_head(self, prefix: bytes, flags: int) -> None:
+        """Store a one-descriptor chain at the avail position (flags last, or held)."""
+        off = self._avail_off
+        self._mm[off:off + 14] = prefix
+        self._hold((off >> 1) + 7, flags | self._avail_flags)
+        self._avail_off = self._advance(off)
+
+    def _add_direct(self, segs: Sequence[tuple[int, int, bool]]) -> int:
         """Consecutive ring descriptors, NEXT on all but the last, the buffer ID in
-        each; the head's flags last (or held)."""
+        each; the head's flags last (or held). Returns the buffer ID."""
+        ids = [self._free.pop() for _ in segs]
+        bid = ids[0]
         if self.indirect:  # a plain add: the ID's table no longer matches what it held
             self._table_segs[bid] = None
             self._framed[bid] = None
+        if len(ids) > 1:
+            self._chain[bid] = ids
         last = len(segs) - 1
-        pos, wrap_flags, size = self._avail_pos, self._avail_flags, self.size
-        mm, base = self._mm, self._desc_off
+        mm, off = self._mm, self._avail_off
         for i, (addr, length, w) in enumerate(segs):
-            flags = (_WRITE if w else 0) | (_NEXT if i < last else 0) | wrap_flags
+            flags = (_WRITE if w else 0) | (_NEXT if i < last else 0) | self._avail_flags
             if i == 0:
-                head_index, head_flags = 8 * pos + 7, flags
-                _PREFIX.pack_into(mm, base + 16 * pos, addr, length, bid)
+                head_index, head_flags = (off >> 1) + 7, flags
+                _PREFIX.pack_into(mm, off, addr, length, bid)
             else:
-                _DESC.pack_into(mm, base + 16 * pos, addr, length, bid, flags)
-            pos += 1
-            if pos == size:
-                pos = 0
-                self._avail_wrap ^= 1
-                wrap_flags ^= _BOTH
-        self._avail_pos, self._avail_flags = pos, wrap_flags
+                _DESC.pack_into(mm, off, addr, length, bid, flags)
+            off = self._advance(off)
+        self._avail_off = off
         self._hold(head_index, head_flags)
-        self._free_slots -= len(segs)
-        self._nslots[bid] = len(segs)
+        return bid
 
     def _packer(self, n: int) -> struct.Struct:
         s = self._structs.get(n)
@@ -331,12 +351,13 @@ class PackedQueue(Generic[T]):
     def add_framed(self, data: bytes, token: T, writable: int) -> int:
         """``add`` for a framed chain: first segment, ``data`` (from ``framed_data``),
         last segment. ``writable`` is the chain's device-writable bytes."""
-        if self.broken or not self._free_slots or token is None:
+        free = self._free
+        if self.broken or not free or token is None:
             self._check_usable()
             if token is None:
                 raise ValueError("a chain needs a token")
             raise QueueFull(f"all {self.size} descriptors are in use")
-        bid = self._free.pop()
+        bid = free.pop()
         mm = self._mm
         if self._framed[bid] is not data:  # identity: the caller reuses one object per buffer
             table = self._table_off + bid * self._table_bytes
@@ -346,23 +367,20 @@ class PackedQueue(Generic[T]):
                 self._table_segs[bid] = None
             mm[table + 16:table + 32] = data
             self._framed[bid] = data
-        # _put_head, inlined: this runs per request.
-        pos = self._avail_pos
-        off = self._desc_off + 16 * pos
+        # _put_head, _hold and _advance, inlined: this runs per request.
+        off = self._avail_off
         mm[off:off + 14] = self._frame_ring[bid]
-        if self._held_at < 0:  # _hold, inlined
-            self._held_at, self._held_flags = 8 * pos + 7, _INDIRECT | self._avail_flags
+        if self._held_at < 0:
+            self._held_at, self._held_flags = (off >> 1) + 7, _INDIRECT | self._avail_flags
         else:
-            self._u16[8 * pos + 7] = _INDIRECT | self._avail_flags
+            self._u16[(off >> 1) + 7] = _INDIRECT | self._avail_flags
         self._held_count += 1
-        self._free_slots -= 1
-        self._nslots[bid] = 1
-        pos += 1
-        if pos == self.size:
-            pos = 0
+        off += 16
+        if off == self._ring_end:
+            off = self._desc_off
             self._avail_wrap ^= 1
             self._avail_flags ^= _BOTH
-        self._avail_pos = pos
+        self._avail_off = off
         self._writable[bid] = writable
         self._token[bid] = token
         return bid
@@ -382,7 +400,7 @@ class PackedQueue(Generic[T]):
         self._held_at = -1
         self.in_flight += self._held_count
         self._held_count = 0
-        since, self._kick_pos = self._kick_pos, self._avail_pos
+        since, self._kick_off = self._kick_off, self._avail_off
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read a
         # stale event suppression structure while the device, having just re-enabled
         # notifications, reads our old flags: a lost kick.
@@ -398,15 +416,15 @@ class PackedQueue(Generic[T]):
 
     def _need_event(self, since: int) -> bool:
         """"Driver notifications" with RING_EVENT_FLAGS_DESC: notify when the descriptor
-        at off_wrap is among the slots just published, from ``since`` (exclusive of the
-        new avail position; a whole ring when they are equal) (Linux's
+        at off_wrap is among the slots just published, from byte offset ``since`` (a
+        whole ring when it equals the avail offset) (Linux's
         virtqueue_kick_prepare_packed, in 16-bit arithmetic)."""
         off_wrap = self._u16[self._device_off_wrap]
         event = off_wrap & 0x7FFF
         if off_wrap >> _WRAP_BIT != self._avail_wrap:
             event -= self.size
-        new = self._avail_pos
-        added = (new - since) % self.size or self.size
+        new = self.avail_pos
+        added = ((self._avail_off - since) >> 4) % self.size or self.size
         return (new - event - 1) & 0xFFFF < added
 
     # -- complete -----------------------------------------------------------------
@@ -420,8 +438,9 @@ class PackedQueue(Generic[T]):
         if not left:
             return []
         u16, u32, tokens, writable = self._u16, self._u32, self._token, self._writable
-        nslots, free, size = self._nslots, self._free, self.size
-        at, end = self._used_at, 8 * size  # u16 index of the used position's flags
+        chains, free, size = self._chain, self._free, self.size
+        at, span = self._used_at, 8 * size  # u16 index of the used position's flags
+        end = (self._ring_end >> 1) + 7
         pending = self._used_pending
         used_bits = pending ^ _USED  # AVAIL|USED in lap 1, neither in lap 0
         out: list[tuple[T, int]] = []
@@ -430,25 +449,29 @@ class PackedQueue(Generic[T]):
             if bits != used_bits:
                 if bits == pending:
                     break  # still available: not used yet
-                self._fault(f"{self.name}: used descriptor at slot {at >> 3} has wrap bits "
-                            f"{bits:#06x}, expected {used_bits:#06x} (used wrap counter "
-                            f"{int(bool(used_bits))})")
+                self._fault(f"{self.name}: used descriptor at slot {self._slot(at)} has "
+                            f"wrap bits {bits:#06x}, expected {used_bits:#06x} (used wrap "
+                            f"counter {int(bool(used_bits))})")
             bid, length = u16[at - 1], u32[(at >> 1) - 1]  # id and len of that slot
             token = tokens[bid] if bid < size else None
             if token is None:
                 why = "out of range" if bid >= size else "not in flight"
-                self._fault(f"{self.name}: used buffer ID {bid} at slot {at >> 3} is {why} "
-                            f"(queue size {size})")
+                self._fault(f"{self.name}: used buffer ID {bid} at slot {self._slot(at)} is "
+                            f"{why} (queue size {size})")
             if length > writable[bid]:
                 self._fault(f"{self.name}: used len {length} for buffer ID {bid} exceeds "
                             f"the chain's {writable[bid]} device-writable bytes")
             tokens[bid] = None
-            free.append(bid)
-            n = nslots[bid]
-            self._free_slots += n
-            at += 8 * n
+            chain = chains[bid]
+            if chain is None:
+                free.append(bid)
+                at += 8
+            else:
+                chains[bid] = None
+                free.extend(chain)
+                at += 8 * len(chain)
             if at >= end:
-                at -= end
+                at -= span
                 used_bits ^= _BOTH
                 pending ^= _BOTH
             out.append((token, length))  # type: ignore[arg-type]

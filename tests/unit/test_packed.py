@@ -472,3 +472,15 @@ def test_blk_flush_discard_write_zeroes_and_get_id(packed_blk: Any) -> None:
     dev.discard(4, 4)
     assert t.blk.disk[:4096] == bytes(4096)
     assert dev.get_id() == "packed-serial"
+
+
+def test_a_fault_names_the_slot_it_was_found_at() -> None:
+    h = Harness(size=8)
+    a = h.q.add(segs(2), "a")
+    b = h.q.add(segs(1), "b")
+    h.q.kick()
+    h.dev.take()
+    h.dev.complete(a, 0)  # slot 0, skips to 2
+    h.dev.complete(b, 0, flags=USED)  # slot 2: garbage wrap bits
+    _assert_faulted(h, "slot 2", "0x8000")
+    assert h.q.used_pos == 0  # nothing of a faulted reap is believed

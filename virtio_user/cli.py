@@ -368,6 +368,9 @@ def build_parser() -> Parser:
     parser.add_argument("--device", metavar="BDF", help="PCI address (default: the first "
                         "legacy virtio-blk device)")
     parser.add_argument("--backend", choices=("uio", "vfio"), default="uio")
+    parser.add_argument("--transport", choices=("auto", "legacy", "modern"), default="auto",
+                        help="virtio interface: modern (virtio 1.x) where the device has "
+                        "it (auto, the default), or insist on one")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"per-wait deadline (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--rebind", action="store_true",
@@ -388,7 +391,7 @@ def build_parser() -> Parser:
 def default_opener(args: argparse.Namespace) -> VirtioBlk:
     from .blk import VirtioBlk
     return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
-                          timeout=args.timeout)
+                          timeout=args.timeout, transport=args.transport)
 
 
 @contextlib.contextmanager

@@ -71,9 +71,10 @@ def feature_names(bits: int) -> list[str]:
     for n in range(64):
         if bits >> n & 1:
             try:
-                names.append(str(Feature(1 << n).name))
+                name = Feature(1 << n).name  # None for a bit the enum does not name
             except ValueError:
-                names.append(f"bit {n}")
+                name = None
+            names.append(name or f"bit {n}")
     return names
 
 

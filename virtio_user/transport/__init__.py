@@ -175,7 +175,7 @@ def open_transport(backend: Backend, choice: str = "auto") -> Transport:
         check_legacy(backend.bdf, backend.device_id)
         return LegacyTransport(backend)
     caps = find_capabilities(backend.config, backend.bdf)
-    if caps.common is None:
+    if not caps.present:
         if choice == "modern":
             raise Unsupported(f"{backend.bdf} has no modern virtio interface (no virtio "
                               "PCI capabilities); use --transport legacy")

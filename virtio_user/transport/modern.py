@@ -73,6 +73,11 @@ class Capabilities:
     device: VirtioCap | None = None
     ignored: tuple[str, ...] = ()
 
+    @property
+    def present(self) -> bool:
+        """Whether the device has a modern interface at all (usable or not)."""
+        return bool(self.common or self.notify or self.isr or self.device or self.ignored)
+
 
 def find_capabilities(config: RegisterIO, bdf: str) -> Capabilities:
     """Walk the PCI capability list from the capabilities pointer and parse the virtio

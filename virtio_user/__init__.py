@@ -5,13 +5,10 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .blk import Request, VirtioBlk
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 DEFAULT_TIMEOUT = 5.0  # seconds one wait for the device may take (VirtioBlk, --timeout)
 

@@ -36,6 +36,9 @@ from .transport import Backend, Transport, initialize, open_transport
 from .virtqueue import QueueFull, SplitQueue
 
 log = logging.getLogger(__name__)
+# The package stays quiet unless the application configures logging. Set here, where the
+# driver loads, not in __init__: the command line's --help should not import logging.
+logging.getLogger(__package__).addHandler(logging.NullHandler())
 
 MAX_DATA_SEGS = 14  # data descriptors per request; with header and status: 16 per table
 MAX_CHUNK = 1 << 20  # the most one request carries from the bounce pool

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
-import traceback
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -120,6 +118,7 @@ def _no_prepare(args: argparse.Namespace) -> None:
 def _run_info(dev: VirtioBlk, args: argparse.Namespace, _: Any) -> int:
     info = dev.info()
     if args.json:
+        import json
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
@@ -440,6 +439,7 @@ def report_error(exc: Exception, debug: bool) -> int:
     """Print the one-line message for ``exc`` (with its traceback if ``debug``) and
     return its exit code: the same words at the shell's prompt as on the command line."""
     if debug:
+        import traceback
         traceback.print_exc()
     if isinstance(exc, VirtioError):
         print(f"virtio-user: {exc}", file=sys.stderr)

@@ -3,7 +3,8 @@
 The guest is a q35 machine booting the cached Debian kernel and the project's initramfs,
 with the host's ``/`` shared read-only over 9p (so the guest runs the very same Python,
 venv and project) and the host's current directory shared writable at the same path.
-Each disk is a *legacy* virtio-blk PCI device (1af4:1001) at 0000:00:10.0, 00:11.0, ...
+Each disk is a virtio-blk PCI device at 0000:00:10.0, 00:11.0, ...: legacy (1af4:1001)
+unless its ``transport`` says modern (1af4:1042) or transitional.
 
 Like QEMU's own python/qemu/machine, the launcher creates its sockets (QMP and the
 agent channel) before QEMU starts, so QEMU connects to us and there is no race; it is a
@@ -30,6 +31,7 @@ from .errors import BadOption, VMLaunchFailure
 
 AGENT = assets.QEMU_DIR / "agent.py"
 FIRST_DISK_SLOT = 0x10
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 SERIAL_MAX = 20  # bytes: VIRTIO_BLK_ID_BYTES ("Block Device" > "Device Operation")
 # -drive cache= modes as -blockdev options (writethrough also turns off the device's
 # write cache, see Disk.qemu_args).
@@ -38,52 +40,159 @@ CACHE_MODES = {"writeback": {"direct": False, "no-flush": False},
                "none": {"direct": True, "no-flush": False},
                "directsync": {"direct": True, "no-flush": False},
                "unsafe": {"direct": False, "no-flush": True}}
-SAFE_PATH = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+@")
+SAFE_PATH = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+@,=")
+
+
+FORMATS = ("raw", "qcow2")
+QUEUE_SIZES = tuple(1 << n for n in range(2, 11))  # QEMU: a power of 2, > 2, <= 1024
+SWITCH = {"on": True, "off": False}
+# Which interfaces the device offers (virtio 1.2, "Legacy Interfaces: A Note on PCI
+# Device Layout"): legacy only is 1af4:1001; modern only 1af4:1042; transitional is
+# 1af4:1001 with the modern capabilities as well.
+TRANSPORTS = {"legacy": {"disable-modern": "on", "disable-legacy": "off"},
+              "modern": {"disable-modern": "off", "disable-legacy": "on"},
+              "transitional": {"disable-modern": "off", "disable-legacy": "off"}}
+
+
+def qemu_escape(value: str) -> str:
+    """``value`` inside a QEMU option string (``key=value,...``): a comma is written
+    twice, or a path with one in it would end the value and start an option of its own."""
+    return value.replace(",", ",,")
+
+
+def split_spec(spec: str) -> list[str]:
+    """Split ``PATH,key=value,...`` on single commas; ``,,`` is a comma of the text, as in
+    QEMU's own option strings."""
+    parts = [""]
+    i = 0
+    while i < len(spec):
+        if spec.startswith(",,", i):
+            parts[-1] += ","
+            i += 2
+        elif spec[i] == ",":
+            parts.append("")
+            i += 1
+        else:
+            parts[-1] += spec[i]
+            i += 1
+    return parts
+
+
+def ascii_int(text: str) -> int:
+    """A plain decimal number (ASCII digits only: ``int()`` also takes ``"٤"`` and ``" 4"``)."""
+    if not text or not all("0" <= c <= "9" for c in text):
+        raise ValueError(text)
+    return int(text)
 
 
 @dataclass
 class Disk:
-    """A disk image attached as a legacy virtio-blk PCI device."""
+    """A disk image attached as a virtio-blk PCI device (legacy unless ``transport``)."""
     path: Path
     format: str | None = None  # detected with qemu-img when None
     readonly: bool = False
     cache: str = "writeback"
     queue_size: int | None = None
     serial: str | None = None  # defaults to the file's base name, cut to 20 bytes
+    transport: str = "legacy"  # a key of TRANSPORTS
+    iommu_platform: bool = False  # offer VIRTIO_F_ACCESS_PLATFORM (modern only)
+    packed: bool = False  # offer VIRTIO_F_RING_PACKED (not on a legacy-only device)
+    indirect_desc: bool = True  # offer VIRTIO_F_INDIRECT_DESC
+    event_idx: bool = True  # offer VIRTIO_F_EVENT_IDX
     extra: dict[str, str] = field(default_factory=dict)  # more virtio-blk-pci properties
     # (blkdebug event, sector) pairs that fail with EIO, e.g. ("read_aio", 100)
     inject_errors: list[tuple[str, int]] = field(default_factory=list)
 
     @classmethod
     def parse(cls, spec: str) -> "Disk":
-        """``PATH[,format=raw|qcow2][,readonly=on][,cache=MODE][,queue-size=N]``."""
-        path, *opts = spec.split(",")
+        """``PATH[,format=raw|qcow2][,readonly=on|off][,cache=MODE][,queue-size=N]
+        [,serial=S][,transport=legacy|modern|transitional][,iommu_platform=on|off]
+        [,packed=on|off][,indirect_desc=on|off][,event_idx=on|off]``; ``,,`` stands for
+        a comma in PATH or S."""
+        path, *opts = split_spec(spec)
+        if not path:
+            raise BadOption(f"disk {spec}: no image path")
         disk = cls(Path(path))
+        seen: set[str] = set()
         for opt in opts:
-            key, _, value = opt.partition("=")
-            if key == "format":
-                disk.format = value
-            elif key == "readonly":
-                disk.readonly = value in ("on", "true", "1", "")
-            elif key == "cache":
-                disk.cache = value
-            elif key == "queue-size":
-                disk.queue_size = int(value)
-            elif key == "serial":
-                disk.serial = value
-            else:
-                raise BadOption(f"--disk {spec}: unknown option {key!r}")
+            key, eq, value = opt.partition("=")
+            if not eq or not value:
+                raise BadOption(f"disk {spec}: {opt!r} is not key=value")
+            if key in seen:
+                raise BadOption(f"disk {spec}: {key} given twice")
+            seen.add(key)
+            disk.set_option(key, value, spec)
+        disk.check()
         return disk
+
+    def set_option(self, key: str, value: str, spec: str) -> None:
+        if key == "format":
+            self.format = value
+        elif key == "readonly":
+            self.readonly = self.switch(key, value, spec)
+        elif key == "cache":
+            self.cache = value
+        elif key == "queue-size":
+            try:
+                self.queue_size = ascii_int(value)
+            except ValueError:
+                raise BadOption(f"disk {spec}: queue-size={value}: not a number; use "
+                                f"a power of 2 from {QUEUE_SIZES[0]} to {QUEUE_SIZES[-1]}"
+                                ) from None
+        elif key == "serial":
+            self.serial = value
+        elif key == "transport":
+            self.transport = value
+        elif key in ("iommu_platform", "packed", "indirect_desc", "event_idx"):
+            setattr(self, key, self.switch(key, value, spec))
+        else:
+            raise BadOption(f"disk {spec}: unknown option {key!r}")
+
+    @staticmethod
+    def switch(key: str, value: str, spec: str) -> bool:
+        if value not in SWITCH:
+            raise BadOption(f"disk {spec}: {key}={value}: use {key}=on or {key}=off")
+        return SWITCH[value]
+
+    def check(self) -> None:
+        """Refuse what QEMU would refuse or misread, naming the limit."""
+        where = f"disk {self.path}"
+        if self.format is not None and self.format not in FORMATS:
+            raise BadOption(f"{where}: format={self.format}: use one of "
+                            + ", ".join(FORMATS) + " (or leave it out to detect it)")
+        if self.cache not in CACHE_MODES:
+            raise BadOption(f"{where}: cache={self.cache}: use one of "
+                            + ", ".join(CACHE_MODES))
+        if self.queue_size is not None and self.queue_size not in QUEUE_SIZES:
+            raise BadOption(f"{where}: queue-size={self.queue_size}: use a power of 2 "
+                            f"from {QUEUE_SIZES[0]} to {QUEUE_SIZES[-1]}")
+        if self.serial is not None:
+            if len(self.serial.encode()) > SERIAL_MAX:
+                raise BadOption(f"{where}: serial={self.serial}: at most {SERIAL_MAX} "
+                                "bytes (what GET_ID returns)")
+            if not self.serial.isprintable():
+                raise BadOption(f"{where}: serial={self.serial!r}: printable characters "
+                                "only")
+        if self.transport not in TRANSPORTS:
+            raise BadOption(f"{where}: transport={self.transport}: use one of "
+                            + ", ".join(TRANSPORTS))
+        if self.iommu_platform and self.transport != "modern":
+            raise BadOption(f"{where}: iommu_platform=on needs transport=modern (QEMU "
+                            "offers VIRTIO_F_ACCESS_PLATFORM only without the legacy "
+                            "interface)")
+        if self.packed and self.transport == "legacy":
+            raise BadOption(f"{where}: packed=on needs transport=modern or transitional "
+                            "(a legacy device has no feature bit 34)")
 
     def detect_format(self) -> str:
         if self.format:
             return self.format
         if not self.path.is_file():
-            raise BadOption(f"--disk {self.path}: no such file")
+            raise BadOption(f"disk {self.path}: no such file")
         out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(self.path)],
                              capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
-            raise BadOption(f"--disk {self.path}: {out.stderr.strip()}")
+            raise BadOption(f"disk {self.path}: {out.stderr.strip()}")
         return str(json.loads(out.stdout)["format"])
 
     def default_serial(self) -> str:
@@ -91,10 +200,7 @@ class Disk:
 
     def blockdev(self, node: str) -> dict[str, Any]:
         """The -blockdev tree: format over file, or over blkdebug when errors are injected."""
-        cache = CACHE_MODES.get(self.cache)
-        if cache is None:
-            raise BadOption(f"--disk {self.path}: cache={self.cache}: use one of "
-                            + ", ".join(CACHE_MODES))
+        cache = CACHE_MODES[self.cache]
         proto: dict[str, Any] = {"driver": "file", "filename": str(self.path.resolve())}
         if self.inject_errors:
             # blkdebug fails any request touching the sector (../shared/NOTES.md).
@@ -107,16 +213,24 @@ class Disk:
                 "read-only": self.readonly, "discard": "unmap", "cache": cache}
 
     def qemu_args(self, index: int) -> list[str]:
+        self.check()
         node = f"disk{index}"
-        props = {"drive": node, "id": f"vblk{index}", "disable-modern": "on",
-                 "disable-legacy": "off", "addr": hex(FIRST_DISK_SLOT + index),
+        props = {"drive": node, "id": f"vblk{index}", **TRANSPORTS[self.transport],
+                 "addr": hex(FIRST_DISK_SLOT + index),
                  "serial": self.serial if self.serial is not None else self.default_serial()}
         if self.queue_size:
             props["queue-size"] = str(self.queue_size)
+        for prop, value, default in (("iommu_platform", self.iommu_platform, False),
+                                     ("packed", self.packed, False),
+                                     ("indirect_desc", self.indirect_desc, True),
+                                     ("event_idx", self.event_idx, True)):
+            if value != default:
+                props[prop] = "on" if value else "off"
         if self.cache == "writethrough":
             props["write-cache"] = "off"
         props.update(self.extra)
-        device = "virtio-blk-pci," + ",".join(f"{k}={v}" for k, v in props.items())
+        device = "virtio-blk-pci," + ",".join(f"{k}={qemu_escape(v)}"
+                                              for k, v in props.items())
         return ["-blockdev", json.dumps(self.blockdev(node)), "-device", device]
 
 
@@ -142,7 +256,7 @@ class Machine:
         self.config = config
         self.kernel = assets.find_kernel()
         self.initramfs = assets.build_initramfs(self.kernel)
-        self.tmp = Path(tempfile.mkdtemp(prefix="virtio-user-qemu-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="vu-qemu-"))
         self.serial_log = self.tmp / "serial.log"
         self.qemu_log = self.tmp / "qemu.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -186,18 +300,19 @@ class Machine:
                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initramfs),
                "-append", self.kernel_cmdline(),
-               "-chardev", f"file,id=console,path={self.serial_log}",
+               "-chardev", f"file,id=console,path={qemu_escape(str(self.serial_log))}",
                "-serial", "chardev:console",
-               "-chardev", f"socket,id=qmp,path={self.tmp / 'qmp.sock'}",
+               "-chardev", f"socket,id=qmp,path={qemu_escape(str(self.tmp / 'qmp.sock'))}",
                "-mon", "chardev=qmp,mode=control",
                "-device", "virtio-serial-pci,id=vser",
-               "-chardev", f"socket,id=agent,path={self.tmp / 'agent.sock'}",
+               "-chardev", "socket,id=agent,path="
+                           + qemu_escape(str(self.tmp / "agent.sock")),
                "-device", "virtserialport,chardev=agent,name=virtio-user.agent",
                "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
                           "readonly=on,multidevs=remap"]
         cwd = c.cwd.resolve()
         if str(cwd) != "/":
-            cmd += ["-virtfs", f"local,path={cwd},mount_tag=hostcwd,"
+            cmd += ["-virtfs", f"local,path={qemu_escape(str(cwd))},mount_tag=hostcwd,"
                                "security_model=none,multidevs=remap"]
         if c.backend == "vfio":
             # The IOMMU must exist before the devices it translates for.
@@ -213,6 +328,11 @@ class Machine:
 
     def launch(self) -> None:
         cmd = self.command()
+        longest = self.tmp / "agent.sock"
+        if len(bytes(longest)) > SOCKET_PATH_MAX:
+            raise BadOption(f"the temporary directory {self.tmp} is too long for a unix "
+                            f"socket path ({len(bytes(longest))} > {SOCKET_PATH_MAX} "
+                            "bytes): set TMPDIR to a shorter one")
         self._qmp_server = QEMUMonitorProtocol(str(self.tmp / "qmp.sock"), server=True)
         self._agent_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._agent_listener.bind(str(self.tmp / "agent.sock"))

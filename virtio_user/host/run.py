@@ -1,27 +1,31 @@
 """``scripts/run-in-qemu.sh``: boot a guest, run one command in it, exit with its status.
 
 Exit status: the command's own, or 124 when --timeout ran out, 125 when the harness
-itself failed (QEMU would not start, the guest died, a bad option), 130 on Ctrl-C.
+itself failed (QEMU would not start, the guest died, any bad harness option), 130 on
+Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
-from .errors import GuestTimeout, HarnessError
-from .machine import Disk
+from .errors import BadOption, GuestTimeout, HarnessError
+from .machine import Disk, ascii_int
 from .session import GuestSession, sink_to_stdio
 
 EXIT_TIMEOUT = 124
 EXIT_HARNESS = 125
 DEMO = Path(__file__).resolve().parents[2] / "qemu" / "demo.sh"
 SCRATCH_MIB = 64
+MEMORY_MIB = (256, 1 << 20)
 # The harness's options that take a value (the command's own options come after it).
 VALUE_OPTIONS = ("--disk", "--accel", "--backend", "--memory", "--qemu-arg", "--timeout")
 
@@ -52,22 +56,61 @@ def split_qemu_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, qemu
 
 
+class Parser(argparse.ArgumentParser):
+    """Every bad option exits with the harness's own status (125), not argparse's 2,
+    which a command run in the guest could return too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_HARNESS, f"{self.prog}: error: {message}\n")
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: give a finite number of seconds > 0")
+    return value
+
+
+def mebibytes(text: str) -> int:
+    try:
+        value = ascii_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    low, high = MEMORY_MIB
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text}: give {low} to {high} MiB")
+    return value
+
+
+def disk(spec: str) -> Disk:
+    try:
+        return Disk.parse(spec)
+    except BadOption as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("disk ")) from None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="run-in-qemu.sh", allow_abbrev=False,
         description="Boot a QEMU guest with legacy virtio-blk disks and run COMMAND in it "
                     "(default: the virtio-user demo).")
-    p.add_argument("--disk", action="append", default=[], metavar="PATH",
+    p.add_argument("--disk", action="append", default=[], metavar="PATH", type=disk,
                    help="disk image (raw or qcow2, detected); repeatable; options may "
-                        "follow: PATH[,format=F][,readonly=on][,cache=M][,queue-size=N]")
+                        "follow: PATH[,format=F][,readonly=on|off][,cache=M]"
+                        "[,queue-size=N][,serial=S] (',,' is a comma in PATH or S)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--backend", choices=("uio", "vfio"), default="uio")
-    p.add_argument("--memory", type=int, default=1024, metavar="MIB")
+    p.add_argument("--memory", type=mebibytes, default=1024, metavar="MIB",
+                   help=f"guest memory ({MEMORY_MIB[0]} to {MEMORY_MIB[1]}, default 1024)")
     p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
                    help="one more argument for QEMU's command line, even one starting "
                         "with '-' (--qemu-arg -device --qemu-arg virtio-blk-pci,...); "
                         "repeatable")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS",
                    help="bound on the whole run, boot included (default 600)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     words, qemu_args = split_qemu_args(argv)
@@ -75,8 +118,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.qemu_arg = qemu_args
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
-    if args.timeout <= 0 or args.memory < 256:
-        p.error("--timeout must be positive and --memory at least 256")
     return args
 
 
@@ -90,7 +131,7 @@ def scratch_image(folder: Path) -> Path:
 
 
 def run(args: argparse.Namespace, scratch_dir: Path) -> int:
-    disks = [Disk.parse(d) for d in args.disk]
+    disks: list[Disk] = args.disk
     command = args.command
     if not command:
         command = ["sh", str(DEMO)]

@@ -33,6 +33,7 @@ from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BY
                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus, Feature, IsrBit, ReqType,
                    feature_names)
 from .transport import Backend, Transport, initialize, open_transport
+from .packed import PackedQueue, packed_layout
 from .virtqueue import QueueFull, SplitQueue
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ logging.getLogger(__package__).addHandler(logging.NullHandler())
 MAX_DATA_SEGS = 14  # data descriptors per request; with header and status: 16 per table
 MAX_CHUNK = 1 << 20  # the most one request carries from the bounce pool
 POOL_BUFFERS = 4
+RINGS = ("auto", "split", "packed")  # --ring: auto takes packed where the device offers it
 CONFIG_POLL_CALLS = 64  # plain calls between looks at the ISR's config-change bit
 _HDR = struct.Struct("<IIQ")  # virtio_blk_outhdr: type, reserved, sector
 _UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*
@@ -57,8 +59,11 @@ class DmaBuffer:
     """Device-reachable memory for request data, with its bus segments split at the
     device's size_max, cached per length."""
 
-    def __init__(self, chunk: Chunk, size_max: int | None) -> None:
+    def __init__(self, chunk: Chunk, size_max: int | None,
+                 framed_data: Callable[[int, int, bool], bytes] = SplitQueue.framed_data
+                 ) -> None:
         self.chunk = chunk
+        self._framed_data = framed_data  # the queue's: split and packed entries differ
         self.size = chunk.size
         self.mv = chunk.mv
         self._size_max = size_max or (1 << 32) - 1
@@ -88,7 +93,7 @@ class DmaBuffer:
         """The data descriptor for ``SplitQueue.add_framed``, cached (None: more than one
         segment, use the plain chain)."""
         segs = self.segments(nbytes)
-        desc = SplitQueue.framed_data(segs[0][0], nbytes, writable) if len(segs) == 1 else None
+        desc = self._framed_data(segs[0][0], nbytes, writable) if len(segs) == 1 else None
         self._framed[nbytes * 2 + writable] = desc
         return desc
 
@@ -147,7 +152,11 @@ class VirtioBlk:
 
     def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
                  pool_buffers: int = POOL_BUFFERS, handle_signals: bool = True,
-                 transport: str = "auto") -> None:
+                 transport: str = "auto", ring: str = "auto") -> None:
+        if ring not in RINGS:
+            backend.close()
+            raise InvalidArgument(f"unknown ring {ring!r}: choose {', '.join(RINGS)}")
+        self.ring = ring  # what was asked for; the queue's class says what is in use
         self.backend = backend
         self.bdf = backend.bdf
         self.timeout = timeout
@@ -167,8 +176,8 @@ class VirtioBlk:
         _open_devices.add(self)
         try:
             self.features_offered, self.features = initialize(
-                self.transport, DRIVER_FEATURES, lambda features: self._setup(pool_buffers,
-                                                                              features))
+                self.transport, DRIVER_FEATURES | _ring_features(ring),
+                lambda features: self._setup(pool_buffers, features))
         except BaseException:
             self.close()
             raise
@@ -199,28 +208,42 @@ class VirtioBlk:
         data_segs = min(self.limits.seg_max or MAX_DATA_SEGS, MAX_DATA_SEGS)
         if not indirect:
             data_segs = max(1, min(data_segs, qsize - 2))
-        region = self.backend.alloc_dma(self._dma_bytes(qsize, pool_buffers))
+        packed = self._packed_ring()
+        region = self.backend.alloc_dma(self._dma_bytes(qsize, pool_buffers, packed))
         self._regions.append(region)
         alloc = DmaAllocator(region)
-        self.queue: SplitQueue[Request] = SplitQueue(
+        queue_class = PackedQueue if packed else SplitQueue
+        self.queue: SplitQueue[Request] | PackedQueue[Request] = queue_class(
             alloc, qsize, t.notifier(0), indirect=indirect,
             event_idx=self.has(Feature.VIRTIO_RING_F_EVENT_IDX),
             on_fault=self._reset_quietly, max_chain=data_segs + 2)
         self._data_segs = data_segs
         self._setup_slots(alloc, qsize)
-        self._pool = [DmaBuffer(alloc.alloc(MAX_CHUNK, MAX_CHUNK), self.limits.size_max)
-                      for _ in range(pool_buffers)]
+        self._pool = [DmaBuffer(alloc.alloc(MAX_CHUNK, MAX_CHUNK), self.limits.size_max,
+                                self.queue.framed_data) for _ in range(pool_buffers)]
         self._chunk_sectors = self._chunk_limit(self._pool) // SECTOR_SIZE
         t.setup_queue(0, qsize, *_queue_areas(self.queue))
-        log.debug("%s: queue %d, indirect %s, event_idx %s, features %s", self.bdf, qsize,
-                  indirect, self.queue.event_idx, feature_names(self.features))
+        log.debug("%s: %s queue %d, indirect %s, event_idx %s, features %s", self.bdf,
+                  "packed" if packed else "split", qsize, indirect, self.queue.event_idx,
+                  feature_names(self.features))
+
+    def _packed_ring(self) -> bool:
+        """Whether the negotiated features say packed ring; ``--ring packed`` on a device
+        that does not offer it is refused ("Packed Virtqueues" needs the modern
+        interface: a legacy device has no feature bit 34)."""
+        packed = self.has(Feature.VIRTIO_F_RING_PACKED)
+        if self.ring == "packed" and not packed:
+            raise Unsupported(f"{self.bdf}: the device does not offer VIRTIO_F_RING_PACKED "
+                              f"({self.transport.kind} transport); use --ring auto or split")
+        return packed
 
     @staticmethod
-    def _dma_bytes(qsize: int, pool_buffers: int) -> int:
+    def _dma_bytes(qsize: int, pool_buffers: int, packed: bool = False) -> int:
         from .virtqueue import legacy_layout
         tables = qsize * 16 * (MAX_DATA_SEGS + 2)
         slots = qsize * (16 + 1) + 4096
-        return (legacy_layout(qsize).total + tables + slots + 2 * 4096
+        ring = packed_layout(qsize).total if packed else legacy_layout(qsize).total
+        return (ring + tables + slots + 2 * 4096
                 + (pool_buffers + 1) * MAX_CHUNK)
 
     def _setup_slots(self, alloc: DmaAllocator, qsize: int) -> None:
@@ -314,6 +337,7 @@ class VirtioBlk:
             "read_only": self.read_only, "serial": self.serial,
             "size_max": lim.size_max, "seg_max": lim.seg_max,
             "indirect": self.queue.indirect, "event_idx": self.queue.event_idx,
+            "ring": "packed" if isinstance(self.queue, PackedQueue) else "split",
         }
 
     # -- validation ---------------------------------------------------------------
@@ -372,13 +396,15 @@ class VirtioBlk:
             raise InvalidArgument(f"buffer size {nbytes} must be positive")
         for alloc in self._user_allocs:
             try:
-                return DmaBuffer(alloc.alloc(nbytes, 4096), self.limits.size_max)
+                return DmaBuffer(alloc.alloc(nbytes, 4096), self.limits.size_max,
+                                 self.queue.framed_data)
             except Exception:
                 continue
         region = self.backend.alloc_dma(max(nbytes, HUGEPAGE))
         self._regions.append(region)
         self._user_allocs.append(DmaAllocator(region))
-        return DmaBuffer(self._user_allocs[-1].alloc(nbytes, 4096), self.limits.size_max)
+        return DmaBuffer(self._user_allocs[-1].alloc(nbytes, 4096), self.limits.size_max,
+                         self.queue.framed_data)
 
     def submit(self, requests: Sequence[Request]) -> None:
         """Queue every request and kick once. Checks nothing but room: callers of the
@@ -703,6 +729,12 @@ class VirtioBlk:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _ring_features(ring: str) -> int:
+    """The ring feature to ask for: VIRTIO_F_RING_PACKED unless ``--ring split``
+    (negotiated only where the device offers it, which needs the modern interface)."""
+    return 0 if ring == "split" else int(Feature.VIRTIO_F_RING_PACKED)
 
 
 def _queue_areas(queue: Any) -> tuple[int, int, int]:

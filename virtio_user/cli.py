@@ -374,6 +374,9 @@ def build_parser() -> Parser:
                         help=f"per-wait deadline (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--rebind", action="store_true",
                         help="hand the device back to virtio-pci afterwards")
+    parser.add_argument("--ring", choices=("auto", "split", "packed"), default="auto",
+                        help="virtqueue layout: packed where the device offers "
+                        "VIRTIO_F_RING_PACKED (auto, the default), or insist on one")
     parser.add_argument("--progress", action="store_true", help="report progress on stderr")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
@@ -390,7 +393,7 @@ def build_parser() -> Parser:
 def default_opener(args: argparse.Namespace) -> VirtioBlk:
     from .blk import VirtioBlk
     return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
-                          timeout=args.timeout, transport=args.transport)
+                          timeout=args.timeout, transport=args.transport, ring=args.ring)
 
 
 @contextlib.contextmanager

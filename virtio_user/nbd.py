@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import numpy as np
 
 from .blk import Request, VirtioBlk
-from .errors import (CannotOpen, DeviceBusy, DeviceTimeout, InvalidArgument, ProtocolError,
-                     VirtioError, exit_code)
+from .errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError, InvalidArgument,
+                     ProtocolError, VirtioError, exit_code)
 from .spec import (BLK_DWZ_DTYPE, SECTOR_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus,
                    Feature, ReqType)
 from .virtqueue import QueueFull
@@ -813,6 +813,11 @@ def prepare(args: argparse.Namespace) -> Any:
         raise DeviceBusy(f"{path} is already connected (server pid {pid})")
     if not os.path.exists(path):
         raise CannotOpen(f"{path}: no such device node")
+    if args.log is not None:
+        try:
+            open(args.log, "a").close()
+        except OSError as exc:
+            raise FileAccessError(f"cannot write {args.log}: {exc.strerror}") from exc
     plan = NbdPlan(path, timeout, log_file=args.log)
     if args.foreground:
         return plan
@@ -917,11 +922,16 @@ def _serve(dev: VirtioBlk, plan: NbdPlan) -> int:
 
 
 def _announce(plan: NbdPlan, dev: VirtioBlk) -> None:
-    log.info("%s: serving %s (%d sectors)", plan.path, dev.bdf, dev.capacity)
     if plan.ready_fd is None:
         print(f"{plan.path}: connected, serving in the foreground (pid {os.getpid()})",
               flush=True)
-        return
+    else:
+        _detach(plan)
+    log.info("%s: serving %s (%d sectors)", plan.path, dev.bdf, dev.capacity)
+
+
+def _detach(plan: NbdPlan) -> None:
+    assert plan.ready_fd is not None
     os.write(plan.ready_fd, b"ready\n")
     os.close(plan.ready_fd)
     # Detach from the caller's output: whoever waits for its end must not wait for us.

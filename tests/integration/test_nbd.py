@@ -1,0 +1,222 @@
+"""A filesystem through the driver: ``virtio-user nbd`` serves QEMU's virtio-blk to the
+guest kernel's nbd driver, and ext4 lives on it.
+
+One guest holds every disk. The host is the oracle: ``e2fsck -fn`` on the image and
+``debugfs -R "cat PATH"`` for each file written through /dev/nbd0 in the guest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from images import make_image
+from virtio_user.host import CommandResult, Disk, GuestSession
+
+pytestmark = pytest.mark.qemu
+
+DISKS = {"fs": "0000:00:10.0", "eio": "0000:00:11.0", "ro": "0000:00:12.0",
+         "scratch": "0000:00:13.0"}
+NBD = {"fs": "/dev/nbd0", "eio": "/dev/nbd1", "ro": "/dev/nbd2", "scratch": "/dev/nbd3"}
+SCRATCH_PATTERN = b"scratch through nbd\n" * 3 + b"!"  # 61 bytes: not a power of two
+# A process runs (a zombie does not: nobody may reap an orphaned server in the guest).
+ALIVE = "(test -e /proc/{pid} && ! grep -q '^State:.*[ZX]' /proc/{pid}/status)"
+
+
+@dataclass
+class Guest:
+    vm: GuestSession
+    dir: Path
+    images: dict[str, Path]
+    tree: dict[str, bytes]  # path under /tree -> content
+    bad_file: str  # on the eio image, holding the failing sector
+
+    def sh(self, script: str, timeout: float = 300) -> CommandResult:
+        return self.vm.run(script, timeout=timeout)
+
+    def ok(self, script: str, timeout: float = 300) -> str:
+        r = self.sh(script, timeout)
+        assert r.status == 0, f"{script!r}: exit {r.status}\n{r.out}\n{r.err}"
+        return r.out
+
+    def connect(self, disk: str, *extra: str) -> int:
+        """``virtio-user nbd`` in the background form; the server's pid."""
+        out = self.ok(f"virtio-user --device {DISKS[disk]} nbd {' '.join(extra)} {NBD[disk]}")
+        assert f"{NBD[disk]}: connected, server pid" in out, out
+        assert int(self.ok(f"cat /sys/block/{NBD[disk][5:]}/size")) > 0
+        return int(out.rsplit(maxsplit=1)[-1])
+
+    def disconnect(self, disk: str) -> None:
+        self.ok(f"virtio-user nbd -d {NBD[disk]}")
+        assert self.ok(f"cat /sys/block/{NBD[disk][5:]}/size").strip() == "0"
+
+
+def _tree(seed: int) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    tree = {f"small/{i:02d}.txt": f"file {i}\n".encode() * rnd.randrange(1, 400)
+            for i in range(40)}
+    tree["deep/a/b/c/odd.bin"] = rnd.randbytes(1_000_003)  # not a whole block
+    tree["big.bin"] = rnd.randbytes(6 << 20)  # many NBD requests, each split
+    tree["empty"] = b""
+    return tree
+
+
+def _write_tree(root: Path, tree: dict[str, bytes]) -> Path:
+    for rel, data in tree.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def _mkfs(image: Path, source: Path) -> None:
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", str(source), str(image)],
+                   check=True, timeout=60)
+
+
+def _sector_of(image: Path, path: str, block: int) -> int:
+    """The 512-byte sector holding 4 KiB block ``block`` of file ``path`` in ``image``."""
+    out = subprocess.run(["debugfs", "-R", f"bmap {path} {block}", str(image)],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    return int(out.split()[0]) * 8 + 3
+
+
+def debugfs_cat(image: Path, path: str) -> bytes:
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True,
+                          check=True, timeout=60).stdout
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("nbd")
+    tree = _tree(14)
+    _write_tree(d / "tree", tree)
+    eio_src = _write_tree(d / "eio-src", {"good.txt": b"still readable\n" * 1000,
+                                          "bad.bin": bytes(range(256)) * 1024})
+    ro_src = _write_tree(d / "ro-src", {"hello.txt": b"read-only through nbd\n"})
+    images = {"fs": make_image(d / "fs.raw", 64), "eio": make_image(d / "eio.raw", 32),
+              "ro": make_image(d / "ro.raw", 16),
+              "scratch": make_image(d / "scratch.raw", 32, pattern=SCRATCH_PATTERN)}
+    _mkfs(images["eio"], eio_src)
+    _mkfs(images["ro"], ro_src)
+    bad_sector = _sector_of(images["eio"], "/bad.bin", 5)
+    disks = [Disk(images["fs"]), Disk(images["eio"], inject_errors=[("read_aio", bad_sector)]),
+             Disk(images["ro"], readonly=True), Disk(images["scratch"])]
+    with GuestSession(disks, cwd=d) as vm:
+        yield Guest(vm, d, images, tree, "bad.bin")
+
+
+def test_mkfs_mount_write_and_the_host_reads_the_image(guest: Guest) -> None:
+    g = guest
+    g.connect("fs")
+    g.ok("mkfs.ext4 -q -F /dev/nbd0 && mkdir -p /tmp/fs && mount /dev/nbd0 /tmp/fs && "
+         f"cp -a {g.dir}/tree /tmp/fs/tree && sync && umount /tmp/fs")
+    g.disconnect("fs")
+    fsck = subprocess.run(["e2fsck", "-fn", str(g.images["fs"])], capture_output=True,
+                          text=True, timeout=120)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    for rel, data in g.tree.items():
+        assert debugfs_cat(g.images["fs"], f"/tree/{rel}") == data, rel
+
+
+def test_a_second_connection_reads_the_files_back(guest: Guest) -> None:
+    g = guest
+    g.connect("fs")
+    g.ok("mkdir -p /tmp/fs && mount /dev/nbd0 /tmp/fs && echo 3 > /proc/sys/vm/drop_caches"
+         f" && diff -r {g.dir}/tree /tmp/fs/tree && umount /tmp/fs")
+    g.disconnect("fs")
+    info = json.loads(g.ok(f"virtio-user --device {DISKS['fs']} info --json"))
+    assert info["capacity_sectors"] == 64 * 2048, "the device binds again after nbd -d"
+
+
+def test_an_eio_sector_fails_its_file_only(guest: Guest) -> None:
+    g = guest
+    log = g.dir / "eio-server.log"
+    pid = g.connect("eio", "--log", str(log))
+    g.ok("mkdir -p /tmp/eio && mount -o ro /dev/nbd1 /tmp/eio")
+    bad = g.sh(f"cat /tmp/eio/{g.bad_file} > /dev/null")
+    assert bad.status != 0 and "Input/output error" in bad.err, bad.err
+    assert g.ok("cat /tmp/eio/good.txt") == "still readable\n" * 1000
+    assert g.sh(ALIVE.format(pid=pid)).status == 0, "the server keeps serving"
+    g.ok("umount /tmp/eio")
+    g.disconnect("eio")
+    text = log.read_text()
+    assert "VIRTIO_BLK_S_IOERR" in text and "gets EIO" in text, text
+
+
+def test_a_read_only_image_mounts_read_only(guest: Guest) -> None:
+    g = guest
+    g.connect("ro")
+    assert g.ok("blockdev --getro /dev/nbd2").strip() == "1"
+    g.ok("mkdir -p /tmp/ro && mount /dev/nbd2 /tmp/ro")
+    assert " ro," in g.ok("grep nbd2 /proc/mounts")
+    assert g.ok("cat /tmp/ro/hello.txt") == "read-only through nbd\n"
+    assert g.sh("touch /tmp/ro/new").status != 0
+    g.ok("umount /tmp/ro")
+    g.disconnect("ro")
+
+
+READ_UNTIL_EIO = r"""
+import json, mmap, os, signal, sys, threading, time
+dev, server, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)
+os.preadv(fd, [buf], 0)
+first = bytes(buf[:64])
+result = {}
+def reader():
+    i = 0
+    while True:
+        try:
+            os.preadv(fd, [buf], (i % 1024) * 4096)
+        except OSError as exc:
+            result["errno"] = exc.errno
+            result["after"] = time.monotonic() - killed
+            return
+        i += 1
+t = threading.Thread(target=reader, daemon=True)
+killed = time.monotonic()
+t.start()
+time.sleep(0.5)
+killed = time.monotonic()
+os.kill(server, signal.SIGKILL)
+t.join(limit)
+result["hung"] = t.is_alive()
+result["first"] = first.hex()
+print(json.dumps(result), flush=True)
+os._exit(0)
+"""
+
+
+def test_kill_9_fails_io_within_the_timeout_and_nbd_works_again(guest: Guest) -> None:
+    g = guest
+    pid = g.connect("scratch", "--kernel-timeout", "10")
+    (g.dir / "read_until_eio.py").write_text(READ_UNTIL_EIO)
+    out = json.loads(g.ok(f"python3 {g.dir}/read_until_eio.py /dev/nbd3 {pid} 40"))
+    assert bytes.fromhex(out["first"]) == (SCRATCH_PATTERN * 2)[:64]
+    assert not out["hung"] and out["errno"] == 5, out
+    assert out["after"] < 10 + 5, out
+    g.ok(f"sleep 1; ! {ALIVE.format(pid=pid)}")
+    g.connect("scratch")
+    data = g.ok("dd if=/dev/nbd3 bs=4096 count=1 iflag=direct status=none | head -c 20")
+    assert data == "scratch through nbd\n"
+    g.disconnect("scratch")
+
+
+def test_sigterm_flushes_and_disconnects(guest: Guest) -> None:
+    g = guest
+    log = g.dir / "sigterm-server.log"
+    pid = g.connect("scratch", "--log", str(log))
+    g.ok("printf 'written before SIGTERM' | dd of=/dev/nbd3 bs=4096 seek=100 conv=sync "
+         f"oflag=direct status=none && kill -TERM {pid}")
+    g.ok(f"for i in $(seq 100); do {ALIVE.format(pid=pid)} || exit 0; sleep 0.2; done; exit 1")
+    assert g.ok("cat /sys/block/nbd3/size").strip() == "0"
+    with g.images["scratch"].open("rb") as f:
+        f.seek(100 * 4096)
+        assert f.read(22) == b"written before SIGTERM"
+    text = log.read_text()
+    assert "stop requested" in text and "NBD_CMD_DISC" in text, text

@@ -10,7 +10,8 @@ learning virtio:
 - ``reap``: take what the device has completed so far (waiting up to ``--timeout`` for
   one while any is in flight), showing each request's status and, for a read, its data;
 - ``ring``: the queue as both sides see it: indices, event-idx fields, the free list,
-  requests in flight and their descriptor chains.
+  requests in flight and their descriptor chains (split ring), or the descriptor slots
+  in flight, wrap counters and event suppression structures (packed ring).
 
 From a terminal it has a prompt, history and completion (readline). From a pipe it runs
 the lines without a prompt and exits with the status of the last command that failed
@@ -33,7 +34,9 @@ import numpy as np
 from . import cli
 from .blk import DmaBuffer, Request, VirtioBlk
 from .errors import Interrupted, InvalidArgument, Unsupported
-from .spec import SECTOR_SIZE, BlkStatus, DescFlag, Feature, ReqType
+from .packed import PackedQueue
+from .spec import (SECTOR_SIZE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, BlkStatus, DescFlag,
+                   Feature, ReqType)
 from .virtqueue import DESC_DTYPE, SplitQueue
 
 MAX_SUBMIT_SECTORS = 2048  # one submitted request carries at most 1 MiB
@@ -239,7 +242,7 @@ class Shell(cmd.Cmd):
         if isinstance(q, SplitQueue):
             print("\n".join(describe_split(q, self.pending.values())))
         else:
-            print("\n".join(describe_other(q, self.pending.values())))
+            print("\n".join(describe_packed(q, self.pending.values())))
         return 0
 
 
@@ -357,19 +360,38 @@ def _indirect(q: SplitQueue[Any], bus: int, nbytes: int) -> list[str]:
     return [_desc_line(i, table[i]) for i in range(n)]
 
 
-def describe_other(q: Any, pending: Any) -> list[str]:
-    """Another kind of queue (packed): its public counters and its descriptor slots."""
-    lines = [f"{type(q).__name__}: {q.size} descriptors, {q.in_flight} in flight, "
-             f"{q.num_free} free, {q.kicks} kicks"]
-    for name in ("avail_wrap", "used_wrap"):
-        if hasattr(q, name):
-            lines.append(f"{name}: {getattr(q, name)}")
-    for name in ("driver_event", "device_event"):
-        if hasattr(q, name):
-            event = getattr(q, name)
-            lines.append(f"{name}: off_wrap {int(event['off_wrap']):#06x} "
-                         f"flags {int(event['flags'])}")
-    lines.append(f"requests in flight: {len(list(pending))}")
-    for req in pending:
-        lines.append(f"  id {req.head}: {req}")
+def describe_packed(q: PackedQueue[Any], pending: Any) -> list[str]:
+    """The packed ring, read through the queue's numpy views and public state: the
+    slots from the next used one up to the next available one hold what is in flight."""
+    avail, used = q.avail_idx, q.used_idx  # slot, wrap counter in bit 15
+    lines = [
+        f"packed ring: {q.size} descriptors at bus {q.ring.bus:#x}, indirect "
+        f"{'on' if q.indirect else 'off'}, event_idx {'on' if q.event_idx else 'off'}",
+        f"driver event suppression (driver writes): off_wrap "
+        f"{int(q.driver_event['off_wrap']):#06x} flags {int(q.driver_event['flags'])}",
+        f"device event suppression (device writes): off_wrap "
+        f"{int(q.device_event['off_wrap']):#06x} flags {int(q.device_event['flags'])}",
+        f"driver: next avail slot {avail & 0x7FFF} (wrap {avail >> 15}), next used slot "
+        f"{used & 0x7FFF} (wrap {used >> 15}), {q.in_flight} in flight, {q.num_free} "
+        f"free, {q.kicks} kicks",
+        f"free buffer ids (next first): {_listed(q.free_ids())}",
+    ]
+    first, count = used & 0x7FFF, ((avail & 0x7FFF) - (used & 0x7FFF)) % q.size
+    if not count and q.outstanding:
+        count = q.size  # the whole ring is in flight
+    lines.append(f"slots in flight: {count}")
+    for k in range(min(count, 4 * SHOWN)):
+        slot = (first + k) % q.size
+        d = q.desc[slot]
+        lines.append(f"  [{slot:3}] addr {int(d['addr']):#014x} len {int(d['len']):6} "
+                     f"id {int(d['id']):3} flags {_packed_flags(int(d['flags']))}")
+    reqs = sorted(pending, key=lambda r: r.head)
+    lines.append(f"requests in flight: {len(reqs)}" if reqs else "requests in flight: none")
+    lines += [f"  buffer id {req.head}: {req}" for req in reqs]
     return lines
+
+
+def _packed_flags(flags: int) -> str:
+    names = [name for bit, name in ((VIRTQ_DESC_F_AVAIL, "AVAIL"), (VIRTQ_DESC_F_USED, "USED"))
+             if flags & bit]
+    return "|".join(names + [_flags(flags & 0x7)] if flags & 0x7 else names) or "-"

@@ -208,3 +208,38 @@ def test_completion_of_commands_and_options(make_blk: Any) -> None:
     assert sh.completedefault("--j", "info --j", 5, 8) == ["--json"]
     assert sh.completedefault("f", "submit f", 7, 8) == ["flush"]
     assert sh.completedefault("ri", "help ri", 5, 7) == ["ring"]
+
+
+def test_ring_on_a_packed_queue(monkeypatch: Any, capsys: Any) -> None:
+    import virtio_user.blk as blk_module
+    from packed_device import PackedBlkTransport
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+
+    made: list[PackedBlkTransport] = []
+
+    def transport(backend: Any, choice: str = "auto") -> PackedBlkTransport:
+        made.append(PackedBlkTransport(backend))
+        return made[0]
+    monkeypatch.setattr(blk_module, "open_transport", transport)
+    dev = blk_module.VirtioBlk(FakeBackend(FakeBlkDevice()), timeout=0.2,
+                               handle_signals=False, ring="packed")
+    try:
+        sh = Shell(dev, cli.build_parser().parse_args(["shell"]), stdin=io.StringIO())
+        sh.onecmd("submit read 8 2")
+        sh.onecmd("submit flush")
+        capsys.readouterr()
+        sh.onecmd("ring")
+        ring = capsys.readouterr().out.splitlines()
+        assert ring[0].startswith("packed ring: 256 descriptors at bus ")
+        assert ring[3].startswith("driver: next avail slot 2 (wrap 1), next used slot 0 "
+                                  "(wrap 1), 2 in flight, 254 free")
+        assert "slots in flight: 2" in ring
+        # The model completes at the notify: each slot now holds the device's used
+        # descriptor (AVAIL and USED both equal to its wrap counter 1) for buffer id 0, 1.
+        slots = ring[ring.index("slots in flight: 2") + 1:][:2]
+        assert [line.split(" id ")[1].split() for line in slots] == [
+            ["0", "flags", "AVAIL|USED"], ["1", "flags", "AVAIL|USED"]]
+        assert ring[-3:] == ["requests in flight: 2", "  buffer id 0: IN sectors 8..9",
+                             "  buffer id 1: FLUSH"]
+    finally:
+        dev.close()

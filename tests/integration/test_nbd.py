@@ -220,3 +220,17 @@ def test_sigterm_flushes_and_disconnects(guest: Guest) -> None:
         assert f.read(22) == b"written before SIGTERM"
     text = log.read_text()
     assert "stop requested" in text and "NBD_CMD_DISC" in text, text
+
+
+def test_foreground_serves_until_nbd_d(guest: Guest) -> None:
+    g = guest
+    server = g.vm.spawn(["virtio-user", "--device", DISKS["scratch"], "nbd", "--foreground",
+                         "/dev/nbd3"])
+    server.wait_output(b"/dev/nbd3: connected, serving in the foreground", timeout=120)
+    data = g.ok("dd if=/dev/nbd3 bs=4096 count=1 iflag=direct status=none | head -c 20")
+    assert data == "scratch through nbd\n"
+    assert server.status is None, "still serving"
+    g.disconnect("scratch")
+    done = server.wait(60)
+    assert done.status == 0, done.err
+    assert "NBD_CMD_DISC" in done.err, "its log goes to stderr"

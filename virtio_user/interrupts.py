@@ -8,8 +8,10 @@ first and sleeps only if nothing completed by then.
 Sources (``IrqSource``), one per device, every wait bounded by a timeout:
 
 - ``UioIntx``: INTx through /dev/uioN. uio_pci_generic masks the line (PCI command
-  register, INTx-disable) when it fires; we read the ISR (which acknowledges the
-  device and lowers the level-triggered line), then write 1 to unmask.
+  register, Interrupt Disable) when it fires; we read the ISR (which acknowledges the
+  device and lowers the level-triggered line), then clear Interrupt Disable again in
+  config space. uio_pci_generic has no irqcontrol: a write of 1 to /dev/uioN, which
+  other uio drivers take as "unmask", fails there with ENOSYS.
 - ``VfioMsix``: MSI-X through VFIO_DEVICE_SET_IRQS, one eventfd per vector: vector 0
   for configuration changes, vector 1 for queue 0 ("MSI-X Vector Configuration").
 - ``VfioIntx``: INTx through one eventfd when the device has no MSI-X; vfio-pci
@@ -32,7 +34,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from . import pci
 from .errors import BackendUnavailable, CannotOpen, DeviceError
+from .regs import Registers
 from .spec import IsrBit
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ HYBRID_SPIN_SECONDS = 50e-6  # spin this long before sleeping (see README "Waiti
 MAX_SLEEP = 1.0  # one poll(2) at most this long: deadlines are re-checked in between
 CONFIG_VECTOR, QUEUE_VECTOR = 0, 1  # MSI-X table entries we use
 VIRTIO_MSI_NO_VECTOR = 0xFFFF  # "MSI-X Vector Configuration": the device refused
-_UNMASK = (1).to_bytes(4, "little")  # uio: a 32-bit 1 written to /dev/uioN re-enables
+PCI_COMMAND_INTX_DISABLE = 1 << 10  # PCI Command register bit 10, "Interrupt Disable"
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 
 
@@ -85,9 +89,10 @@ class UioIntx:
 
     kind = "uio-intx"
 
-    def __init__(self, bdf: str, isr: Callable[[], int]) -> None:
+    def __init__(self, bdf: str, isr: Callable[[], int], config: Registers) -> None:
         self.bdf = bdf
         self._isr = isr
+        self._config = config
         self.path = self.find(bdf)
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
@@ -104,10 +109,12 @@ class UioIntx:
         return Path("/dev") / names[0].name
 
     def _unmask(self) -> None:
-        try:
-            os.write(self.fd, _UNMASK)
-        except OSError as exc:
-            raise DeviceError(f"{self.path}: cannot unmask INTx: {exc.strerror}") from exc
+        """Clear Interrupt Disable. No race with the kernel's read-modify-write of the
+        same register: it only masks from the interrupt, which cannot fire while the
+        bit is still set."""
+        cmd = self._config.read_at(pci.COMMAND_REG, 2)
+        if cmd & PCI_COMMAND_INTX_DISABLE:
+            self._config.write_at(pci.COMMAND_REG, 2, cmd & ~PCI_COMMAND_INTX_DISABLE)
 
     def wait(self, timeout: float) -> IsrBit | None:
         if not _poll_fds([self.fd], timeout):
@@ -291,7 +298,7 @@ def open_source(backend: Any, transport: Transport) -> IrqSource:
     """The best interrupt source the backend has: MSI-X on vfio if the device has two
     vectors and accepts them, else INTx (uio, or vfio without MSI-X)."""
     if backend.name == "uio":
-        return UioIntx(backend.bdf, transport.isr)
+        return UioIntx(backend.bdf, transport.isr, backend.config)
     if backend.name != "vfio":
         raise BackendUnavailable(f"the {backend.name} backend has no interrupts: "
                                  "use --wait poll")

@@ -6,7 +6,7 @@ configuration-change interrupts, timeouts and the vfio SET_IRQS encoding."""
 from __future__ import annotations
 
 import ctypes
-import socket
+import os
 from typing import Any
 
 import pytest
@@ -204,32 +204,51 @@ def test_a_waiter_is_only_for_sleeping_modes() -> None:
         Waiter("poll", Source(None, []))  # type: ignore[arg-type]
 
 
+class Config:
+    """PCI config space with only the command register."""
+
+    def __init__(self, command: int) -> None:
+        self.command = command
+        self.writes: list[int] = []
+
+    def read_at(self, offset: int, width: int) -> int:
+        assert (offset, width) == (4, 2)
+        return self.command
+
+    def write_at(self, offset: int, width: int, value: int) -> None:
+        assert (offset, width) == (4, 2)
+        self.command = value
+        self.writes.append(value)
+
+
 def test_uio_source_acknowledges_through_the_isr_and_unmasks(tmp_path: Any,
                                                              monkeypatch: Any) -> None:
-    """/dev/uioN stands in as one end of a socket pair: readable = an interrupt. The
-    source reads the count, reads the ISR (the acknowledgement), then writes a 32-bit 1
-    (the unmask), which the test reads at the other end."""
+    """/dev/uioN stands in as a pipe: readable = an interrupt. The source reads the
+    count, reads the ISR (the acknowledgement), then clears the command register's
+    Interrupt Disable bit, which uio_pci_generic set when the line fired."""
     (tmp_path / "0000:00:10.0" / "uio" / "uio3").mkdir(parents=True)
     monkeypatch.setattr(interrupts, "SYSFS_PCI", tmp_path)
     assert UioIntx.find("0000:00:10.0") == interrupts.Path("/dev/uio3")
     with pytest.raises(interrupts.BackendUnavailable, match="uio_pci_generic"):
         UioIntx.find("0000:00:11.0")
-    ours, kernel = socket.socketpair()
+    r, w = os.pipe()
     isr_reads: list[int] = []
 
     def isr() -> int:
         isr_reads.append(1)
         return 3
+    masked = 0x0006 | interrupts.PCI_COMMAND_INTX_DISABLE  # bus master, memory, masked
+    config = Config(masked)
     src = object.__new__(UioIntx)
-    src.fd, src.path, src._isr = ours.fileno(), interrupts.Path("/dev/uio3"), isr
+    src.fd, src.path, src._isr, src._config = r, interrupts.Path("/dev/uio3"), isr, config
     assert src.wait(0.01) is None and not isr_reads  # nothing: a bounded wait, no ack
-    kernel.send((7).to_bytes(4, "little"))  # the interrupt count
+    os.write(w, (7).to_bytes(4, "little"))  # the interrupt count
     assert src.wait(1.0) == IsrBit.QUEUE | IsrBit.CONFIG
-    assert isr_reads == [1]
-    assert kernel.recv(16) == (1).to_bytes(4, "little")
-    ours.detach()
+    assert isr_reads == [1] and config.writes == [0x0006]  # only the bit cleared
+    src._unmask()
+    assert config.writes == [0x0006]  # already unmasked: no second write
+    os.close(w)
     src.close()
-    kernel.close()
 
 
 def test_set_irqs_carries_one_eventfd_per_vector_and_count_zero_tears_down(

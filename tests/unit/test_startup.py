@@ -60,3 +60,24 @@ def test_bench_arguments_are_built_when_bench_is_chosen() -> None:
     assert got == 1  # the bench's own check ran, so its options were there
     assert "virtio_user.bench" in modules
     assert not any(m.startswith("virtio_user.host") for m in modules)
+
+
+def test_no_guest_side_module_loads_the_host_harness() -> None:
+    """The driver, the CLI and its commands run in the guest: none of them may pull in
+    the QEMU harness or its dependencies (QMP, ELF parsing, plotting)."""
+    code = """
+import importlib, json, pathlib, sys
+import virtio_user
+root = pathlib.Path(virtio_user.__file__).parent
+for path in sorted(root.rglob("*.py")):
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    if "host" not in parts:
+        importlib.import_module(".".join(p for p in parts if p != "__init__"))
+print(json.dumps(sorted(sys.modules)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True)
+    modules = set(json.loads(r.stdout))
+    assert "virtio_user.cli" in modules and "virtio_user.shell" in modules
+    assert {m for m in modules if m.startswith("virtio_user.host")
+            or m.split(".")[0] in ("qemu", "elftools", "matplotlib")} == set()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Boot a QEMU guest with legacy virtio-blk disks and run a command in it (default: the
+# Boot a QEMU guest with virtio-blk disks and run a command in it (default: the
 # virtio-user demo). Sets up what a fresh Debian 12 machine lacks on first use.
-#   scripts/run-in-qemu.sh [--disk PATH]... [--accel auto|kvm|tcg] [--backend uio|vfio]
+#   scripts/run-in-qemu.sh [--disk PATH]... [--vhost-user-disk PATH]...
+#                          [--accel auto|kvm|tcg] [--backend uio|vfio]
 #                          [--memory MIB] [--qemu-arg ARG]... [--timeout SECONDS]
 #                          [-- COMMAND [ARG...]]
 set -euo pipefail

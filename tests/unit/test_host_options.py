@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from virtio_user.host import run
-from virtio_user.host.errors import BadOption
+from virtio_user.host.errors import BadOption, VMLaunchFailure
 from virtio_user.host.machine import Disk, Machine, MachineConfig, split_spec
+from virtio_user.host.vhost_user import StorageDaemon, VhostUserDisk
 
 
 @pytest.mark.parametrize("argv", [
@@ -224,3 +225,66 @@ def test_python_api_has_the_same_fields() -> None:
 def test_bad_transport_options_are_refused(spec: str, message: str) -> None:
     with pytest.raises(BadOption, match=re.escape(message)):
         Disk.parse(spec)
+
+
+# -- vhost-user disks: the daemon's and QEMU's command lines, the daemon's lifetime ------
+
+def test_vhost_user_disk_option(tmp_path: Path) -> None:
+    args = run.parse_args(["--vhost-user-disk", "a,,b.img", "--vhost-user-disk",
+                           "c.img,readonly=on", "--", "true"])
+    assert args.vhost_user_disk == [VhostUserDisk(Path("a,b.img")),
+                                    VhostUserDisk(Path("c.img"), readonly=True)]
+    for spec, message in (("c.img,readonly=yes", "readonly=yes: use readonly=on or"),
+                          ("c.img,num-queues=2", "unknown option 'num-queues=2'")):
+        with pytest.raises(BadOption, match=re.escape(message)):
+            VhostUserDisk.parse(spec)
+
+
+def test_vhost_user_devices_follow_the_disks_with_shared_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp = tmp_path / "t,x"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    config = MachineConfig(disks=[Disk(Path("a.img"), format="raw"),
+                                  Disk(Path("b.img"), format="raw")],
+                           vhost_user_disks=[VhostUserDisk(Path("c.img"))], accel="tcg",
+                           memory_mib=768)
+    machine = Machine(config)
+    try:
+        cmd = machine.command()
+    finally:
+        machine.close()
+    assert cmd[cmd.index("-object") + 1] == "memory-backend-memfd,id=mem,size=768M,share=on"
+    assert cmd[cmd.index("-numa") + 1] == "node,memdev=mem"
+    dev = qemu_options(cmd[len(cmd) - 1])
+    assert (dev[""], dev["chardev"], dev["num-queues"], dev["addr"], dev["disable-legacy"]) \
+        == ("vhost-user-blk-pci", "vhost-user0", "1", "0x12", "on")
+    chardev = qemu_options(cmd[len(cmd) - 3])
+    assert chardev["path"] == str(machine.vhost_user_socket(0))
+    assert "x" not in chardev  # the comma in TMPDIR stayed inside the path
+
+
+def test_storage_daemon_starts_and_always_stops(tmp_path: Path) -> None:
+    image = tmp_path / "served.raw"
+    image.write_bytes(bytes(1 << 20))
+    daemon = StorageDaemon(VhostUserDisk(image, readonly=True), tmp_path / "s.sock",
+                           tmp_path / "log")
+    export = json.loads(VhostUserDisk(image).daemon_command(daemon.socket)[-1])
+    assert (export["type"], export["writable"]) == ("vhost-user-blk", True)
+    with pytest.raises(RuntimeError):
+        with daemon:
+            proc = daemon.proc
+            assert proc is not None and proc.poll() is None and daemon.socket.exists()
+            raise RuntimeError("the session failed")
+    assert proc.poll() is not None and not daemon.socket.exists()
+
+
+def test_storage_daemon_that_exits_at_once_is_a_launch_failure(tmp_path: Path) -> None:
+    image = tmp_path / "served.raw"
+    image.write_bytes(bytes(1 << 20))
+    socket = tmp_path / "no-such-dir" / "s.sock"  # it cannot listen there
+    daemon = StorageDaemon(VhostUserDisk(image), socket, tmp_path / "log")
+    with pytest.raises(VMLaunchFailure, match="qemu-storage-daemon exited with status"):
+        with daemon:
+            pass
+    assert daemon.proc is None and not daemon.socket.exists()

@@ -13,6 +13,7 @@ context manager; it shuts down soft (poweroff through the agent), then hard (SIG
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import assets
 from .errors import BadOption, VMLaunchFailure
+from .options import ascii_int, image_format, qemu_escape, split_spec, switch
+from .vhost_user import StorageDaemon, VhostUserDisk
 
 AGENT = assets.QEMU_DIR / "agent.py"
 FIRST_DISK_SLOT = 0x10
@@ -45,44 +48,12 @@ SAFE_PATH = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/
 
 FORMATS = ("raw", "qcow2")
 QUEUE_SIZES = tuple(1 << n for n in range(2, 11))  # QEMU: a power of 2, > 2, <= 1024
-SWITCH = {"on": True, "off": False}
 # Which interfaces the device offers (virtio 1.2, "Legacy Interfaces: A Note on PCI
 # Device Layout"): legacy only is 1af4:1001; modern only 1af4:1042; transitional is
 # 1af4:1001 with the modern capabilities as well.
 TRANSPORTS = {"legacy": {"disable-modern": "on", "disable-legacy": "off"},
               "modern": {"disable-modern": "off", "disable-legacy": "on"},
               "transitional": {"disable-modern": "off", "disable-legacy": "off"}}
-
-
-def qemu_escape(value: str) -> str:
-    """``value`` inside a QEMU option string (``key=value,...``): a comma is written
-    twice, or a path with one in it would end the value and start an option of its own."""
-    return value.replace(",", ",,")
-
-
-def split_spec(spec: str) -> list[str]:
-    """Split ``PATH,key=value,...`` on single commas; ``,,`` is a comma of the text, as in
-    QEMU's own option strings."""
-    parts = [""]
-    i = 0
-    while i < len(spec):
-        if spec.startswith(",,", i):
-            parts[-1] += ","
-            i += 2
-        elif spec[i] == ",":
-            parts.append("")
-            i += 1
-        else:
-            parts[-1] += spec[i]
-            i += 1
-    return parts
-
-
-def ascii_int(text: str) -> int:
-    """A plain decimal number (ASCII digits only: ``int()`` also takes ``"٤"`` and ``" 4"``)."""
-    if not text or not all("0" <= c <= "9" for c in text):
-        raise ValueError(text)
-    return int(text)
 
 
 @dataclass
@@ -129,7 +100,7 @@ class Disk:
         if key == "format":
             self.format = value
         elif key == "readonly":
-            self.readonly = self.switch(key, value, spec)
+            self.readonly = switch(key, value, f"disk {spec}")
         elif key == "cache":
             self.cache = value
         elif key == "queue-size":
@@ -144,15 +115,9 @@ class Disk:
         elif key == "transport":
             self.transport = value
         elif key in ("iommu_platform", "packed", "indirect_desc", "event_idx"):
-            setattr(self, key, self.switch(key, value, spec))
+            setattr(self, key, switch(key, value, f"disk {spec}"))
         else:
             raise BadOption(f"disk {spec}: unknown option {key!r}")
-
-    @staticmethod
-    def switch(key: str, value: str, spec: str) -> bool:
-        if value not in SWITCH:
-            raise BadOption(f"disk {spec}: {key}={value}: use {key}=on or {key}=off")
-        return SWITCH[value]
 
     def check(self) -> None:
         """Refuse what QEMU would refuse or misread, naming the limit."""
@@ -185,15 +150,7 @@ class Disk:
                             "(a legacy device has no feature bit 34)")
 
     def detect_format(self) -> str:
-        if self.format:
-            return self.format
-        if not self.path.is_file():
-            raise BadOption(f"disk {self.path}: no such file")
-        out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(self.path)],
-                             capture_output=True, text=True, timeout=30)
-        if out.returncode != 0:
-            raise BadOption(f"disk {self.path}: {out.stderr.strip()}")
-        return str(json.loads(out.stdout)["format"])
+        return self.format or image_format(self.path, "disk")
 
     def default_serial(self) -> str:
         return self.path.name.encode()[:SERIAL_MAX].decode("utf-8", "ignore")
@@ -237,6 +194,8 @@ class Disk:
 @dataclass
 class MachineConfig:
     disks: list[Disk] = field(default_factory=list)
+    # after the disks on the bus: 0000:00:(10 + len(disks) + i).0
+    vhost_user_disks: list[VhostUserDisk] = field(default_factory=list)
     accel: str = "tcg"  # already resolved: kvm or tcg
     backend: str = "uio"  # vfio adds a virtual IOMMU
     memory_mib: int = 1024
@@ -263,6 +222,7 @@ class Machine:
         self.qmp: QEMUMonitorProtocol | None = None
         self._qmp_server: QEMUMonitorProtocol | None = None
         self._agent_listener: socket.socket | None = None
+        self._daemons = contextlib.ExitStack()
 
     # -- command line -----------------------------------------------------------------
 
@@ -322,13 +282,34 @@ class Machine:
         cmd += c.qemu_args
         for i, disk in enumerate(c.disks):
             cmd += disk.qemu_args(i)
+        if c.vhost_user_disks:
+            cmd += self.vhost_user_args()
         return cmd
+
+    def vhost_user_socket(self, index: int) -> Path:
+        return self.tmp / f"vhost-user{index}.sock"
+
+    def vhost_user_args(self) -> list[str]:
+        """Shared guest memory (the daemon maps it) and one device per daemon socket."""
+        c = self.config
+        args = ["-object", f"memory-backend-memfd,id=mem,size={c.memory_mib}M,share=on",
+                "-numa", "node,memdev=mem"]
+        for i, _ in enumerate(c.vhost_user_disks):
+            sock = qemu_escape(str(self.vhost_user_socket(i)))
+            slot = FIRST_DISK_SLOT + len(c.disks) + i
+            args += ["-chardev", f"socket,id=vhost-user{i},path={sock}",
+                     "-device", f"vhost-user-blk-pci,chardev=vhost-user{i},num-queues=1,"
+                                f"id=vhost-user-blk{i},disable-legacy=on,"
+                                f"disable-modern=off,addr={hex(slot)}"]
+        return args
 
     # -- lifetime ---------------------------------------------------------------------
 
     def launch(self) -> None:
         cmd = self.command()
-        longest = self.tmp / "agent.sock"
+        sockets = [self.tmp / "agent.sock", self.tmp / "qmp.sock",
+                   *map(self.vhost_user_socket, range(len(self.config.vhost_user_disks)))]
+        longest = max(sockets, key=lambda p: len(bytes(p)))
         if len(bytes(longest)) > SOCKET_PATH_MAX:
             raise BadOption(f"the temporary directory {self.tmp} is too long for a unix "
                             f"socket path ({len(bytes(longest))} > {SOCKET_PATH_MAX} "
@@ -337,6 +318,10 @@ class Machine:
         self._agent_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._agent_listener.bind(str(self.tmp / "agent.sock"))
         self._agent_listener.listen(1)
+        for i, disk in enumerate(self.config.vhost_user_disks):
+            daemon = StorageDaemon(disk, self.vhost_user_socket(i),
+                                   self.tmp / f"vhost-user{i}.log")
+            self._daemons.enter_context(daemon)  # QEMU connects to it at start-up
         with self.qemu_log.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -400,10 +385,12 @@ class Machine:
             return False
 
     def close(self) -> None:
-        """Kill QEMU if it still runs and remove every socket and temporary file."""
+        """Kill QEMU if it still runs, stop the storage daemons, and remove every socket
+        and temporary file."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._daemons.close()
         for closer in (self.qmp, self._agent_listener):
             try:
                 if closer is not None:

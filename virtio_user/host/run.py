@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import BadOption, GuestTimeout, HarnessError
-from .machine import Disk, ascii_int
+from .machine import Disk
+from .options import ascii_int
+from .vhost_user import VhostUserDisk
 from .session import GuestSession, sink_to_stdio
 
 EXIT_TIMEOUT = 124
@@ -27,7 +29,8 @@ DEMO = Path(__file__).resolve().parents[2] / "qemu" / "demo.sh"
 SCRATCH_MIB = 64
 MEMORY_MIB = (256, 1 << 20)
 # The harness's options that take a value (the command's own options come after it).
-VALUE_OPTIONS = ("--disk", "--accel", "--backend", "--memory", "--qemu-arg", "--timeout")
+VALUE_OPTIONS = ("--disk", "--vhost-user-disk", "--accel", "--backend", "--memory",
+                 "--qemu-arg", "--timeout")
 
 
 def split_qemu_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -93,15 +96,27 @@ def disk(spec: str) -> Disk:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("disk ")) from None
 
 
+def vhost_user_disk(spec: str) -> VhostUserDisk:
+    try:
+        return VhostUserDisk.parse(spec)
+    except BadOption as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("vhost-user disk ")) from None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(
         prog="run-in-qemu.sh", allow_abbrev=False,
-        description="Boot a QEMU guest with legacy virtio-blk disks and run COMMAND in it "
+        description="Boot a QEMU guest with virtio-blk disks and run COMMAND in it "
                     "(default: the virtio-user demo).")
     p.add_argument("--disk", action="append", default=[], metavar="PATH", type=disk,
                    help="disk image (raw or qcow2, detected); repeatable; options may "
                         "follow: PATH[,format=F][,readonly=on|off][,cache=M]"
                         "[,queue-size=N][,serial=S] (',,' is a comma in PATH or S)")
+    p.add_argument("--vhost-user-disk", action="append", default=[], metavar="PATH",
+                   type=vhost_user_disk,
+                   help="disk image served by qemu-storage-daemon (vhost-user-blk), seen "
+                        "as a modern vhost-user-blk-pci device after the --disk devices; "
+                        "repeatable; PATH[,readonly=on|off]")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--backend", choices=("uio", "vfio"), default="uio")
     p.add_argument("--memory", type=mebibytes, default=1024, metavar="MIB",
@@ -138,7 +153,8 @@ def run(args: argparse.Namespace, scratch_dir: Path) -> int:
         if not disks:
             disks = [Disk(scratch_image(scratch_dir))]
     deadline = time.monotonic() + args.timeout
-    vm = GuestSession(disks, accel=args.accel, backend=args.backend,
+    vm = GuestSession(disks, vhost_user_disks=args.vhost_user_disk,
+                      accel=args.accel, backend=args.backend,
                       memory_mib=args.memory, qemu_args=args.qemu_arg,
                       boot_timeout=args.timeout)
     with vm:

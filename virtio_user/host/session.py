@@ -32,6 +32,7 @@ from . import accel as accel_mod
 from . import assets
 from .errors import GuestDied, GuestTimeout, HarnessError
 from .machine import Disk, Machine, MachineConfig
+from .vhost_user import VhostUserDisk
 
 OutputSink = Callable[[int, bytes], None]  # (fd, data): fd 1 is stdout, 2 stderr
 DEFAULT_BOOT_TIMEOUT = 180.0
@@ -92,10 +93,13 @@ class GuestSession:
     def __init__(self, disks: Sequence[Disk | str | Path] = (), *, accel: str = "auto",
                  backend: str = "uio", memory_mib: int = 1024,
                  qemu_args: Sequence[str] = (), cwd: Path | None = None,
-                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+                 vhost_user_disks: Sequence[VhostUserDisk | str | Path] = ()) -> None:
         kernel = assets.find_kernel()
         self.config = MachineConfig(
             disks=[d if isinstance(d, Disk) else Disk.parse(str(d)) for d in disks],
+            vhost_user_disks=[d if isinstance(d, VhostUserDisk)
+                              else VhostUserDisk.parse(str(d)) for d in vhost_user_disks],
             accel=accel_mod.choose(accel, kernel.vmlinuz), backend=backend,
             memory_mib=memory_mib, qemu_args=list(qemu_args), cwd=cwd or Path.cwd())
         self.boot_timeout = boot_timeout

@@ -49,6 +49,10 @@ EXTRA_HELP = {
     "help": "list the commands, or show one's options: help [COMMAND]",
     "quit": "reset the device and leave (also Ctrl-D)",
 }
+# Not at the prompt: the shell itself, and nbd, which holds the device until the kernel
+# disconnects (or goes to the background).
+NOT_HERE = {"shell": "already in the shell",
+            "nbd": "not at the prompt: it serves the device until disconnected"}
 
 
 class Shell(cmd.Cmd):
@@ -125,8 +129,8 @@ class Shell(cmd.Cmd):
     def dispatch(self, name: str, rest: list[str]) -> int:
         if name in self.builtin:
             return self.builtin[name](rest)
-        if name == "shell":
-            raise InvalidArgument("shell: already in the shell")
+        if name in NOT_HERE:
+            raise InvalidArgument(f"{name}: {NOT_HERE[name]}")
         if name not in cli.COMMANDS:
             raise InvalidArgument(f"unknown command {name!r} (help lists them)")
         # The session's global options, the subcommand's own from this line.
@@ -136,7 +140,7 @@ class Shell(cmd.Cmd):
 
     # -- completion -----------------------------------------------------------------
     def names(self) -> list[str]:
-        return sorted({*cli.COMMANDS, *self.builtin, "quit"} - {"shell"})
+        return sorted({*cli.COMMANDS, *self.builtin, "quit"} - NOT_HERE.keys())
 
     def completenames(self, text: str, *ignored: Any) -> list[str]:
         return [n for n in self.names() if n.startswith(text)]
@@ -147,7 +151,7 @@ class Shell(cmd.Cmd):
             words = self.names()
         elif name == "submit":
             words = ["read", "write", "flush", "--pattern"]
-        elif name in cli.COMMANDS and name != "shell":
+        elif name in cli.COMMANDS and name not in NOT_HERE:
             words = _option_strings(self._subparser(name))
         else:
             words = []
@@ -164,7 +168,7 @@ class Shell(cmd.Cmd):
                 print(f"  {name:14} {sub.help if sub else EXTRA_HELP[name]}")
             return 0
         name = rest[0]
-        if name in cli.COMMANDS and name != "shell":
+        if name in cli.COMMANDS and name not in NOT_HERE:
             print(self._subparser(name).format_help(), end="")
         elif name in EXTRA_HELP:
             print(f"{name}: {EXTRA_HELP[name]}")

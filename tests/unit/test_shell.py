@@ -121,6 +121,7 @@ def test_reaped_buffers_are_reused(make_blk: Any, capsys: Any) -> None:
     ("submit read 0 0x", 1, "virtio-user: count '0x' is not a number"),
     ("frobnicate", 1, "virtio-user: unknown command 'frobnicate' (help lists them)"),
     ("shell", 1, "virtio-user: shell: already in the shell"),
+    ("nbd", 1, "virtio-user: nbd: not at the prompt"),
     ("read 'unclosed", 1, "virtio-user: No closing quotation"),
     ("reap now", 1, "virtio-user: reap: takes no arguments"),
 ])
@@ -195,7 +196,8 @@ def test_help_lists_every_command_and_shows_options(make_blk: Any, capsys: Any) 
     assert sh.run() == 0
     out = capsys.readouterr().out
     names = [line.split()[0] for line in out.split("usage:")[0].splitlines()]
-    assert names == sorted({*cli.COMMANDS, "submit", "reap", "ring", "help", "quit"} - {"shell"})
+    assert names == sorted({*cli.COMMANDS, "submit", "reap", "ring", "help", "quit"}
+                           - {"shell", "nbd"})
     assert "usage: virtio-user read [--help] [-o FILE] SECTOR COUNT" in out
     assert "ring: show the queue" in out
 

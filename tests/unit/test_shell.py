@@ -245,3 +245,54 @@ def test_ring_on_a_packed_queue(monkeypatch: Any, capsys: Any) -> None:
                              "  buffer id 1: FLUSH"]
     finally:
         dev.close()
+
+
+def test_at_a_terminal_prompt_completion_history_and_ctrl_d() -> None:
+    """The shell on a pseudo-terminal, as a person at a keyboard uses it."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+    from pathlib import Path
+
+    child = ("import sys; sys.path.insert(0, sys.argv[1]); from test_cli import Env; "
+             "sys.exit(Env().run('shell'))")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", child, str(Path(__file__).parent)])
+        finally:
+            os._exit(127)
+    prompt = b"virtio-user 0000:00:10.0> "
+
+    def until(expected: bytes, timeout: float = 60.0) -> bytes:
+        got, deadline = b"", time.monotonic() + timeout
+        while not got.endswith(expected) and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    got += os.read(fd, 4096)
+                except OSError:
+                    break
+        assert got.endswith(expected), got
+        return got
+
+    status = None
+    try:
+        until(prompt)
+        os.write(fd, b"id\r")
+        assert until(prompt) == b"id\r\nfake-serial\r\n" + prompt
+        os.write(fd, b"write-z\t")  # Tab completes the command
+        until(b"write-zeroes")
+        os.write(fd, b"\x15\x1b[A\r")  # clear the line, up arrow: the last command again
+        assert until(prompt).endswith(b"id\r\nfake-serial\r\n" + prompt)
+        os.write(fd, b"read -1 1\r")
+        assert b"virtio-user: sector -1 is negative" in until(prompt)
+        os.write(fd, b"\x04")  # Ctrl-D
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1  # the last failing command's status

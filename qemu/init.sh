@@ -8,7 +8,7 @@
 # When the agent returns, the guest powers off and QEMU exits.
 #
 # Parameters arrive as environment variables from the kernel command line (VU_*), set
-# by virtio_user/host/qemu.py.
+# by virtio_user/host/machine.py.
 /bin/busybox --install -s /bin
 export PATH=/bin
 

@@ -98,6 +98,14 @@ def test_disk_transport_and_feature_options_reach_the_device(vm: GuestSession,
     assert {bit: int(features[bit]) for bit in bits} == bits, options
 
 
+def test_guest_has_nbd_and_ext4_at_boot(vm: GuestSession) -> None:
+    r = vm.run("ls -d /sys/module/nbd /sys/module/ext4 /dev/nbd0 && grep -w ext4 "
+               "/proc/filesystems")
+    assert r.status == 0, r.err
+    assert sorted(r.out.split()) == ["/dev/nbd0", "/sys/module/ext4", "/sys/module/nbd",
+                                     "ext4"]
+
+
 def test_disk_serial_is_file_base_name_cut_to_20_bytes(tmp_path: Path) -> None:
     disk = Disk(tmp_path / ("a-very-long-disk-image-name" + ".raw"))
     assert disk.default_serial() == "a-very-long-disk-ima"

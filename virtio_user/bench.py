@@ -13,6 +13,7 @@ import argparse
 import functools
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -158,6 +159,7 @@ def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
     clock = time.perf_counter
     for req in reqs:
         req.sector = pick()
+    cpu0 = os.times()
     start = now = clock()
     deadline = start + (spec.runtime or 1e9)
     for req in reqs:
@@ -183,7 +185,10 @@ def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
         if again:
             dev.submit(again)
     seconds = clock() - start
+    cpu1 = os.times()
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     result = _summary(dev, spec, done, seconds, lat)
+    result.update(_cpu_and_wait(dev, done, seconds, cpu))
     if spec.verify:
         checked = (_verify_writes(dev, spec, reqs, track) if track
                    else _verify_reads(dev, spec, reqs))
@@ -221,6 +226,22 @@ def _summary(dev: VirtioBlk, spec: BenchSpec, done: int, seconds: float,
             "mbps": round(done * spec.bs / seconds / 1e6, 2),
             "lat_us": {"p50": round(p50, 1), "p99": round(p99, 1), "p99.9": round(p999, 1)},
             "backend": dev.backend.name, "kicks": dev.queue.kicks}
+
+
+def _cpu_and_wait(dev: VirtioBlk, done: int, seconds: float, cpu: float) -> dict[str, Any]:
+    """What the waiting cost: this process's user + system CPU time over the timed
+    loop, per completed I/O, and how the wait mode behaved (sleeps, interrupts,
+    capacity changes reported by the config interrupt)."""
+    out: dict[str, Any] = {"wait": dev.wait_mode, "cpu_s": round(cpu, 3),
+                           "cpu_s_per_io": float(f"{cpu / max(done, 1):.3g}"),
+                           "cpu_util": round(cpu / seconds, 3) if seconds else 0.0}
+    if dev.waiter is not None:
+        st = dev.waiter.stats()
+        out.update({"irq": st["irq"], "sleeps": st["sleeps"], "interrupts": st["interrupts"],
+                    "spurious": st["spurious"]})
+    if dev.capacity_changes:
+        out["capacity_changes"] = [{"from": a, "to": b} for a, b in dev.capacity_changes]
+    return out
 
 
 def _verify_writes(dev: VirtioBlk, spec: BenchSpec, reqs: list[Request],
@@ -264,5 +285,14 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
           f"backend={result['backend']}: {result['ios']} ios in {result['seconds']:.2f} s")
     print(f"  IOPS {result['iops']:.0f}  {result['mbps']:.1f} MB/s  clat p50 {lat['p50']:.0f} us"
           f"  p99 {lat['p99']:.0f} us  p99.9 {lat['p99.9']:.0f} us  kicks {result['kicks']}")
+    wait = f"  wait {result['wait']}" if "wait" in result else ""
+    if "irq" in result:
+        wait += (f" ({result['irq']}: {result['sleeps']} sleeps, {result['interrupts']} "
+                 f"interrupts, {result['spurious']} spurious)")
+    if "cpu_s_per_io" in result:
+        print(f" {wait}  CPU {result['cpu_s']:.2f} s = {result['cpu_s_per_io'] * 1e6:.1f} us/IO"
+              f" ({result['cpu_util'] * 100:.0f}% of one CPU)")
+    for change in result.get("capacity_changes", []):
+        print(f"  config change: capacity {change['from']} -> {change['to']} sectors")
     if "verified_blocks" in result:
         print(f"  verify: {result['verified_blocks']} blocks checked, all good")

@@ -21,7 +21,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BY
 from .transport import Backend, Transport, initialize, open_transport
 from .packed import PackedQueue, packed_layout
 from .virtqueue import QueueFull, SplitQueue
+
+if TYPE_CHECKING:
+    from .interrupts import Waiter
 
 log = logging.getLogger(__name__)
 # The package stays quiet unless the application configures logging. Set here, where the
@@ -152,7 +155,7 @@ class VirtioBlk:
 
     def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
                  pool_buffers: int = POOL_BUFFERS, handle_signals: bool = True,
-                 transport: str = "auto", ring: str = "auto") -> None:
+                 transport: str = "auto", wait: str = "poll", ring: str = "auto") -> None:
         if ring not in RINGS:
             backend.close()
             raise InvalidArgument(f"unknown ring {ring!r}: choose {', '.join(RINGS)}")
@@ -173,6 +176,9 @@ class VirtioBlk:
         self._serial: str | None = None
         self._saved_sigterm: Any = None
         self._config_polled = -1
+        self.wait_mode = wait  # poll, interrupt or hybrid (interrupts.py)
+        self.waiter: Waiter | None = None
+        self.capacity_changes: list[tuple[int, int]] = []  # (old, new), from interrupts
         _open_devices.add(self)
         try:
             self.features_offered, self.features = initialize(
@@ -223,6 +229,7 @@ class VirtioBlk:
                                 self.queue.framed_data) for _ in range(pool_buffers)]
         self._chunk_sectors = self._chunk_limit(self._pool) // SECTOR_SIZE
         t.setup_queue(0, qsize, *_queue_areas(self.queue))
+        self._setup_interrupts()
         log.debug("%s: %s queue %d, indirect %s, event_idx %s, features %s", self.bdf,
                   "packed" if packed else "split", qsize, indirect, self.queue.event_idx,
                   feature_names(self.features))
@@ -258,6 +265,29 @@ class VirtioBlk:
         self._status_seg = [(region.bus(stat.offset + i), 1, True) for i in range(qsize)]
         if self.queue.indirect and self.queue.max_chain >= 3:
             self.queue.frame(self._hdr_seg, self._status_seg)
+
+    def _setup_interrupts(self) -> None:
+        """For the interrupt and hybrid wait modes: vectors routed (before DRIVER_OK, as
+        "per-bus setup" in "Device Initialization"), and a waiter for the queue."""
+        from .interrupts import WAIT_MODES, Waiter, open_source
+        if self.wait_mode not in WAIT_MODES:
+            raise InvalidArgument(f"unknown wait mode {self.wait_mode!r}: choose "
+                                  f"{', '.join(WAIT_MODES)}")
+        if self.wait_mode == "poll":
+            return
+        source = open_source(self.backend, self.transport)
+        self.waiter = Waiter(self.wait_mode, source, on_config=self._config_changed)
+        self.queue.waiter = self.waiter
+        log.debug("%s: waiting by %s through %s", self.bdf, self.wait_mode, source.kind)
+
+    def _config_changed(self) -> None:
+        """A configuration-change interrupt: re-read the config, say what changed."""
+        old = self.limits.capacity
+        self.refresh_config()
+        new = self.limits.capacity
+        if new != old:
+            self.capacity_changes.append((old, new))
+            log.warning("%s: capacity changed from %d to %d sectors", self.bdf, old, new)
 
     def _chunk_limit(self, pool: Sequence[DmaBuffer]) -> int:
         """The most bytes one request can carry from any pool buffer within seg_max
@@ -330,6 +360,8 @@ class VirtioBlk:
         return {
             "pci_address": self.bdf, "backend": self.backend.name,
             "transport": self.transport.kind, "iommu": self.transport.iommu,
+            "wait": self.wait_mode,
+            "interrupts": self.waiter.source.kind if self.waiter else None,
             "capacity_sectors": lim.capacity, "block_size": lim.block_size,
             "queue_size": self.queue_size,
             "features_offered": feature_names(self.features_offered),
@@ -353,8 +385,8 @@ class VirtioBlk:
         re-reads the config (check_range), and an I/O error past a shrunk capacity is
         reported as out of range (_explain)."""
         self._config_polled += 1
-        if self._config_polled % CONFIG_POLL_CALLS:
-            return
+        if self._config_polled % CONFIG_POLL_CALLS or self.waiter is not None:
+            return  # with a waiter, the config interrupt tells (and the ISR is its)
         if self.transport.isr() & IsrBit.CONFIG:
             self.refresh_config()
 
@@ -707,6 +739,8 @@ class VirtioBlk:
         blocked = _block_signals()
         try:
             self._reset_quietly()
+            if self.waiter is not None:  # vectors freed after the reset, before release
+                self.waiter.close()
             if hasattr(self, "queue"):
                 self.queue.detach()
             for buf in getattr(self, "_pool", []):

@@ -374,6 +374,9 @@ def build_parser() -> Parser:
                         help=f"per-wait deadline (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--rebind", action="store_true",
                         help="hand the device back to virtio-pci afterwards")
+    parser.add_argument("--wait", choices=("poll", "interrupt", "hybrid"), default="poll",
+                        help="how to wait for completions: spin on the ring (default), "
+                        "sleep until the device interrupts, or spin briefly then sleep")
     parser.add_argument("--ring", choices=("auto", "split", "packed"), default="auto",
                         help="virtqueue layout: packed where the device offers "
                         "VIRTIO_F_RING_PACKED (auto, the default), or insist on one")
@@ -390,10 +393,26 @@ def build_parser() -> Parser:
 
 
 
+def _warnings_to_stderr() -> None:
+    """The driver's warnings (a capacity change announced by the device, a failed
+    reset) as ``virtio-user: ...`` lines on stderr; once per process."""
+    import logging
+
+    class Stderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            print(f"virtio-user: {record.getMessage()}", file=sys.stderr, flush=True)
+
+    logger = logging.getLogger("virtio_user")
+    if not any(type(h).__name__ == "Stderr" for h in logger.handlers):
+        logger.addHandler(Stderr(logging.WARNING))
+
+
 def default_opener(args: argparse.Namespace) -> VirtioBlk:
     from .blk import VirtioBlk
+    _warnings_to_stderr()
     return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
-                          timeout=args.timeout, transport=args.transport, ring=args.ring)
+                          timeout=args.timeout, transport=args.transport, ring=args.ring,
+                          wait=args.wait)
 
 
 @contextlib.contextmanager

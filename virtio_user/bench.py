@@ -22,6 +22,7 @@ import numpy as np
 
 from .blk import Request, VirtioBlk
 from .errors import BlkIOError, InvalidArgument
+from .numbers import parse_number, parse_seconds, parse_size
 from .spec import SECTOR_SIZE, BlkStatus, ReqType
 
 RW = ("randread", "randwrite", "read", "write")
@@ -59,34 +60,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object, fio-like fields")
 
 
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20}
-    mult = units.get(text[-1:].lower(), 1)
-    digits = text[:-1] if mult > 1 else text
-    if not digits.isdigit():
-        raise InvalidArgument(f"bench: size {text!r} is not a number of bytes (e.g. 4k)")
-    return int(digits) * mult
-
-
 def prepare(args: argparse.Namespace) -> BenchSpec:
-    """Validate everything that does not need the device."""
-    bs = _size(args.bs)
+    """Validate everything that does not need the device (the CLI's number parsers)."""
+    bs = parse_size(args.bs, "bench: --bs")
     if not SECTOR_SIZE <= bs <= MAX_BS or bs % SECTOR_SIZE:
         raise InvalidArgument(f"bench: --bs {bs} must be a multiple of 512 from 512 to 1M")
-    if not args.iodepth.isdigit() or int(args.iodepth) < 1:
+    iodepth = parse_number(args.iodepth, "bench: --iodepth")
+    if iodepth < 1:
         raise InvalidArgument(f"bench: --iodepth {args.iodepth!r} must be at least 1")
     if args.runtime is not None and args.ios is not None:
         raise InvalidArgument("bench: give --runtime or --ios, not both")
-    try:
-        runtime = float(args.runtime) if args.runtime is not None else None
-        ios = int(args.ios) if args.ios is not None else None
-    except ValueError as exc:
-        raise InvalidArgument(f"bench: {exc}") from exc
-    if (runtime is not None and runtime <= 0) or (ios is not None and ios < 1):
-        raise InvalidArgument("bench: --runtime and --ios must be positive")
+    runtime = (parse_seconds(args.runtime, "bench: --runtime")
+               if args.runtime is not None else None)
+    ios = parse_number(args.ios, "bench: --ios") if args.ios is not None else None
+    if ios is not None and ios < 1:
+        raise InvalidArgument("bench: --ios must be positive")
     if runtime is None and ios is None:
         runtime = 5.0
-    return BenchSpec(args.rw, bs, int(args.iodepth), runtime, ios, args.verify)
+    return BenchSpec(args.rw, bs, iodepth, runtime, ios, args.verify)
 
 
 class Offsets:

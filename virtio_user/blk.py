@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import signal
 import struct
 import threading
@@ -53,6 +54,8 @@ _HDR = struct.Struct("<IIQ")  # virtio_blk_outhdr: type, reserved, sector
 _UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*
 _DWZ_MAX_SECTORS = 0xFFFF_FFFF  # num_sectors is le32
 _DEVICE_WRITES = frozenset((ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_GET_ID))
+_REQ_TYPES = frozenset(int(t) for t in ReqType)
+_U64_MAX = (1 << 64) - 1  # virtio_blk_outhdr.sector is le64
 # The highest VIRTIO_BLK_S_* value, as a plain int: an enum member's attribute lookup
 # costs several times an int comparison, per completion.
 _LAST_STATUS = int(max(BlkStatus))
@@ -133,6 +136,7 @@ class Limits:
     seg_max: int | None
     max_discard_sectors: int
     max_write_zeroes_sectors: int
+    discard_sector_alignment: int = 1
 
 
 _open_devices: weakref.WeakSet[VirtioBlk] = weakref.WeakSet()
@@ -145,8 +149,8 @@ def _close_all() -> None:
         dev.close()
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signum)
+# Memory a device that would not reset may still write: never unmapped (see close()).
+_leaked_regions: list[DmaRegion] = []
 
 
 class VirtioBlk:
@@ -154,7 +158,7 @@ class VirtioBlk:
     close() resets it."""
 
     def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
-                 pool_buffers: int = POOL_BUFFERS, handle_signals: bool = True,
+                 pool_buffers: int = POOL_BUFFERS, handle_signals: bool = False,
                  transport: str = "auto", wait: str = "poll", ring: str = "auto") -> None:
         if ring not in RINGS:
             backend.close()
@@ -174,7 +178,6 @@ class VirtioBlk:
         self._user_allocs: list[DmaAllocator] = []
         self._orphans: list[Request] = []
         self._serial: str | None = None
-        self._saved_sigterm: Any = None
         self._config_polled = -1
         self.wait_mode = wait  # poll, interrupt or hybrid (interrupts.py)
         self.waiter: Waiter | None = None
@@ -187,8 +190,9 @@ class VirtioBlk:
         except BaseException:
             self.close()
             raise
-        if handle_signals:
-            self._install_sigterm()
+        # ``handle_signals`` is accepted and ignored: which signal stops the process is
+        # the caller's policy (the CLI turns SIGTERM into Interrupted); a library that
+        # changed it per device would undo it for another open one when one closed.
 
     @classmethod
     def open(cls, bdf: str | None = None, *, backend: str = "uio", rebind: bool = False,
@@ -214,6 +218,7 @@ class VirtioBlk:
         data_segs = min(self.limits.seg_max or MAX_DATA_SEGS, MAX_DATA_SEGS)
         if not indirect:
             data_segs = max(1, min(data_segs, qsize - 2))
+        self._check_segment_room(data_segs)
         packed = self._packed_ring()
         region = self.backend.alloc_dma(self._dma_bytes(qsize, pool_buffers, packed))
         self._regions.append(region)
@@ -289,12 +294,24 @@ class VirtioBlk:
             self.capacity_changes.append((old, new))
             log.warning("%s: capacity changed from %d to %d sectors", self.bdf, old, new)
 
+    def _check_segment_room(self, data_segs: int) -> None:
+        """Refuse, before allocating anything, limits under which no request carries a
+        block: a hostile size_max of 1 would otherwise cost a segment list per byte."""
+        size_max = self.limits.size_max
+        if size_max is not None and size_max * data_segs < self.limits.block_size:
+            raise DeviceError(f"{self.bdf}: size_max {size_max} and seg_max "
+                              f"{self.limits.seg_max} leave no room for a "
+                              f"{self.limits.block_size}-byte block")
+
     def _chunk_limit(self, pool: Sequence[DmaBuffer]) -> int:
         """The most bytes one request can carry from any pool buffer within seg_max
         segments of at most size_max bytes, a whole number of blocks."""
         best = MAX_CHUNK
+        size_max = self.limits.size_max
         for buf in pool:
-            segs = buf.segments(buf.size)[:self._data_segs]
+            # Only the bytes the first data_segs segments can cover are looked at.
+            span = buf.size if size_max is None else min(buf.size, size_max * self._data_segs)
+            segs = buf.segments(span)[:self._data_segs]
             best = min(best, sum(n for _, n in segs))
         best -= best % self.limits.block_size
         if best <= 0:
@@ -315,15 +332,8 @@ class VirtioBlk:
             seg_max=int(cfg["seg_max"]) or None if self.has(Feature.VIRTIO_BLK_F_SEG_MAX)
             else None,
             max_discard_sectors=int(cfg["max_discard_sectors"]) or _DWZ_MAX_SECTORS,
-            max_write_zeroes_sectors=int(cfg["max_write_zeroes_sectors"]) or _DWZ_MAX_SECTORS)
-
-    def _install_sigterm(self) -> None:
-        """SIGTERM raises Interrupted (as SIGINT raises KeyboardInterrupt), so the
-        context manager resets the device before the memory goes."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            self._saved_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+            max_write_zeroes_sectors=int(cfg["max_write_zeroes_sectors"]) or _DWZ_MAX_SECTORS,
+            discard_sector_alignment=int(cfg["discard_sector_alignment"]) or 1)
 
     # -- properties ---------------------------------------------------------------
     def has(self, feature: Feature) -> bool:
@@ -439,79 +449,100 @@ class VirtioBlk:
                          self.queue.framed_data)
 
     def submit(self, requests: Sequence[Request]) -> None:
-        """Queue every request and kick once. Checks nothing but room: callers of the
-        batch API validate up front (``check_range``)."""
+        """Queue every request and kick once, or none of them: the whole batch is
+        checked first (type, sector within u64, data within its buffer and within
+        seg_max segments, room in the queue). The sectors are not checked against the
+        capacity: callers of the batch API do that up front (``check_range``)."""
         if self._closed:
             self._check_open()
+        framed = self._plan(requests)
         q = self.queue
-        need = (len(requests) if q.indirect  # one descriptor per request
-                else sum(self._nsegs(r) for r in requests))
+        try:
+            self._add(requests, framed)
+        except BaseException:
+            # Only a signal gets here. Chains added but not kicked must never go out
+            # (their headers may be half written): break the queue and reset.
+            if q.outstanding != q.in_flight and not q.broken:
+                q.broken = "a submit was interrupted with requests half queued"
+                self._reset_quietly()
+            raise
+        q.kick()
+
+    def _plan(self, requests: Sequence[Request]) -> list[bytes | None]:
+        """Check the batch; per request its framed data descriptor (None: a chain of
+        its own segments). Raises before anything is queued."""
+        q = self.queue
+        framed, indirect, max_segs = q.framed, q.indirect, self._data_segs
+        plan: list[bytes | None] = []
+        need = 0
+        for req in requests:
+            rtype, nbytes, data = req.type, req.nbytes, None
+            if rtype not in _REQ_TYPES:
+                raise InvalidArgument(f"request type {rtype!r} is not a VIRTIO_BLK_T_* type")
+            if not 0 <= req.sector <= _U64_MAX:
+                raise InvalidArgument(f"{req}: sector {req.sector} is outside 0..2**64-1")
+            if nbytes:
+                buf = req.buffer
+                if buf is None or not 0 < nbytes <= buf.size:
+                    raise InvalidArgument(f"{req}: {nbytes} bytes do not fit its buffer of "
+                                          f"{buf.size if buf else 0}")
+                into = rtype in _DEVICE_WRITES
+                if framed:
+                    try:
+                        data = buf._framed[nbytes * 2 + into]
+                    except KeyError:
+                        data = buf.framed(nbytes, into)
+                if data is None:
+                    nsegs = len(buf.segments(nbytes))
+                    if nsegs > max_segs:
+                        raise InvalidArgument(f"{req}: {nsegs} segments exceed {max_segs}")
+                    need += 1 if indirect else nsegs + 2
+                else:
+                    need += 1
+            else:
+                need += 1 if indirect else 2
+            plan.append(data)
         if need > q.num_free:
             raise QueueFull(f"{len(requests)} requests need {need} descriptors, "
                             f"{q.num_free} free")
-        # The loop is the hot path: names are bound to locals once per batch.
-        mm, hdr_off, status_off = self._mm, self._hdr_off, self._status_off
-        pack = _HDR.pack_into
-        if q.framed:
-            # Fast path: one data segment (or none) between the head's fixed header and
-            # status entries; only the data descriptor, the header's type and sector and
-            # the status byte are written per request.
-            add_framed, device_writes = q.add_framed, _DEVICE_WRITES
-            rest = []
-            for req in requests:
-                nbytes, rtype = req.nbytes, req.type
-                if not nbytes:
-                    rest.append(req)
-                    continue
-                into = rtype in device_writes
-                buf = req.buffer
-                key = nbytes * 2 + into
-                try:
-                    data = buf._framed[key]  # type: ignore[union-attr]
-                except KeyError:
-                    data = buf.framed(nbytes, into)  # type: ignore[union-attr]
-                if data is None:
-                    rest.append(req)
-                    continue
-                head = add_framed(data, req, nbytes + 1 if into else 1)
-                pack(mm, hdr_off + 16 * head, rtype, 0, req.sector)
-                mm[status_off + head] = _UNSET
-                req.status = None
-                req.head = head
-            if rest:
-                self._add_chains(rest)
-        else:
-            self._add_chains(requests)
-        q.kick()
+        return plan
 
-    def _add_chains(self, requests: Sequence[Request]) -> None:
-        """Write each request as a chain of its own segments (header, data, status)."""
+    def _add(self, requests: Sequence[Request], framed: list[bytes | None]) -> None:
+        """Queue checked requests (the hot path: names bound to locals once per batch).
+        A framed request writes only its data descriptor; the header goes in the head's
+        preallocated slot, where only type and sector change."""
         q = self.queue
         mm, hdr_off, status_off = self._mm, self._hdr_off, self._status_off
-        hdr_seg, status_seg, max_segs = self._hdr_seg, self._status_seg, self._data_segs
-        next_head, add, pack = q.next_head, q.add, _HDR.pack_into
-        for req in requests:
-            # The header goes in the head's preallocated slot: only type and sector change.
-            head = next_head()
+        add_framed, pack, device_writes = q.add_framed, _HDR.pack_into, _DEVICE_WRITES
+        for req, data in zip(requests, framed):
+            if data is None:
+                head = self._add_chain(req)
+            else:
+                nbytes = req.nbytes
+                head = add_framed(data, req, nbytes + 1 if req.type in device_writes else 1)
             pack(mm, hdr_off + 16 * head, req.type, 0, req.sector)
             mm[status_off + head] = _UNSET
-            nbytes = req.nbytes
-            if nbytes:
-                into = req.type in _DEVICE_WRITES
-                data = req.buffer.chain(nbytes, into)  # type: ignore[union-attr]
-                if len(data) > max_segs:
-                    raise InvalidArgument(f"{req}: {len(data)} segments exceed {max_segs}")
-                segs = (hdr_seg[head], *data, status_seg[head])
-                writable = nbytes + 1 if into else 1
-            else:
-                segs = (hdr_seg[head], status_seg[head])
-                writable = 1
             req.status = None
             req.head = head
-            add(segs, req, writable)
 
-    def _nsegs(self, req: Request) -> int:
-        return 2 + (len(req.buffer.segments(req.nbytes)) if req.buffer and req.nbytes else 0)
+    def _add_chain(self, req: Request) -> int:
+        """Queue a request as a chain of its own segments (header, data, status)."""
+        head = self.queue.next_head()
+        nbytes = req.nbytes
+        if nbytes:
+            into = req.type in _DEVICE_WRITES
+            data = req.buffer.chain(nbytes, into)  # type: ignore[union-attr]
+            segs = (self._hdr_seg[head], *data, self._status_seg[head])
+            writable = nbytes + 1 if into else 1
+        else:
+            segs = (self._hdr_seg[head], self._status_seg[head])
+            writable = 1
+        return self.queue.add(segs, req, writable)
+
+    def _descriptors(self, buf: DmaBuffer, nbytes: int) -> int:
+        """Descriptors a request from ``buf`` takes: one with indirect tables, else
+        header, data segments and status."""
+        return 1 if self.queue.indirect else 2 + len(buf.segments(nbytes))
 
     def reap(self, timeout: float | None = None) -> list[Request]:
         """Completed requests (waiting up to ``timeout`` for at least one while any is in
@@ -529,6 +560,12 @@ class VirtioBlk:
         mm, off = self._mm, self._status_off
         out = []
         for req, length in got:
+            # The status byte is the last device-writable byte: a used len that stops
+            # short of it (or of the data, for IN and GET_ID) means the device did not
+            # write them, and what the buffer holds is stale ("The Virtqueue Used Ring").
+            if (length <= req.nbytes and req.type in _DEVICE_WRITES) or not length:
+                self._fault(f"{req}: used len {length} does not cover the data and "
+                            "status byte the device must write")
             status = mm[off + req.head]
             if status > _LAST_STATUS:
                 self._fault(f"{req}: status byte {status:#x} is not a VIRTIO_BLK_S_* value")
@@ -602,15 +639,38 @@ class VirtioBlk:
         self._require(feature)
         self._poll_config_change()
         self.check_range(sector, count)
-        per_block = self.limits.block_size // SECTOR_SIZE
-        step = max(per_block, min(max_sectors, _DWZ_MAX_SECTORS) // per_block * per_block)
         buf = self._pool[0]
         entry = np.ndarray((), BLK_DWZ_DTYPE, buf.mv)
-        for start in range(sector, sector + count, step):
-            n = min(step, sector + count - start)
+        for start, n in self._range_pieces(rtype, sector, count, max_sectors):
             entry["sector"], entry["num_sectors"], entry["flags"] = start, n, flags
             self._run_one(Request(rtype, start, n, buf, BLK_DWZ_DTYPE.itemsize))
         del entry
+
+    def _range_pieces(self, rtype: ReqType, sector: int, count: int,
+                      max_sectors: int) -> Iterator[tuple[int, int]]:
+        """(start, sectors) pieces of at most ``max_sectors``, whole blocks, and for a
+        discard ending on multiples of discard_sector_alignment where the range goes on
+        (as Linux splits at discard_granularity). A limit below one block is refused:
+        rounding it up would exceed what the device accepts."""
+        block = self.limits.block_size
+        per_block = block // SECTOR_SIZE
+        limit = min(max_sectors, _DWZ_MAX_SECTORS)
+        if limit < per_block:
+            name = ("max_discard_sectors" if rtype == ReqType.VIRTIO_BLK_T_DISCARD
+                    else "max_write_zeroes_sectors")
+            raise Unsupported(f"{self.bdf}: the device's {name} {limit} is below one "
+                              f"{block}-byte block")
+        unit = per_block
+        if rtype == ReqType.VIRTIO_BLK_T_DISCARD:
+            unit = math.lcm(per_block, self.limits.discard_sector_alignment or 1)
+        step = limit // unit * unit if limit >= unit else limit // per_block * per_block
+        start, end = sector, sector + count
+        while start < end:
+            stop = min(end, start + step)
+            if stop < end and stop // unit * unit > start:
+                stop = stop // unit * unit
+            yield start, stop - start
+            start = stop
 
     def _run_one(self, req: Request) -> None:
         self._transfer_requests([req])
@@ -640,17 +700,23 @@ class VirtioBlk:
     def _pipeline(self, rtype: ReqType, sector: int, count: int,
                   data: memoryview | list[bytes]) -> None:
         step = self._chunk_sectors
-        pieces = iter(range(sector, sector + count, step))
+        starts = range(sector, sector + count, step)
+        taken = 0  # pieces submitted so far
         free = list(self._pool)
         inflight: dict[int, Request] = {}
         error: BaseException | None = None
+        q = self.queue
         while True:
             batch = []
-            while free and error is None:
-                start = next(pieces, None)
-                if start is None:
-                    break
+            room = q.num_free  # without indirect tables a small queue holds few chains
+            while free and error is None and taken < len(starts):
+                start = starts[taken]
                 n = min(step, sector + count - start)
+                need = self._descriptors(free[-1], n * SECTOR_SIZE)
+                if need > room:
+                    break
+                room -= need
+                taken += 1
                 buf = free.pop()
                 req = Request(rtype, start, n, buf, n * SECTOR_SIZE)
                 if isinstance(data, memoryview):
@@ -663,7 +729,14 @@ class VirtioBlk:
                 self.submit(batch)
                 inflight.update((id(r), r) for r in batch)
             if not inflight:
-                break
+                if taken == len(starts) or error is not None:
+                    break
+                # The batch API's requests hold the descriptors the next piece needs:
+                # wait for some (they are kept for the caller's reap).
+                if not q.in_flight:
+                    raise QueueFull(f"a {step}-sector piece does not fit an idle queue")
+                self._orphans.extend(self._reap_queue())
+                continue
             for req in self._reap_own(inflight):
                 done_buf = req.buffer
                 assert done_buf is not None
@@ -719,26 +792,35 @@ class VirtioBlk:
                           int(req.status or 0), req.sector, req.count)
 
     # -- failure and teardown -----------------------------------------------------
-    def _reset_quietly(self) -> None:
+    def _reset_quietly(self) -> bool:
+        """Reset; True if the status read back 0 (the device let go of its queues)."""
         try:
             self.transport.reset()
         except DeviceError:
-            log.warning("%s: reset after a device error failed", self.bdf, exc_info=True)
+            log.warning("%s: reset failed", self.bdf, exc_info=True)
+            return False
+        return True
 
     def _fault(self, message: str) -> None:
         self.queue.broken = message
-        self._reset_quietly()
-        raise DeviceError(f"{self.bdf}: {message}; the device has been reset")
+        outcome = ("the device has been reset" if self._reset_quietly()
+                   else "the device did not reset; its memory stays mapped")
+        raise DeviceError(f"{self.bdf}: {message}; {outcome}")
 
     def close(self) -> None:
         """Reset the device, THEN release its memory: a device that is not reset may
-        still write into the rings and buffers. Signals wait until this is done."""
+        still write into the rings and buffers, so if the reset does not take, the
+        memory stays mapped (leaked, with an error logged) for the life of the process.
+        Signals wait until this is done; one that arrives as close() begins leaves the
+        device open, for the caller's retry or the exit hook."""
         if self._closed:
             return
-        self._closed = True
         blocked = _block_signals()
         try:
-            self._reset_quietly()
+            if self._closed:  # closed by a signal handler run as signals were blocked
+                return
+            self._closed = True
+            reset = self._reset_quietly()
             if self.waiter is not None:  # vectors freed after the reset, before release
                 self.waiter.close()
             if hasattr(self, "queue"):
@@ -746,16 +828,22 @@ class VirtioBlk:
             for buf in getattr(self, "_pool", []):
                 buf.mv.release()
             self._pool = []
-            for region in self._regions:
-                region.close()
+            if reset:
+                for region in self._regions:
+                    region.close()
+            else:
+                self._leak(self._regions)
             self._regions = []
             self.backend.close()
         finally:
-            if self._saved_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._saved_sigterm)
-                self._saved_sigterm = None
             _open_devices.discard(self)
             _unblock_signals(blocked)
+
+    def _leak(self, regions: list[DmaRegion]) -> None:
+        _leaked_regions.extend(regions)
+        log.error("%s: the device did not reset; %d bytes of DMA memory are kept mapped "
+                  "(not freed) until the process exits, since the device may still write "
+                  "them", self.bdf, sum(r.size for r in regions))
 
     def __enter__(self) -> VirtioBlk:
         return self
@@ -781,9 +869,18 @@ def _queue_areas(queue: Any) -> tuple[int, int, int]:
 
 
 def _block_signals() -> set[Any] | None:
+    """Block SIGINT and SIGTERM; the previous mask. A signal that arrived just before
+    has its handler run here (CPython runs pending handlers when the mask changes): if
+    that raises, the mask is put back and nothing has been done yet."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    return previous
 
 
 def _unblock_signals(previous: set[Any] | None) -> None:

@@ -19,12 +19,16 @@ import argparse
 import contextlib
 import os
 import signal
+import stat
 import sys
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import DEFAULT_TIMEOUT
-from .errors import FileAccessError, Interrupted, InvalidArgument, VirtioError, exit_code
+from .errors import (FileAccessError, Interrupted, InvalidArgument, OutOfRange, VirtioError,
+                     exit_code)
+from .numbers import parse_number as parse_number  # the shell and nbd parse alike
+from .numbers import parse_seconds
 
 if TYPE_CHECKING:
     from .bench import BenchSpec
@@ -62,21 +66,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         command = self.prog.removeprefix("virtio-user").strip()
         raise InvalidArgument(f"{command}: {message}" if command else message)
-
-
-def parse_number(text: str, what: str) -> int:
-    """Decimal or 0x-hex integer, possibly negative (so the message can say so)."""
-    body = text.strip()
-    sign = -1 if body.startswith("-") else 1
-    digits = body[1:] if body[:1] in "+-" and body else body
-    try:
-        if digits[:2].lower() == "0x" and digits[2:].isascii() and digits[2:].isalnum():
-            return sign * int(digits[2:], 16)
-        if digits.isascii() and digits.isdigit():
-            return sign * int(digits, 10)
-    except ValueError:
-        pass
-    raise InvalidArgument(f"{what} {text!r} is not a number (decimal, or hex with 0x)")
 
 
 def _range_args(args: argparse.Namespace) -> tuple[int, int]:
@@ -137,20 +126,61 @@ def _add_read(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="FILE", help="write raw bytes to FILE")
 
 
-def _prepare_read(args: argparse.Namespace) -> tuple[int, int]:
+@dataclass
+class ReadPlan:
+    """What ``read`` does; its output file is open (and known writable) before the
+    device is touched, and closed by ``main`` on the way out."""
+
+    sector: int
+    count: int
+    output: IO[bytes] | None  # None: standard output
+    name: str
+
+    def __enter__(self) -> ReadPlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.output is not None:
+            self.output.close()
+
+
+def _prepare_read(args: argparse.Namespace) -> ReadPlan:
     sector, count = _range_args(args)
-    if args.output:
-        parent = os.path.dirname(os.path.abspath(args.output))
-        if os.path.isdir(args.output) or not os.access(parent, os.W_OK):
-            raise FileAccessError(f"cannot write {args.output}")
-    return sector, count
+    if args.output is None:
+        _probe_writable(sys.stdout, "standard output")
+        return ReadPlan(sector, count, None, "standard output")
+    try:
+        out = open(args.output, "wb")
+    except OSError as exc:
+        raise FileAccessError(f"cannot write {args.output}: {exc.strerror}") from exc
+    try:
+        _probe_writable(out, args.output)
+    except BaseException:
+        out.close()
+        raise
+    return ReadPlan(sector, count, out, args.output)
 
 
-def _run_read(dev: VirtioBlk, args: argparse.Namespace, plan: tuple[int, int]) -> int:
-    sector, count = plan
+def _probe_writable(stream: IO[Any], name: str) -> None:
+    """A write of no bytes: the kernel still says no for files that refuse every write
+    (/dev/full: ENOSPC, /proc files: EIO), and it changes nothing anywhere else."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return  # not a file (a test's capture): its writes are checked as they happen
+    try:
+        os.write(fd, b"")
+    except OSError as exc:
+        raise FileAccessError(f"cannot write {name}: {exc.strerror}") from exc
+
+
+def _run_read(dev: VirtioBlk, args: argparse.Namespace, plan: ReadPlan) -> int:
+    sector, count = plan.sector, plan.count
     dev.check_range(sector, count)
-    with _output(args.output) as (out, tty):
-        dump = HexDump(out) if tty else None
+    tty = plan.output is None and sys.stdout.isatty()
+    out: IO[Any] = plan.output or (sys.stdout if tty else sys.stdout.buffer)
+    dump = HexDump(out) if tty else None
+    try:
         for start in range(sector, sector + count, PIECE_SECTORS):
             data = dev.read(start, min(PIECE_SECTORS, sector + count - start))
             if dump:
@@ -159,22 +189,12 @@ def _run_read(dev: VirtioBlk, args: argparse.Namespace, plan: tuple[int, int]) -
                 out.write(data)
         if dump:
             dump.end()
-    return 0
-
-
-@contextlib.contextmanager
-def _output(path: str | None) -> Iterator[tuple[IO[Any], bool]]:
-    if path is None:
-        tty = sys.stdout.isatty()
-        yield (sys.stdout if tty else sys.stdout.buffer), tty
-        sys.stdout.flush()
-        return
-    try:
-        f = open(path, "wb")
+        out.flush()
+    except BrokenPipeError:
+        raise
     except OSError as exc:
-        raise FileAccessError(f"cannot write {path}: {exc.strerror}") from exc
-    with f:
-        yield f, False
+        raise FileAccessError(f"cannot write {plan.name}: {exc.strerror}") from exc
+    return 0
 
 
 class HexDump:
@@ -221,10 +241,22 @@ def _add_write(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class WritePlan:
+    """What ``write`` does. The input is read in pieces of PIECE_SECTORS as they are
+    written: a regular file's length is checked up front, a stream (a pipe, /dev/zero)
+    is bounded by the capacity as it comes."""
+
     sector: int
-    count: int
-    data: bytes | None  # None: the pattern
+    count: int | None  # None: a stream, as long as it turns out to be
+    source: IO[bytes] | None  # None: the pattern
     pattern: int = 0
+    name: str = ""
+
+    def __enter__(self) -> WritePlan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.source is not None:
+            self.source.close()
 
 
 def _prepare_write(args: argparse.Namespace) -> WritePlan:
@@ -232,18 +264,9 @@ def _prepare_write(args: argparse.Namespace) -> WritePlan:
     if sector < 0:
         raise InvalidArgument(f"sector {sector} is negative")
     if args.input is not None:
-        from .spec import SECTOR_SIZE
         if args.count is not None:
             raise InvalidArgument("--count goes with --pattern, not with -i")
-        try:
-            with open(args.input, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise FileAccessError(f"cannot read {args.input}: {exc.strerror}") from exc
-        if not data or len(data) % SECTOR_SIZE:
-            raise InvalidArgument(f"{args.input} is {len(data)} bytes, not a positive "
-                                  f"multiple of {SECTOR_SIZE}; it is not padded")
-        return WritePlan(sector, len(data) // SECTOR_SIZE, data)
+        return _input_plan(sector, args.input)
     if args.count is None:
         raise InvalidArgument("--pattern needs --count N")
     byte = parse_number(args.pattern, "pattern byte")
@@ -255,27 +278,81 @@ def _prepare_write(args: argparse.Namespace) -> WritePlan:
     return WritePlan(sector, count, None, byte)
 
 
-def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int:
+def _input_plan(sector: int, path: str) -> WritePlan:
     from .spec import SECTOR_SIZE
-    dev.check_writable("write")
-    dev.check_range(plan.sector, plan.count)
-    fill = bytes([plan.pattern]) * SECTOR_SIZE * min(PIECE_SECTORS, plan.count)
-    done = 0
     try:
-        while done < plan.count:
-            n = min(PIECE_SECTORS, plan.count - done)
-            chunk = (fill[:n * SECTOR_SIZE] if plan.data is None
-                     else plan.data[done * SECTOR_SIZE:(done + n) * SECTOR_SIZE])
-            dev.write(plan.sector + done, chunk)
-            done += n
+        source = open(path, "rb")
+        info = os.fstat(source.fileno())
+    except OSError as exc:
+        raise FileAccessError(f"cannot read {path}: {exc.strerror}") from exc
+    regular = stat.S_ISREG(info.st_mode)
+    if regular and (not info.st_size or info.st_size % SECTOR_SIZE):
+        source.close()
+        raise InvalidArgument(f"{path} is {info.st_size} bytes, not a positive multiple "
+                              f"of {SECTOR_SIZE}; it is not padded")
+    return WritePlan(sector, info.st_size // SECTOR_SIZE if regular else None, source,
+                     name=path)
+
+
+def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int:
+    dev.check_writable("write")
+    if plan.count is not None:
+        dev.check_range(plan.sector, plan.count)
+    done = 0
+    total = "?" if plan.count is None else plan.count
+    try:
+        for piece in _pieces(plan):
+            _check_room(dev, plan, done, len(piece))
+            dev.write(plan.sector + done, piece)
+            done += len(piece) // 512
             if args.progress:
-                print(f"written {done}/{plan.count} sectors", file=sys.stderr, flush=True)
+                print(f"written {done}/{total} sectors", file=sys.stderr, flush=True)
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} after "
-                          f"{done} of {plan.count} sectors written "
+                          f"{done} of {total} sectors written "
                           f"(sectors {plan.sector}..{plan.sector + done - 1} are done)") from exc
     return 0
+
+
+def _pieces(plan: WritePlan) -> Iterator[bytes]:
+    """The data to write, at most PIECE_SECTORS at a time, each a whole number of
+    sectors (a stream's odd tail is refused before it is written)."""
+    from .spec import SECTOR_SIZE
+    if plan.source is None:
+        assert plan.count is not None
+        fill = bytes([plan.pattern]) * SECTOR_SIZE * min(PIECE_SECTORS, plan.count)
+        for done in range(0, plan.count, PIECE_SECTORS):
+            yield fill[:min(PIECE_SECTORS, plan.count - done) * SECTOR_SIZE]
+        return
+    done = 0
+    while plan.count is None or done < plan.count:
+        try:
+            piece = plan.source.read(PIECE_SECTORS * SECTOR_SIZE)
+        except OSError as exc:
+            raise FileAccessError(f"cannot read {plan.name}: {exc.strerror}") from exc
+        if len(piece) % SECTOR_SIZE or (not piece and not done):
+            raise InvalidArgument(f"{plan.name} ends after {done * SECTOR_SIZE + len(piece)} "
+                                  f"bytes, not a positive multiple of {SECTOR_SIZE}; the "
+                                  f"{done} whole sectors before it are written")
+        if not piece:
+            if plan.count is not None:  # the file shrank under us
+                raise FileAccessError(f"{plan.name} ended after {done} of {plan.count} "
+                                      "sectors")
+            return
+        done += len(piece) // SECTOR_SIZE
+        yield piece
+
+
+def _check_room(dev: VirtioBlk, plan: WritePlan, done: int, nbytes: int) -> None:
+    """A stream may not run past the end of the device: the piece that would is not
+    written, and the message says what was."""
+    start, count = plan.sector + done, nbytes // 512
+    if plan.count is None and start + count > dev.capacity:
+        written = (f"sectors {plan.sector}..{start - 1} were written" if done
+                   else "nothing was written")
+        raise OutOfRange(f"{plan.name} goes beyond the end of the device (capacity "
+                         f"{dev.capacity} sectors); {written}", start, count, dev.capacity)
 
 
 def _run_flush(dev: VirtioBlk, args: argparse.Namespace, _: Any) -> int:
@@ -361,6 +438,10 @@ COMMANDS: dict[str, Subcommand] = {
 }
 
 
+def _timeout(text: str) -> float:
+    return parse_seconds(text, "--timeout")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="virtio-user", allow_abbrev=False,
                      description="A user-space driver for legacy virtio-blk PCI devices.")
@@ -370,7 +451,7 @@ def build_parser() -> Parser:
     parser.add_argument("--transport", choices=("auto", "legacy", "modern"), default="auto",
                         help="virtio interface: modern (virtio 1.x) where the device has "
                         "it (auto, the default), or insist on one")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"per-wait deadline (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--rebind", action="store_true",
                         help="hand the device back to virtio-pci afterwards")
@@ -411,8 +492,14 @@ def default_opener(args: argparse.Namespace) -> VirtioBlk:
     from .blk import VirtioBlk
     _warnings_to_stderr()
     return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
-                          timeout=args.timeout, transport=args.transport, ring=args.ring,
-                          wait=args.wait)
+                          timeout=args.timeout, wait=args.wait, ring=args.ring,
+                          transport=args.transport)
+
+
+def _closing(plan: Any) -> contextlib.AbstractContextManager[Any]:
+    if isinstance(plan, contextlib.AbstractContextManager):
+        return plan
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -436,8 +523,6 @@ def main(argv: Sequence[str] | None = None, opener: Opener | None = None) -> int
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        if args.timeout <= 0:
-            raise InvalidArgument(f"--timeout {args.timeout:g} must be positive")
         if args.device is not None:
             from .pci import parse_bdf
             args.device = parse_bdf(args.device)
@@ -445,7 +530,8 @@ def main(argv: Sequence[str] | None = None, opener: Opener | None = None) -> int
         plan = cmd.prepare(args)
         if isinstance(plan, Finished):
             return plan.status
-        with _sigterm_raises():
+        # A plan may hold files opened before the device (read -o, write -i).
+        with _closing(plan), _sigterm_raises():
             try:
                 with (opener or default_opener)(args) as dev:
                     return cmd.run(dev, args, plan)

@@ -93,7 +93,7 @@ class PackedQueue(Generic[T]):
     A violation or a timeout runs ``on_fault`` (a device reset) and breaks the queue."""
 
     def __init__(self, alloc: DmaAllocator, size: int, notify: Callable[[], None], *,
-                 indirect: bool, event_idx: bool, on_fault: Callable[[], None],
+                 indirect: bool, event_idx: bool, on_fault: Callable[[], bool | None],
                  max_chain: int = 16, name: str = "queue 0") -> None:
         self.layout = lay = packed_layout(size)
         self.size = size
@@ -547,12 +547,13 @@ class PackedQueue(Generic[T]):
             raise DeviceError(f"the queue is unusable after: {self.broken}")
 
     def _fault(self, message: str, cls: type[DeviceError] = DeviceError) -> None:
-        """Reset the device, then raise: no data from a misbehaving device is used."""
+        """Reset the device, then raise: no data from a misbehaving device is used.
+        ``on_fault`` says whether the reset took (False: the status did not read back
+        0). A signal that interrupts the reset propagates as it is: a Ctrl-C stays one."""
         self.broken = message
-        try:
-            self._on_fault()
-        finally:
-            raise cls(f"{message}; the device has been reset")
+        outcome = ("the device has been reset" if self._on_fault() is not False
+                   else "the device did not reset; its memory stays mapped")
+        raise cls(f"{message}; {outcome}")
 
     def detach(self) -> None:
         """Drop the views on DMA memory (after the device reset) so it can be unmapped."""

@@ -110,7 +110,7 @@ class SplitQueue(Generic[T]):
     """
 
     def __init__(self, alloc: DmaAllocator, size: int, notify: Callable[[], None], *,
-                 indirect: bool, event_idx: bool, on_fault: Callable[[], None],
+                 indirect: bool, event_idx: bool, on_fault: Callable[[], bool | None],
                  max_chain: int = 16) -> None:
         self.layout = lay = legacy_layout(size)
         self.size = size
@@ -131,10 +131,12 @@ class SplitQueue(Generic[T]):
         mm[base:base + lay.total] = bytes(lay.total)  # never hand stale rings to a device
         self._mm = mm
         self._desc_off = base + lay.desc
-        # numpy views by field name, for inspection and tests ...
-        self.desc = np.ndarray((size,), DESC_DTYPE, mm, base + lay.desc)
-        self.avail = np.ndarray((), avail_dtype(size), mm, base + lay.avail)
-        self.used = np.ndarray((), used_dtype(size), mm, base + lay.used)
+        # numpy views by field name, for inspection and tests. np.frombuffer holds a
+        # buffer export on the mapping (np.ndarray(buffer=mm) does not): a view kept
+        # past close() then keeps the mapping alive instead of reading unmapped memory ...
+        self.desc = np.frombuffer(mm, DESC_DTYPE, size, base + lay.desc)
+        self.avail = np.frombuffer(mm, avail_dtype(size), 1, base + lay.avail).reshape(())
+        self.used = np.frombuffer(mm, used_dtype(size), 1, base + lay.used).reshape(())
         # ... and memoryview casts for the hot path, where a numpy scalar access costs
         # several times a plain list index.
         self._u16 = memoryview(mm)[base:base + lay.total].cast("H")
@@ -432,7 +434,10 @@ class SplitQueue(Generic[T]):
 
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout
-        after ``timeout`` seconds."""
+        after ``timeout`` seconds. A timeout of 0 (or less) only looks: it returns what
+        has completed, possibly nothing."""
+        if timeout <= 0:
+            return self.reap()
         u16, pos, last = self._u16, self._used_idx, self._last_used
         if u16[pos] != last or not self.in_flight or self.broken:
             return self.reap()  # something to reap already (or nothing to wait for)
@@ -505,12 +510,13 @@ class SplitQueue(Generic[T]):
             raise DeviceError(f"the queue is unusable after: {self.broken}")
 
     def _fault(self, message: str, cls: type[DeviceError] = DeviceError) -> None:
-        """Reset the device, then raise: no data from a misbehaving device is used."""
+        """Reset the device, then raise: no data from a misbehaving device is used.
+        ``on_fault`` says whether the reset took (False: the status did not read back
+        0). A signal that interrupts the reset propagates as it is: a Ctrl-C stays one."""
         self.broken = message
-        try:
-            self._on_fault()
-        finally:
-            raise cls(f"{message}; the device has been reset")
+        outcome = ("the device has been reset" if self._on_fault() is not False
+                   else "the device did not reset; its memory stays mapped")
+        raise cls(f"{message}; {outcome}")
 
     def detach(self) -> None:
         """Drop the views on DMA memory (after the device reset) so it can be unmapped."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -137,7 +138,7 @@ def test_io_error_names_the_sectors_and_later_requests_work(make_blk) -> None:
 
 
 @pytest.mark.parametrize("trick", ["bad_id", "id_not_in_flight", "len_too_large", "idx_jump",
-                                   "no_status"])
+                                   "no_status", "status_only", "zero_len"])
 def test_misbehaving_device_gives_device_error_and_reset(make_blk, trick: str) -> None:
     blk, dev = make_blk()
     dev.disk[:SECTOR] = b"d" * SECTOR
@@ -220,3 +221,194 @@ def test_a_call_cut_short_with_requests_out_resets_the_device(make_blk) -> None:
     assert dev.status == 0 and blk.queue.broken
     with pytest.raises(DeviceError, match="interrupted"):
         blk.read(0, 1)
+
+
+# -- hardening: each of these failed on an earlier version ------------------------------
+
+def _first_batch_only_reaches_the_device(blk, dev, submit_bad) -> None:
+    """``submit_bad`` raises; afterwards nothing of it is queued, and the next kick sends
+    exactly the next batch."""
+    dev.auto = False
+    size = blk.queue.size
+    with pytest.raises(InvalidArgument):
+        submit_bad()
+    assert blk.queue.outstanding == 0 and blk.queue.num_free == size
+    good = Request(IN, 24, 8, blk.alloc_buffer(4096), 4096)
+    blk.submit([good])
+    dev.process()
+    assert blk.reap() == [good] and good.status == 0
+    assert dev.requests == [(IN, 24, 4096)]  # no rejected request went out as well
+
+
+@pytest.mark.parametrize("bad", ["sector_beyond_u64", "too_many_segments", "nbytes_beyond_buffer",
+                                 "unknown_type"])
+def test_a_failed_submit_queues_nothing(make_blk, bad: str) -> None:
+    blk, dev = make_blk(capacity=4096, contiguous=16384, seg_max=2)
+    ok = Request(OUT, 8, 8, blk.alloc_buffer(4096), 4096)
+    buf = blk.alloc_buffer(64 << 10)  # 4 segments of 16 KiB here, more than seg_max
+    wrong = {"sector_beyond_u64": Request(IN, 2**64, 8, blk.alloc_buffer(4096), 4096),
+             "too_many_segments": Request(IN, 0, 128, buf, 64 << 10),
+             "nbytes_beyond_buffer": Request(IN, 0, 16, blk.alloc_buffer(4096), 8192),
+             "unknown_type": Request(99, 0, 8, blk.alloc_buffer(4096), 4096)}[bad]  # type: ignore[arg-type]
+    _first_batch_only_reaches_the_device(blk, dev, lambda: blk.submit([ok, wrong]))
+
+
+def test_close_keeps_the_memory_mapped_when_the_reset_fails(make_blk, caplog) -> None:
+    blk, dev = make_blk()
+    blk.read(0, 1)
+    dev.reset_fails = True  # status does not read back 0: the device may still write
+    blk.close()
+    assert not any(e.startswith("unmap") for e in dev.log)
+    assert dev.regions and not any(r.mm.closed for r in dev.regions)
+    assert any(r.levelname == "ERROR" and "kept mapped" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_fault_message_tells_when_the_reset_failed(make_blk) -> None:
+    blk, dev = make_blk()
+    dev.reset_fails = True
+    dev.misbehave = "bad_id"
+    with pytest.raises(DeviceError) as info:
+        blk.read(0, 1)
+    assert "has been reset" not in str(info.value)
+    assert "did not reset" in str(info.value)
+
+
+def test_a_read_the_device_completes_short_never_returns_stale_bytes(make_blk) -> None:
+    blk, dev = make_blk()
+    dev.disk[:SECTOR] = b"s" * SECTOR  # lands in the bounce buffer that is reused below
+    assert blk.read(0, 1) == b"s" * SECTOR
+    dev.misbehave = "status_only"  # writes only the status byte, used len 1
+    with pytest.raises(DeviceError, match="used len 1"):
+        blk.read(5, 1)
+    assert dev.status == 0
+
+
+def test_small_queue_without_indirect_descriptors_reads_4_mib(make_blk) -> None:
+    feats = DEFAULT_FEATURES & ~Feature.VIRTIO_RING_F_INDIRECT_DESC
+    blk, dev = make_blk(features=feats, queue_size=16, capacity=16384)
+    dev.disk[:] = os.urandom(len(dev.disk))
+    assert blk.read(0, 8192) == dev.disk[:8192 * SECTOR]
+    blk.write(8192, bytes(dev.disk[:8192 * SECTOR]))
+    assert dev.disk[8192 * SECTOR:] == dev.disk[:8192 * SECTOR]
+
+
+def test_plain_read_waits_for_room_when_batch_requests_fill_the_queue(make_blk) -> None:
+    feats = DEFAULT_FEATURES & ~Feature.VIRTIO_RING_F_INDIRECT_DESC
+    blk, dev = make_blk(features=feats, queue_size=16, capacity=4096)
+    mine = [Request(IN, 8 * i, 8, blk.alloc_buffer(4096), 4096, tag=i) for i in range(4)]
+    blk.submit(mine)  # 4 chains of 2 + 1 descriptors: 12 of 16 in use
+    assert blk.queue.num_free == 4
+    assert blk.read(100, 300) == bytes(300 * SECTOR)
+    assert sorted(r.tag for r in blk.reap()) == list(range(4))  # kept for the caller
+
+
+def test_a_signal_as_close_begins_leaves_it_to_be_done_again(make_blk, monkeypatch) -> None:
+    import virtio_user.blk as blk_module
+    blk, dev = make_blk()
+    real = blk_module._block_signals
+    calls = []
+
+    def signal_arrives() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # SIGINT's handler runs just as close() starts
+        return real()
+    monkeypatch.setattr(blk_module, "_block_signals", signal_arrives)
+    with pytest.raises(KeyboardInterrupt):
+        blk.close()
+    blk.close()  # the exit hook, or the caller's retry, still resets and unmaps
+    assert dev.status == 0 and dev.log[-1] == "backend closed"
+
+
+def test_a_signal_while_opening_cannot_leave_the_device_running(monkeypatch) -> None:
+    import signal
+    from virtio_user.blk import VirtioBlk
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt
+    dev = FakeBlkDevice()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(signal, "signal", interrupted)
+            blk = VirtioBlk(FakeBackend(dev))
+        blk.close()
+    except KeyboardInterrupt:
+        assert dev.status == 0 and dev.log[-1] == "backend closed"
+
+
+def test_signal_dispositions_belong_to_the_caller_not_the_library() -> None:
+    import signal
+    from virtio_user.blk import VirtioBlk
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        a, b = VirtioBlk(FakeBackend(FakeBlkDevice())), VirtioBlk(FakeBackend(FakeBlkDevice()))
+        both_open = signal.getsignal(signal.SIGTERM)
+        a.close()
+        assert signal.getsignal(signal.SIGTERM) is both_open is signal.SIG_DFL
+        b.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_reap_with_zero_timeout_is_a_poll(make_blk) -> None:
+    blk, dev = make_blk()
+    dev.auto = False
+    req = Request(IN, 0, 1, blk.alloc_buffer(SECTOR), SECTOR)
+    blk.submit([req])
+    assert blk.reap(timeout=0) == [] and blk.reap(timeout=0) == []
+    assert dev.status == 7 and not blk.queue.broken
+    dev.process()
+    assert blk.reap(timeout=0) == [req] and req.status == 0
+
+
+def test_hostile_size_max_is_refused_early_and_cheaply() -> None:
+    import tracemalloc
+    from virtio_user.blk import VirtioBlk
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    dev = FakeBlkDevice(features=DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_SIZE_MAX, size_max=1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DeviceError, match="size_max 1"):
+            VirtioBlk(FakeBackend(dev))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    assert dev.status == 0 and dev.resets
+    assert dev.log[-1] == "backend closed"
+
+
+def test_numpy_views_of_a_closed_device_keep_their_memory() -> None:
+    import subprocess
+    import sys
+    code = ("from virtio_user.blk import VirtioBlk\n"
+            "from virtio_user.transport.fake import FakeBackend\n"
+            "blk = VirtioBlk(FakeBackend())\n"
+            "blk.read(0, 1)\n"
+            "used, desc = blk.queue.used, blk.queue.desc\n"
+            "blk.close()\n"
+            "print(int(used['idx']), int(desc[0]['len']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr  # not -11: the mapping was not unmapped under them
+    assert r.stdout.split()[0] == "1"
+
+
+def test_discard_honours_the_sector_alignment(make_blk) -> None:
+    blk, dev = make_blk(capacity=4096, max_discard_sectors=20, discard_sector_alignment=8)
+    blk.discard(3, 40)
+    pieces = [(s, n) for t, s, n in dev.ranges if t == ReqType.VIRTIO_BLK_T_DISCARD]
+    assert pieces == [(3, 13), (16, 16), (32, 11)]  # boundaries on multiples of 8, as Linux
+
+
+@pytest.mark.parametrize("limit", ["max_discard_sectors", "max_write_zeroes_sectors"])
+def test_a_range_limit_below_one_block_is_refused(make_blk, limit: str) -> None:
+    blk, dev = make_blk(blk_size=4096)
+    dev.config[limit] = 4  # half a 4096-byte block
+    blk.refresh_config()
+    call = blk.discard if limit.startswith("max_discard") else blk.write_zeroes
+    with pytest.raises(Unsupported, match=f"{limit.removeprefix('max_')} 4 is below"):
+        call(0, 8)
+    assert dev.ranges == []

@@ -31,7 +31,7 @@ class Env:
 
     def opener(self, args: Any) -> VirtioBlk:
         self.opened += 1
-        return VirtioBlk(FakeBackend(self.device), timeout=args.timeout, handle_signals=False)
+        return VirtioBlk(FakeBackend(self.device), timeout=args.timeout)
 
     def run(self, *argv: object) -> int:
         return cli.main([str(a) for a in argv], opener=self.opener)
@@ -100,6 +100,12 @@ BAD = [  # argv, exit code, text in the message
     (["--device", "0000:00:10", "info"], 1, "0000:00:10"),
     (["--device", "zz:zz", "info"], 1, "zz:zz"), (["--timeout", "0", "info"], 1, "timeout"),
     (["read", "0", "1", "-o", "/nonexistent/dir/x"], 15, "/nonexistent/dir/x"),
+    (["--timeout", "nan", "info"], 1, "timeout"), (["--timeout", "inf", "info"], 1, "timeout"),
+    (["--timeout", "-inf", "info"], 1, "timeout"), (["--timeout", "1e999", "info"], 1, "timeout"),
+    (["bench", "--bs", "\u00b2"], 1, "--bs"), (["bench", "--bs", "\u0664\u0660\u0669\u0666"], 1, "--bs"),
+    (["bench", "--iodepth", "\u00b2"], 1, "--iodepth"), (["bench", "--ios", "\u0663"], 1, "--ios"),
+    (["bench", "--ios", "1_000"], 1, "--ios"), (["bench", "--runtime", "nan"], 1, "--runtime"),
+    (["bench", "--runtime", "inf"], 1, "--runtime"), (["bench", "--bs", "4k\u00b2"], 1, "--bs"),
 ]
 
 
@@ -203,3 +209,103 @@ def test_generated_ranges(cmd: str, sector: int, count: int, spell: Any) -> None
         return
     assert env.run(*argv) == want
     assert bytes(env.device.disk) == before
+
+
+# -- hardening: each of these failed on an earlier version ------------------------------
+
+@pytest.mark.parametrize("target", ["dangling", "/proc/version", "/dev/full", "directory"])
+def test_unusable_output_is_exit_15_before_the_device_opens(env: Env, tmp_path: Path,
+                                                           capsys: Any, target: str) -> None:
+    path = {"dangling": tmp_path / "link", "directory": tmp_path}.get(target, Path(target))
+    if target == "dangling":
+        path.symlink_to("/nonexistent/dir/file")
+    assert env.run("read", 0, 8, "-o", path) == 15
+    assert f"cannot write {path}" in capsys.readouterr().err
+    assert env.opened == 0
+
+
+def _fifo_feeder(path: Path, data: bytes, piece: int = 1 << 20) -> Any:
+    import threading
+    os.mkfifo(path)
+
+    def feed() -> None:
+        with open(path, "wb") as f:
+            try:
+                for i in range(0, len(data), piece):
+                    f.write(data[i:i + piece])
+            except BrokenPipeError:
+                pass  # the reader stopped early, as it should
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_write_from_an_endless_stream_is_bounded_by_the_capacity(tmp_path: Path,
+                                                                 capsys: Any) -> None:
+    import tracemalloc
+    env = Env(capacity=16384)
+    feeder = _fifo_feeder(tmp_path / "zeros", bytes(64 << 20))  # 8 times the device
+    tracemalloc.start()
+    try:
+        code = env.run("write", 0, "-i", tmp_path / "zeros")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    feeder.join(10)
+    assert code == 22, capsys.readouterr().err
+    assert peak < 24 << 20
+    assert "beyond the end of the device" in capsys.readouterr().err
+    assert env.device.disk == bytes(16384 * SECTOR)  # written up to the end, no further
+
+
+def test_write_from_a_stream_that_fits(tmp_path: Path) -> None:
+    env = Env(capacity=16384)
+    data = os.urandom(9 << 20 >> 1)  # 4.5 MiB: a whole piece and a part
+    feeder = _fifo_feeder(tmp_path / "in", data)
+    assert env.run("write", 100, "-i", tmp_path / "in") == 0
+    feeder.join(10)
+    assert env.device.disk[100 * SECTOR:100 * SECTOR + len(data)] == data
+
+
+def test_regular_input_file_beyond_the_capacity_writes_nothing(tmp_path: Path) -> None:
+    env = Env(capacity=16384)
+    before = bytes(env.device.disk)
+    (tmp_path / "big").write_bytes(b"\x22" * (16385 * SECTOR))
+    assert env.run("write", 0, "-i", tmp_path / "big") == 22
+    assert bytes(env.device.disk) == before
+
+
+def test_sigterm_during_a_write_resets_and_exits_143(capsys: Any, monkeypatch: Any) -> None:
+    env = Env(capacity=65536)
+    real_write = VirtioBlk.write
+    calls = []
+
+    def write(self: VirtioBlk, sector: int, data: bytes) -> None:
+        calls.append(sector)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_write(self, sector, data)
+
+    monkeypatch.setattr(VirtioBlk, "write", write)
+    assert env.run("write", 0, "--pattern", "0x77", "--count", 5 * 8192) == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in capsys.readouterr().err
+    assert env.device.status == 0 and env.device.log[-1] == "backend closed"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_ctrl_c_during_the_reset_after_a_device_fault_is_exit_130(capsys: Any,
+                                                                  monkeypatch: Any) -> None:
+    env = Env()
+    env.device.misbehave = "bad_id"
+    real_reset = FakeBlkDevice.reset
+    interrupted = []
+
+    def reset(self: FakeBlkDevice) -> None:
+        if self.requests and not interrupted:  # the reset after the faulty completion
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        real_reset(self)
+
+    monkeypatch.setattr(FakeBlkDevice, "reset", reset)
+    assert env.run("read", 0, 1, "-o", os.devnull) == 128 + signal.SIGINT
+    assert interrupted and env.device.status == 0  # close() reset it after all

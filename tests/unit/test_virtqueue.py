@@ -19,20 +19,22 @@ NEXT, WRITE, INDIRECT = (int(f) for f in DescFlag)
 class Harness:
     """A queue plus the device-side moves a test needs."""
 
-    def __init__(self, size: int = 8, indirect: bool = False, event_idx: bool = False) -> None:
+    def __init__(self, size: int = 8, indirect: bool = False, event_idx: bool = False,
+                 reset: Any = None) -> None:
         self.region = DmaRegion.anonymous(1 << 20, contiguous=1 << 20)
         self.kicks = 0
         self.faults = 0
         self.q: SplitQueue[Any] = SplitQueue(
             DmaAllocator(self.region), size, self._kick, indirect=indirect,
-            event_idx=event_idx, on_fault=self._fault)
+            event_idx=event_idx, on_fault=reset or self._fault)
         self.device_avail = 0
 
     def _kick(self) -> None:
         self.kicks += 1
 
-    def _fault(self) -> None:
+    def _fault(self) -> bool:
         self.faults += 1
+        return True  # the reset took
 
     def avail_heads(self) -> list[int]:
         """Heads the device would now take from the available ring."""
@@ -225,3 +227,35 @@ def test_plain_add_after_framed_rewrites_the_table_and_back() -> None:
         assert h.avail_heads() == [head]
         h.complete(head, 1)
         assert h.q.reap() == [(token, 1)]
+
+
+def test_wait_with_zero_timeout_is_a_poll() -> None:
+    h = Harness(size=8)
+    head = h.q.add(SEG3, "a")
+    h.q.kick()
+    assert h.q.wait(0) == [] and h.q.wait(0.0) == []
+    assert h.faults == 0 and not h.q.broken
+    h.complete(head, 513)
+    assert h.q.wait(0) == [("a", 513)]
+
+
+def test_ctrl_c_during_the_reset_after_a_fault_is_not_replaced() -> None:
+    def interrupted_reset() -> bool:
+        raise KeyboardInterrupt
+    h = Harness(size=8, reset=interrupted_reset)
+    h.q.add(SEG3, "a")
+    h.q.kick()
+    h.complete(99, 1)
+    with pytest.raises(KeyboardInterrupt):
+        h.q.reap()
+    assert h.q.broken and "out of range" in h.q.broken
+
+
+def test_fault_message_says_whether_the_reset_took() -> None:
+    h = Harness(size=8, reset=lambda: False)  # the status did not read back 0
+    h.q.add(SEG3, "a")
+    h.q.kick()
+    h.complete(99, 1)
+    with pytest.raises(DeviceError) as info:
+        h.q.reap()
+    assert "has been reset" not in str(info.value) and "did not reset" in str(info.value)

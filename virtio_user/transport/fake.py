@@ -8,7 +8,12 @@ completes requests out of order, holds them, stalls, or misbehaves once (``misbe
 - ``"id_not_in_flight"``: the id of a descriptor that heads no chain in flight;
 - ``"len_too_large"``: a used length larger than the chain's writable bytes;
 - ``"idx_jump"``: used.idx advanced by more than the queue size;
-- ``"no_status"``: the status byte left unwritten.
+- ``"no_status"``: the status byte left unwritten;
+- ``"status_only"``: only the status byte written, and a used length of 1;
+- ``"zero_len"``: a used length of 0.
+
+``reset_fails`` makes a write of 0 to the status register do nothing (the status does
+not read back 0).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class FakeBlkDevice:
     def __init__(self, capacity: int = 2048, *, queue_size: int = 256,
                  features: int = DEFAULT_FEATURES, size_max: int = 0, seg_max: int = 126,
                  blk_size: int = 512, serial: str = "fake-serial", msix: bool = False,
-                 max_discard_sectors: int = 1 << 16) -> None:
+                 max_discard_sectors: int = 1 << 16,
+                 discard_sector_alignment: int = 1) -> None:
         self.disk = bytearray(capacity * SECTOR_SIZE)
         self.queue_size_reported = queue_size
         self.host_features = int(features)
@@ -53,6 +59,7 @@ class FakeBlkDevice:
         self.config["blk_size"] = blk_size
         self.config["max_discard_sectors"] = max_discard_sectors
         self.config["max_discard_seg"] = 1
+        self.config["discard_sector_alignment"] = discard_sector_alignment
         self.config["max_write_zeroes_sectors"] = max_discard_sectors
         self.config["max_write_zeroes_seg"] = 1
         self.serial = serial.encode()
@@ -63,10 +70,12 @@ class FakeBlkDevice:
         self.stall = False  # ignore notifies: nothing ever completes
         self.reverse = False  # complete each batch in reverse order
         self.misbehave: str | None = None
+        self.reset_fails = False
         self.ioerr_sectors: set[int] = set()
         # observable state
         self.log: list[str] = []
         self.requests: list[tuple[int, int, int]] = []  # (type, sector, data bytes)
+        self.ranges: list[tuple[int, int, int]] = []  # discard/write zeroes: type, sector, n
         self.notifies = 0
         self.resets = 0
         self._pending: list[int] = []
@@ -111,7 +120,9 @@ class FakeBlkDevice:
     def write(self, reg: Reg, value: int) -> None:
         if reg == LegacyReg.DEVICE_STATUS:
             self.log.append(f"status {value:#x}")
-            if value == 0:
+            if value == 0 and self.reset_fails:
+                pass
+            elif value == 0:
                 self.resets += 1
                 self.reset()
             else:
@@ -211,10 +222,15 @@ class FakeBlkDevice:
         pos = 0
         for a, n in writable:
             piece = buf[pos:pos + n]
+            if self.misbehave == "status_only":
+                piece = piece[-1:] if pos + n == in_len else b""
+                a += n - len(piece)
             self._mem(a, len(piece))[:] = piece
             pos += n
         used_id, used_len = head, in_len
         trick, self.misbehave = self.misbehave, None
+        if trick in ("status_only", "zero_len"):
+            used_len = 1 if trick == "status_only" else 0
         if trick == "bad_id":
             used_id = size + 5
         elif trick == "id_not_in_flight":
@@ -247,9 +263,13 @@ class FakeBlkDevice:
         if rtype in (ReqType.VIRTIO_BLK_T_DISCARD, ReqType.VIRTIO_BLK_T_WRITE_ZEROES):
             if ro:
                 return IOERR, b""
+            limit = int(self.config["max_discard_sectors"
+                                    if rtype == ReqType.VIRTIO_BLK_T_DISCARD
+                                    else "max_write_zeroes_sectors"])
             for rng in np.frombuffer(out, BLK_DWZ_DTYPE):
                 start, n = int(rng["sector"]), int(rng["num_sectors"])
-                if start + n > capacity:
+                self.ranges.append((rtype, start, n))
+                if start + n > capacity or n > limit:
                     return IOERR, b""
                 self.disk[start * SECTOR_SIZE:(start + n) * SECTOR_SIZE] = bytes(n * SECTOR_SIZE)
             return OK, b""

@@ -311,6 +311,7 @@ MAX_JOBS = 256  # NBD requests accepted and not yet answered
 MAX_HELD = 64 << 20  # bytes of read data and replies held before we stop reading
 RX_BYTES = 256 << 10
 TICK = 0.1  # seconds the loop sleeps in select when the device has nothing in flight
+SPARE_BYTES = 16 << 20  # read reply buffers kept for reuse (fresh memory faults, slowly)
 DISC_GRACE = 10.0  # after asking the kernel to disconnect, for its NBD_CMD_DISC
 
 
@@ -382,6 +383,10 @@ class NbdServer:
         self._waiting: collections.deque[_Piece] = collections.deque()
         self._ready: list[Request] = []
         self._out: collections.deque[memoryview] = collections.deque()
+        # per _out entry: the reply buffer to reuse once it is sent, or None
+        self._out_done: collections.deque[bytearray | None] = collections.deque()
+        self._spare: dict[int, list[bytearray]] = {}
+        self._spare_bytes = 0
         self._jobs = 0
         self._held = 0
         self._reading = True
@@ -572,7 +577,7 @@ class NbdServer:
         elif job.error:
             self._reply(job)
         elif req.cmd == Cmd.READ:
-            job.data = bytearray(REPLY.size + req.length)
+            job.data = self._reply_buffer(REPLY.size + req.length)
             self._held += len(job.data)
             self._split(job, ReqType.VIRTIO_BLK_T_IN, self._piece_sectors)
         elif req.cmd == Cmd.FLUSH:
@@ -699,7 +704,10 @@ class NbdServer:
             out = memoryview(job.data)
         else:  # the kernel reads no data after an error
             out = memoryview(pack_reply(job.error, job.req.cookie))
+            if job.data is not None:
+                self._give_back(job.data)
         self._out.append(out)
+        self._out_done.append(job.data if out.obj is job.data else None)
         self._held += len(out)
 
     def _send(self) -> None:
@@ -717,12 +725,29 @@ class NbdServer:
                 if sent >= len(head):
                     sent -= len(head)
                     self._out.popleft()
+                    done = self._out_done.popleft()
+                    if done is not None:
+                        head.release()
+                        self._give_back(done)
                 else:
                     self._out[0] = head[sent:]
                     sent = 0
         if self._socket_dead:
             self._held -= sum(len(v) for v in self._out)
             self._out.clear()
+            self._out_done.clear()
+
+    def _reply_buffer(self, nbytes: int) -> bytearray:
+        spare = self._spare.get(nbytes)
+        if spare:
+            self._spare_bytes -= nbytes
+            return spare.pop()
+        return bytearray(nbytes)
+
+    def _give_back(self, buf: bytearray) -> None:
+        if self._spare_bytes + len(buf) <= SPARE_BYTES:
+            self._spare.setdefault(len(buf), []).append(buf)
+            self._spare_bytes += len(buf)
 
     # -- ending -------------------------------------------------------------------
     def _end(self, reason: str, dead: bool = False) -> None:

@@ -112,9 +112,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory):
 
 def test_mkfs_mount_write_and_the_host_reads_the_image(guest: Guest) -> None:
     g = guest
-    g.connect("fs")
-    g.ok("mkfs.ext4 -q -F /dev/nbd0 && mkdir -p /tmp/fs && mount /dev/nbd0 /tmp/fs && "
-         f"cp -a {g.dir}/tree /tmp/fs/tree && sync && umount /tmp/fs")
+    g.connect("fs")  # the README's lines, as written there
+    g.ok("mkfs.ext4 -q -F /dev/nbd0 && mkdir -p /tmp/fs && mount /dev/nbd0 /tmp/fs")
+    g.ok("cp -a tree /tmp/fs/tree && sync && umount /tmp/fs")
     g.disconnect("fs")
     fsck = subprocess.run(["e2fsck", "-fn", str(g.images["fs"])], capture_output=True,
                           text=True, timeout=120)

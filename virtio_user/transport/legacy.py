@@ -90,6 +90,9 @@ class LegacyTransport:
         a 4096-byte aligned descriptor table, used ring on the next 4096-byte boundary
         after the available ring."""
         from ..virtqueue import legacy_layout
+        if not self.queue_size(index):
+            raise DeviceError(f"{self.backend.bdf}: queue {index} does not exist (its size "
+                              "reads 0)")
         lay = legacy_layout(size)
         if (desc % LEGACY_QUEUE_ALIGN or driver != desc + lay.avail
                 or device != desc + lay.used):

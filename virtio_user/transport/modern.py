@@ -243,11 +243,11 @@ class ModernTransport:
 
     # -- queues -------------------------------------------------------------------
     def _select(self, index: int) -> int:
-        """Select queue ``index`` and return its size register (0: no such queue)."""
-        if index >= self.common.read(CommonCfg.NUM_QUEUES):
-            return 0
+        """Select queue ``index`` and return its size register (0: no such queue, which
+        the device says by a size of 0, and num_queues should agree)."""
         self.common.write(CommonCfg.QUEUE_SELECT, index)
-        return self.common.read(CommonCfg.QUEUE_SIZE)
+        size = self.common.read(CommonCfg.QUEUE_SIZE)
+        return size if index < self.common.read(CommonCfg.NUM_QUEUES) else 0
 
     def queue_size(self, index: int) -> int:
         """The largest power of 2 not above the device's maximum ("Split Virtqueues":

@@ -3,9 +3,10 @@ one process per device (a lock), refuse a device the kernel is using, bind it to
 backend's driver, turn on I/O decoding and bus mastering, find out whether MSI-X is on,
 and on close optionally hand the device back to virtio-pci.
 
-Subclasses say which driver (``DRIVER``), how BAR0 and the config space are reached
-(``_open_registers``), how other BARs are mapped (``_open_bar``) and where DMA memory
-comes from (``alloc_dma``).
+Subclasses say which driver (``DRIVER``), how the config space is reached
+(``_open_config``), how BARs are mapped (``_open_bar``; BAR0 is the legacy register
+block, which a modern-only device does not have) and where DMA memory comes from
+(``alloc_dma``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class PciBackend:
             if dev.driver != self.DRIVER:
                 pci.check_unused(dev)
                 pci.bind(dev, self.DRIVER)
-            self.bar0, self.config = self._open_registers()
+            self.config = self._open_config()
             cmd = self.config.read_at(pci.COMMAND_REG, 2)
             self.config.write_at(pci.COMMAND_REG, 2,
                                  cmd | pci.COMMAND_IO | pci.COMMAND_BUS_MASTER)
@@ -66,9 +67,17 @@ class PciBackend:
     def _preflight(self) -> None:
         """Refuse, before the device is taken from its driver, what cannot work."""
 
-    def _open_registers(self) -> tuple[Registers, Registers]:
-        """(BAR0, PCI config space)."""
+    def _open_config(self) -> Registers:
+        """The PCI config space."""
         raise NotImplementedError
+
+    @property
+    def bar0(self) -> Registers:
+        """The legacy register block: an I/O BAR, reached by pread/pwrite."""
+        bar = self.bar(0)
+        if not isinstance(bar, Registers):
+            raise DeviceError(f"{self.bdf}: BAR0 is not the legacy I/O register block")
+        return bar
 
     def alloc_dma(self, size: int) -> DmaRegion:
         raise NotImplementedError
@@ -93,7 +102,7 @@ class PciBackend:
         self._bars = {}
 
     def _release(self) -> None:
-        """Close what ``_open_registers`` and ``alloc_dma`` opened."""
+        """Close what ``_open_config``, ``_open_bar`` and ``alloc_dma`` opened."""
 
     def _lock(self) -> int:
         """One process per device: a second would reset the first one's queue."""

@@ -25,10 +25,9 @@ class UioBackend(PciBackend):
     name = "uio"
     DRIVER = "uio_pci_generic"
 
-    def _open_registers(self) -> tuple[Registers, Registers]:
+    def _open_config(self) -> Registers:
         self._fds: list[int] = []
-        return (Registers(*self._open("resource0"), f"{self.bdf} BAR0"),
-                Registers(*self._open("config"), f"{self.bdf} PCI config"))
+        return Registers(*self._open("config"), f"{self.bdf} PCI config")
 
     def _open(self, name: str) -> tuple[int, int, int]:
         path = Path(self.dev.path, name)

@@ -191,12 +191,10 @@ class VfioBackend(PciBackend):
                                      "vfio_iommu_type1 modules are not loaded")
         iommu_group(self.bdf)
 
-    def _open_registers(self) -> tuple[Registers, Registers]:
+    def _open_config(self) -> Registers:
         self.vfio = VfioDevice(self.bdf)
-        bar0 = self.vfio.region(ioctl.VFIO_PCI_BAR0_REGION_INDEX)
         config = self.vfio.region(ioctl.VFIO_PCI_CONFIG_REGION_INDEX)
-        return (Registers(self.vfio.device, *bar0, f"{self.bdf} BAR0 (vfio)"),
-                Registers(self.vfio.device, *config, f"{self.bdf} PCI config (vfio)"))
+        return Registers(self.vfio.device, *config, f"{self.bdf} PCI config (vfio)")
 
     def enable_translation(self) -> None:
         if self.vfio.mappings:

@@ -60,8 +60,8 @@ python_env() {
     say "creating the Python environment in $venv"
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     # The machine-wide pip config names local mirrors that may be absent: hide those warnings.
-    "$venv/bin/python" -m pip install -q -e "$repo[test,bench]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-    "$venv/bin/python" -c "import numpy, pyudev, qemu.qmp, elftools, pytest"
+    "$venv/bin/python" -m pip install -q -e "$repo[test,host]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+    "$venv/bin/python" -c "import numpy, pyudev, qemu.qmp, elftools, matplotlib, pytest"
     echo "$want" >"$stamp"
 }
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy
 import pytest
 
-from images import RUN_IN_QEMU, make_image
+from images import REPO, RUN_IN_QEMU, make_image
 from virtio_user.host import Disk, GuestSession, GuestTimeout
 from virtio_user.host import accel
 
@@ -160,10 +163,83 @@ def test_options_in_space_form_and_commas_in_paths(tmp_path: Path) -> None:
     assert not (where / "injected").exists() and not Path("injected").exists()
 
 
-def test_accel_auto_falls_back_to_tcg_here(tmp_path: Path) -> None:
-    start = time.monotonic()
-    r = run_in_qemu(["--accel", "auto", "--", "true"], tmp_path, tmp_path)
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A wheel built from a copy of the project, installed without its dependencies in a
+    fresh venv; the driver's dependencies and the harness's are linked in two folders,
+    so each half can be imported with or without the other's."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__")
+    for name in ("qemu", "virtio_user"):
+        shutil.copytree(REPO / name, src / name, symlinks=True, ignore=ignore)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp / "dist"), str(src)],
+                   check=True, timeout=300, capture_output=True)
+    (wheel,) = (tmp / "dist").glob("virtio_user-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install",
+                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300,
+                   capture_output=True)
+    site = Path(numpy.__file__).parents[1]
+    folders = {"driver": ["numpy", "numpy.libs", "pyudev"], "host": ["qemu", "elftools"]}
+    for folder, names in folders.items():
+        (tmp / folder).mkdir()
+        for name in names:
+            if (site / name).exists():
+                (tmp / folder / name).symlink_to(site / name)
+    return {"python": venv / "bin" / "python", "driver": tmp / "driver",
+            "host": tmp / "host", "cwd": tmp}
+
+
+def installed_run(installed: dict[str, Path], argv: list[str], *folders: str,
+                  timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``argv`` with the installed wheel's python, outside the checkout."""
+    env = dict(os.environ, PYTHONPATH=":".join(str(installed[f]) for f in folders))
+    return subprocess.run([str(installed["python"]), *argv], cwd=installed["cwd"], env=env,
+                          text=True, capture_output=True, timeout=timeout)
+
+
+def test_installed_driver_imports_without_the_harness_dependencies(
+        installed: dict[str, Path]) -> None:
+    script = ("import importlib.util as u, virtio_user, virtio_user.cli\n"
+              "print(virtio_user.__file__)\n"
+              "print([m for m in ('qemu', 'elftools', 'matplotlib') if u.find_spec(m)])\n")
+    r = installed_run(installed, ["-c", script], "driver")
     assert r.returncode == 0, r.stderr
+    where, missing = r.stdout.splitlines()
+    assert where.startswith(str(installed["cwd"] / "venv")) and missing == "[]"
+    r = installed_run(installed, ["-m", "virtio_user.cli", "--help"], "driver")
+    assert r.returncode == 0 and r.stdout.startswith("usage: virtio-user"), r.stderr
+    r = installed_run(installed, ["-c", "import virtio_user.host"], "driver")
+    assert "the QEMU harness needs elftools: pip install 'virtio-user[host]'" in r.stderr
+
+
+def test_installed_harness_finds_its_guest_files(installed: dict[str, Path]) -> None:
+    script = ("from virtio_user.host import assets\n"
+              "print(assets.GUEST_DIR)\n"
+              "print(sorted(p.name for p in assets.GUEST_DIR.glob('[!_]*')))\n")
+    r = installed_run(installed, ["-c", script], "driver", "host")
+    assert r.returncode == 0, r.stderr
+    where, names = r.stdout.splitlines()
+    assert where.startswith(str(installed["cwd"] / "venv"))
+    assert names == str(["agent.py", "demo.sh", "init.sh", "kernel.conf", "modules.txt"])
+
+
+def test_installed_harness_boots_with_accel_auto_falling_back_to_tcg_here(
+        installed: dict[str, Path]) -> None:
+    """The installed wheel, outside the checkout, boots a guest: its own init.sh, agent
+    and modules list, and the venv under /tmp visible in the guest."""
+    start = time.monotonic()
+    r = installed_run(installed, ["-m", "virtio_user.host.run", "--accel", "auto", "--",
+                                  "sh", "-c", "echo $VIRTUAL_ENV"], "driver", "host",
+                      timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{installed['cwd'] / 'venv'}\n"
     if not accel.cpu_has_virt():
         assert "using TCG because the CPU has no vmx/svm flag" in r.stderr
     assert time.monotonic() - start < 120

@@ -1,7 +1,7 @@
 """Guest boot assets: the cached Debian kernel and the initramfs the project builds.
 
 scripts/setup.sh downloads the kernel package into the cache; this module finds it and
-packs an initramfs from busybox, qemu/init.sh and the modules in qemu/modules.txt plus
+packs an initramfs from busybox, init.sh and the modules in modules.txt (GUEST_DIR) plus
 their dependencies, resolved from each module's own ``depends=`` field (the extracted
 package has no modules.dep). The result is cached under a hash of its inputs.
 """
@@ -20,8 +20,13 @@ from elftools.elf.elffile import ELFFile
 
 from .errors import AssetsMissing
 
-REPO = Path(__file__).resolve().parents[2]
-QEMU_DIR = REPO / "qemu"
+# The guest's files (init.sh, agent.py, modules.txt, kernel.conf, demo.sh) are package
+# data: in a checkout ``guest`` is a link to the repository's qemu/ folder, in an
+# installed wheel a copy. Resolved, because the guest reads them by the same path.
+GUEST_DIR = (Path(__file__).parent / "guest").resolve()
+# Where ``virtio_user`` is imported from (a checkout or site-packages): the guest must
+# see it, and the guest's /tmp hides the host's.
+IMPORT_ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = Path("/bin/busybox")
 
 
@@ -99,14 +104,14 @@ def load_order(kernel: Kernel, wanted: list[str]) -> list[Path]:
 
 
 def wanted_modules() -> list[str]:
-    lines = (QEMU_DIR / "modules.txt").read_text().splitlines()
+    lines = (GUEST_DIR / "modules.txt").read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
 def build_initramfs(kernel: Kernel) -> Path:
     """Return the cached initramfs for ``kernel``, building it if its inputs changed."""
     modules = load_order(kernel, wanted_modules())
-    init = (QEMU_DIR / "init.sh").read_bytes()
+    init = (GUEST_DIR / "init.sh").read_bytes()
     digest = hashlib.sha256()
     for part in (kernel.release.encode(), init, BUSYBOX.read_bytes(),
                  "\n".join(str(m) for m in modules).encode()):

@@ -32,7 +32,7 @@ from .errors import BadOption, VMLaunchFailure
 from .options import ascii_int, image_format, qemu_escape, split_spec, switch
 from .vhost_user import StorageDaemon, VhostUserDisk
 
-AGENT = assets.QEMU_DIR / "agent.py"
+AGENT = assets.GUEST_DIR / "agent.py"
 FIRST_DISK_SLOT = 0x10
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 SERIAL_MAX = 20  # bytes: VIRTIO_BLK_ID_BYTES ("Block Device" > "Device Operation")
@@ -230,7 +230,8 @@ class Machine:
         cwd = str(self.config.cwd.resolve())
         venv = sys.prefix  # the guest runs this very interpreter and venv
         for what, path in (("current directory", cwd), ("virtual environment", venv),
-                           ("checkout", str(assets.REPO))):
+                           ("package", str(assets.IMPORT_ROOT)),
+                           ("guest files", str(assets.GUEST_DIR))):
             if not set(path) <= SAFE_PATH:
                 raise BadOption(f"the {what} path {path!r} has characters the guest "
                                 "kernel command line cannot carry (spaces, quotes, ...)")
@@ -240,7 +241,7 @@ class Machine:
         # virtual IOMMU); KVM guests skip it for the same reason.
         parts = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4", "no_timer_check",
                  f"VU_CWD={cwd}", f"VU_VENV={venv}", f"VU_AGENT={AGENT}",
-                 f"VU_REPO={assets.REPO}",
+                 f"VU_REPO={assets.IMPORT_ROOT}",
                  f"VU_HUGEPAGES={self.config.hugepages()}"]
         if self.config.accel == "tcg":
             # TCG's TSC follows QEMU's virtual clock: monotonic and shared by all vCPUs,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from . import assets
 from .errors import BadOption, GuestTimeout, HarnessError
 from .machine import Disk
 from .options import ascii_int
@@ -25,7 +26,7 @@ from .session import GuestSession, sink_to_stdio
 
 EXIT_TIMEOUT = 124
 EXIT_HARNESS = 125
-DEMO = Path(__file__).resolve().parents[2] / "qemu" / "demo.sh"
+DEMO = assets.GUEST_DIR / "demo.sh"
 SCRATCH_MIB = 64
 MEMORY_MIB = (256, 1 << 20)
 # The harness's options that take a value (the command's own options come after it).

@@ -183,7 +183,7 @@ def test_legacy_on_a_modern_only_device_is_exit_5(uio: Guest) -> None:
 
 @pytest.mark.parametrize("transport", ["legacy", "modern"])
 def test_transitional_device_both_ways(uio: Guest, transport: str) -> None:
-    info = uio.info("transitional", transport)
+    info = uio.info("transitional", transport)  # legacy: the README's example
     assert info["transport"] == transport
     assert ("VIRTIO_F_VERSION_1" in info["features_negotiated"]) == (transport == "modern")
     byte = 0x11 if transport == "legacy" else 0x22
@@ -224,7 +224,7 @@ def test_vfio_modern_without_access_platform_is_not_isolated(vfio: Guest) -> Non
 
 
 def test_vfio_isolated_device(vfio: Guest) -> None:
-    info = vfio.info("isolated")
+    info = vfio.info("isolated", "modern")  # the README's example, as written
     assert info["transport"] == "modern" and info["iommu"] is True
     assert "VIRTIO_F_ACCESS_PLATFORM" in info["features_negotiated"]
     assert vfio.read_digest("isolated", 0, 64) == sha(vfio.image("isolated", 0, 64))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_user.host import run
+from virtio_user.host import machine, run
 from virtio_user.host.errors import BadOption, VMLaunchFailure
 from virtio_user.host.machine import Disk, Machine, MachineConfig, split_spec
 from virtio_user.host.vhost_user import StorageDaemon, VhostUserDisk
@@ -288,3 +288,18 @@ def test_storage_daemon_that_exits_at_once_is_a_launch_failure(tmp_path: Path) -
         with daemon:
             pass
     assert daemon.proc is None and not daemon.socket.exists()
+
+
+def test_each_qemu_start_is_logged_with_the_test_that_made_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "boots"
+    monkeypatch.setenv(machine.BOOT_LOG_ENV, str(log))
+    machine.record_boot()
+    machine.record_boot()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2
+    assert all(ln.endswith("test_each_qemu_start_is_logged_with_the_test_that_made_it "
+                           "(call)") for ln in lines), lines
+    monkeypatch.delenv(machine.BOOT_LOG_ENV)
+    machine.record_boot()
+    assert len(log.read_text().splitlines()) == 2

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .vhost_user import StorageDaemon, VhostUserDisk
 
 AGENT = assets.GUEST_DIR / "agent.py"
 FIRST_DISK_SLOT = 0x10
+BOOT_LOG_ENV = "VIRTIO_USER_BOOT_LOG"  # a file that gets one line per QEMU start
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 SERIAL_MAX = 20  # bytes: VIRTIO_BLK_ID_BYTES ("Block Device" > "Device Operation")
 # -drive cache= modes as -blockdev options (writethrough also turns off the device's
@@ -208,6 +210,16 @@ class MachineConfig:
         return max(8, self.memory_mib // 16)
 
 
+def record_boot() -> None:
+    """One line per QEMU start in the file $VIRTIO_USER_BOOT_LOG names (scripts/test.sh
+    counts the suite's boots with it), naming the test or the command that started it."""
+    log = os.environ.get(BOOT_LOG_ENV)
+    if log:
+        who = os.environ.get("PYTEST_CURRENT_TEST") or " ".join(sys.argv)
+        with open(log, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {who}\n")
+
+
 class Machine:
     """A running QEMU guest. Use as a context manager; ``close()`` always kills QEMU."""
 
@@ -323,6 +335,7 @@ class Machine:
             daemon = StorageDaemon(disk, self.vhost_user_socket(i),
                                    self.tmp / f"vhost-user{i}.log")
             self._daemons.enter_context(daemon)  # QEMU connects to it at start-up
+        record_boot()
         with self.qemu_log.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)

@@ -68,13 +68,13 @@ def prepare(args: argparse.Namespace) -> BenchSpec:
     iodepth = parse_number(args.iodepth, "bench: --iodepth")
     if iodepth < 1:
         raise InvalidArgument(f"bench: --iodepth {args.iodepth!r} must be at least 1")
-    if args.runtime is not None and args.ios is not None:
-        raise InvalidArgument("bench: give --runtime or --ios, not both")
     runtime = (parse_seconds(args.runtime, "bench: --runtime")
                if args.runtime is not None else None)
     ios = parse_number(args.ios, "bench: --ios") if args.ios is not None else None
     if ios is not None and ios < 1:
         raise InvalidArgument("bench: --ios must be positive")
+    if runtime is not None and ios is not None:
+        raise InvalidArgument("bench: give --runtime or --ios, not both")
     if runtime is None and ios is None:
         runtime = 5.0
     return BenchSpec(args.rw, bs, iodepth, runtime, ios, args.verify)

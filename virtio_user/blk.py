@@ -21,13 +21,13 @@ import struct
 import threading
 import weakref
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import DEFAULT_TIMEOUT
-from .errors import (BlkIOError, DeviceError, InvalidArgument, Interrupted, OutOfRange,
+from .errors import (BlkIOError, DeviceError, InvalidArgument, OutOfRange,
                      ReadOnlyDevice, Unsupported)
 from .memory import HUGEPAGE, Chunk, DmaAllocator, DmaRegion
 from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
@@ -472,7 +472,7 @@ class VirtioBlk:
         """Check the batch; per request its framed data descriptor (None: a chain of
         its own segments). Raises before anything is queued."""
         q = self.queue
-        framed, indirect, max_segs = q.framed, q.indirect, self._data_segs
+        framed, descriptors, max_segs = q.framed, q.descriptors_needed, self._data_segs
         plan: list[bytes | None] = []
         need = 0
         for req in requests:
@@ -496,11 +496,11 @@ class VirtioBlk:
                     nsegs = len(buf.segments(nbytes))
                     if nsegs > max_segs:
                         raise InvalidArgument(f"{req}: {nsegs} segments exceed {max_segs}")
-                    need += 1 if indirect else nsegs + 2
+                    need += descriptors(nsegs + 2)
                 else:
                     need += 1
             else:
-                need += 1 if indirect else 2
+                need += descriptors(2)
             plan.append(data)
         if need > q.num_free:
             raise QueueFull(f"{len(requests)} requests need {need} descriptors, "
@@ -540,9 +540,8 @@ class VirtioBlk:
         return self.queue.add(segs, req, writable)
 
     def _descriptors(self, buf: DmaBuffer, nbytes: int) -> int:
-        """Descriptors a request from ``buf`` takes: one with indirect tables, else
-        header, data segments and status."""
-        return 1 if self.queue.indirect else 2 + len(buf.segments(nbytes))
+        """Descriptors a request from ``buf`` takes: header, data segments, status."""
+        return self.queue.descriptors_needed(2 + len(buf.segments(nbytes)))
 
     def reap(self, timeout: float | None = None) -> list[Request]:
         """Completed requests (waiting up to ``timeout`` for at least one while any is in

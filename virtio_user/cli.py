@@ -302,11 +302,14 @@ def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int
     total = "?" if plan.count is None else plan.count
     try:
         for piece in _pieces(plan):
-            _check_room(dev, plan, done, len(piece))
-            dev.write(plan.sector + done, piece)
-            done += len(piece) // 512
-            if args.progress:
-                print(f"written {done}/{total} sectors", file=sys.stderr, flush=True)
+            fits = _room(dev, plan, done, len(piece))
+            if fits:
+                dev.write(plan.sector + done, piece[:fits])
+                done += fits // 512
+                if args.progress:
+                    print(f"written {done}/{total} sectors", file=sys.stderr, flush=True)
+            if fits < len(piece):
+                raise _beyond_end(dev, plan, done)
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} after "
@@ -344,15 +347,20 @@ def _pieces(plan: WritePlan) -> Iterator[bytes]:
         yield piece
 
 
-def _check_room(dev: VirtioBlk, plan: WritePlan, done: int, nbytes: int) -> None:
-    """A stream may not run past the end of the device: the piece that would is not
-    written, and the message says what was."""
-    start, count = plan.sector + done, nbytes // 512
-    if plan.count is None and start + count > dev.capacity:
-        written = (f"sectors {plan.sector}..{start - 1} were written" if done
-                   else "nothing was written")
-        raise OutOfRange(f"{plan.name} goes beyond the end of the device (capacity "
-                         f"{dev.capacity} sectors); {written}", start, count, dev.capacity)
+def _room(dev: VirtioBlk, plan: WritePlan, done: int, nbytes: int) -> int:
+    """How much of a piece fits before the end of the device (a stream is written up
+    to there; a regular file was checked whole before the first write)."""
+    if plan.count is not None:
+        return nbytes
+    return max(0, min(nbytes, (dev.capacity - plan.sector - done) * 512))
+
+
+def _beyond_end(dev: VirtioBlk, plan: WritePlan, done: int) -> OutOfRange:
+    start = plan.sector + done
+    written = (f"sectors {plan.sector}..{start - 1} were written" if done
+               else "nothing was written")
+    return OutOfRange(f"{plan.name} goes beyond the end of the device (capacity "
+                      f"{dev.capacity} sectors); {written}", start, 1, dev.capacity)
 
 
 def _run_flush(dev: VirtioBlk, args: argparse.Namespace, _: Any) -> int:

@@ -36,7 +36,12 @@ T = TypeVar("T")
 
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])  # id (le32) + len (le32)
-_DESC = struct.Struct("<QIHH")
+_DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr (le64), len (le32), flags, next (le16)
+DESC_BYTES = _DESC.size
+# A framed indirect table (``frame``/``add_framed``): the id's fixed first segment, the
+# request's data, the id's fixed last segment.
+FRAME_FIRST, FRAME_DATA, FRAME_LAST = 0, 1, 2
+FRAME_ENTRIES = 3
 _NEXT = int(DescFlag.VIRTQ_DESC_F_NEXT)
 _WRITE = int(DescFlag.VIRTQ_DESC_F_WRITE)
 _INDIRECT = int(DescFlag.VIRTQ_DESC_F_INDIRECT)
@@ -215,6 +220,7 @@ class SplitQueue(Generic[T]):
         return self._free[-1]
 
     def descriptors_needed(self, nsegs: int) -> int:
+        """Ring descriptors a chain of ``nsegs`` segments takes (one with a table)."""
         return 1 if self.indirect and nsegs > 1 else nsegs
 
     # -- submit -------------------------------------------------------------------
@@ -297,14 +303,16 @@ class SplitQueue(Generic[T]):
         head's request header and status byte). ``add_framed`` then fills a 3-entry
         indirect table of which only the middle (data) entry changes, and a table whose
         data entry is already the one asked for is not written at all."""
-        if not self.indirect or self.max_chain < 3:
-            raise ValueError("framed chains need indirect tables of at least 3 entries")
+        if not self.indirect or self.max_chain < FRAME_ENTRIES:
+            raise ValueError(f"framed chains need indirect tables of at least "
+                             f"{FRAME_ENTRIES} entries")
         if len(first) != self.size or len(last) != self.size:
             raise ValueError(f"frame needs one first and one last segment per id ({self.size})")
-        self._frame_first = [_DESC.pack(bus, n, _NEXT | (_WRITE if w else 0), 1)
+        self._frame_first = [_DESC.pack(bus, n, _NEXT | (_WRITE if w else 0), FRAME_DATA)
                              for bus, n, w in first]
         self._frame_last = [_DESC.pack(bus, n, _WRITE if w else 0, 0) for bus, n, w in last]
-        self._frame_ring = [_DESC.pack(bus, 48, _INDIRECT, 0) for bus in self._table_bus]
+        self._frame_ring = [_DESC.pack(bus, FRAME_ENTRIES * DESC_BYTES, _INDIRECT, 0)
+                            for bus in self._table_bus]
         self._framed = [None] * self.size
         self.framed = True
 
@@ -312,7 +320,7 @@ class SplitQueue(Generic[T]):
     def framed_data(bus: int, length: int, writable: bool) -> bytes:
         """The middle entry of a framed table, packed: callers build it once per buffer
         and pass the same object to every ``add_framed``."""
-        return _DESC.pack(bus, length, _NEXT | (_WRITE if writable else 0), 2)
+        return _DESC.pack(bus, length, _NEXT | (_WRITE if writable else 0), FRAME_LAST)
 
     def add_framed(self, data: bytes, token: T, writable: int) -> int:
         """``add`` for a framed chain: first segment, ``data`` (from ``framed_data``),
@@ -329,12 +337,14 @@ class SplitQueue(Generic[T]):
             table = self._table_off + head * self._table_bytes
             mm = self._mm
             if held is None:  # not framed yet, or a plain add wrote another table
-                mm[table:table + 16] = self._frame_first[head]
-                mm[table + 32:table + 48] = self._frame_last[head]
-                off = self._desc_off + 16 * head
-                mm[off:off + 16] = self._frame_ring[head]
+                first, last = table + FRAME_FIRST * DESC_BYTES, table + FRAME_LAST * DESC_BYTES
+                mm[first:first + DESC_BYTES] = self._frame_first[head]
+                mm[last:last + DESC_BYTES] = self._frame_last[head]
+                off = self._desc_off + DESC_BYTES * head
+                mm[off:off + DESC_BYTES] = self._frame_ring[head]
                 self._table_segs[head] = None
-            mm[table + 16:table + 32] = data
+            middle = table + FRAME_DATA * DESC_BYTES
+            mm[middle:middle + DESC_BYTES] = data
             self._framed[head] = data
         self._writable[head] = writable
         self._token[head] = token
@@ -407,7 +417,7 @@ class SplitQueue(Generic[T]):
             if length > writable[head]:
                 self._fault(f"used len {length} for id {head} exceeds the chain's "
                             f"{writable[head]} device-writable bytes")
-            # Release the chain (as _release, inlined: this loop runs per completion).
+            # Release the chain to the free list (inline: this loop runs per completion).
             tokens[head] = None
             chain = chains[head]
             if chain is None:
@@ -422,15 +432,6 @@ class SplitQueue(Generic[T]):
         # Keep used_event one behind: the device would interrupt only after wrapping.
         self._u16[self._used_event] = (used - 1) & 0xFFFF
         return out
-
-    def _release(self, head: int) -> None:
-        self._token[head] = None
-        chain = self._chain[head]
-        if chain is None:
-            self._free.append(head)
-        else:
-            self._chain[head] = None
-            self._free.extend(chain)
 
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout

@@ -24,6 +24,7 @@ GUEST_SCRIPTS = Path(__file__).resolve().parents[1] / "guest"
 EIO_READ, EIO_WRITE, RESIZE, LONG, MOUNTED, PLAIN = (
     f"0000:00:{0x10 + i:02x}.0" for i in range(6))
 HOTPLUG = "0000:01:00.0"  # behind the pcie-root-port
+SMALL_DIRECT = "0000:00:17.0"  # queue size 16, no indirect descriptors
 
 
 def sha(path: Path) -> str:
@@ -49,12 +50,13 @@ def guest(tmp_path_factory: pytest.TempPathFactory):
     images = {name: make_image(d / f"{name}.raw", size, pattern=name.encode())
               for name, size in (("eio_read", 8), ("eio_write", 8), ("resize", 8),
                                  ("long", 128), ("mounted", 16), ("plain", 8),
-                                 ("hotplug", 8))}
+                                 ("hotplug", 8), ("small_direct", 8))}
     disks = [Disk(images["eio_read"], inject_errors=[("read_aio", 100)]),
              Disk(images["eio_write"], inject_errors=[("write_aio", 200)]),
              Disk(images["resize"]), Disk(images["long"]), Disk(images["mounted"]),
              Disk(images["plain"]),
-             Disk(images["hotplug"], extra={"bus": "hp0", "addr": "0x0"})]
+             Disk(images["hotplug"], extra={"bus": "hp0", "addr": "0x0"}),
+             Disk(images["small_direct"], queue_size=16, indirect_desc=False)]
     root_port = ["-device", "pcie-root-port,id=hp0,chassis=1,bus=pcie.0,addr=0x1c"]
     with GuestSession(disks, cwd=d, qemu_args=root_port) as vm:
         yield Guest(vm, images)
@@ -147,17 +149,47 @@ def test_wrong_or_malformed_pci_address(guest: Guest, bdf: str, code: int) -> No
 
 
 def test_unreadable_input_file(guest: Guest) -> None:
+    before = sha(guest.images["plain"])
+    r = guest.vm.run(f"mkdir -p /tmp/indir && virtio-user --device {PLAIN} write 0 -i /tmp/indir")
+    assert r.status == 15, r.err  # a directory cannot be read as data
+    assert "cannot read /tmp/indir" in r.err
+    # Permissions do not stop root: a mode-000 file is read, and its length is wrong.
     r = guest.vm.run("mkdir -p /tmp/noperm && echo x > /tmp/noperm/f && chmod 000 /tmp/noperm"
                      f" && virtio-user --device {PLAIN} write 0 -i /tmp/noperm/f")
-    assert r.status in (1, 15), r.err  # root may read it anyway: then its length is wrong
+    assert r.status == 1, r.err
+    assert "2 bytes" in r.err
+    assert sha(guest.images["plain"]) == before
 
 
 def test_generated_bad_input_with_hypothesis(guest: Guest) -> None:
     before = sha(guest.images["plain"])
     r = guest.script("fuzz_cli.py", PLAIN, timeout=900)
     assert r.status == 0, r.out + r.err
-    assert "examples" in r.out
+    examples = int(r.out.split()[-2])  # "N examples"
+    assert examples >= 1000, r.out
     assert sha(guest.images["plain"]) == before
+
+
+# -- 4b. a small queue without indirect descriptors, odd files -------------------------
+
+def test_small_queue_without_indirect_descriptors(guest: Guest) -> None:
+    r = guest.vu(SMALL_DIRECT, "read", 0, 8192)  # 4 MiB through a 16-entry direct queue
+    assert r.status == 0, r.err
+    assert r.stdout == guest.images["small_direct"].read_bytes()[:8192 * SECTOR]
+
+
+def test_output_that_refuses_writes_is_exit_15(guest: Guest) -> None:
+    for target in ("/dev/full", "/proc/version"):
+        r = guest.vu(SMALL_DIRECT, "read", 0, 8, "-o", target)
+        assert r.status == 15, r.err
+        assert f"cannot write {target}" in r.err
+
+
+def test_write_from_dev_zero_stops_at_the_end_of_the_device(guest: Guest) -> None:
+    r = guest.vu(SMALL_DIRECT, "write", 0, "-i", "/dev/zero")
+    assert r.status == 22, r.err
+    assert "beyond the end of the device" in r.err
+    assert guest.images["small_direct"].read_bytes() == bytes(8 << 20)
 
 
 def test_device_bound_to_the_kernel_and_mounted_is_refused(guest: Guest) -> None:
@@ -215,15 +247,25 @@ def test_hot_unplugged_device_fails_cleanly(guest: Guest) -> None:
 
 # -- 6. integrity soak, 7. flush durability (own guests: QEMU has to go away) ----------
 
+SOAK_WRITES = 10_000
+
+
 def test_integrity_soak_guest_and_host_agree(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "soak.raw", 32, pattern=b"soak")
-    with GuestSession([Disk(image)], cwd=tmp_path) as vm:
-        r = vm.run(["python", str(GUEST_SCRIPTS / "soak.py"), "0000:00:10.0", "3000",
-                    "expected.raw"], timeout=1200)
+    """The same random writes on a legacy and a modern-only device, in one guest
+    process; each image checked byte for byte against what the guest wrote."""
+    legacy = make_image(tmp_path / "soak-legacy.raw", 32, pattern=b"soak")
+    modern = make_image(tmp_path / "soak-modern.raw", 32, pattern=b"soak")
+    disks = [Disk(legacy), Disk(modern, extra={"disable-legacy": "on", "disable-modern": "off"})]
+    with GuestSession(disks, cwd=tmp_path) as vm:
+        r = vm.run(["python", str(GUEST_SCRIPTS / "soak.py"), str(SOAK_WRITES),
+                    "0000:00:10.0,legacy,expected-legacy.raw",
+                    "0000:00:11.0,modern,expected-modern.raw"], timeout=2400)
         assert r.status == 0, r.out + r.err
-        report = json.loads(r.out.splitlines()[-1])
-    assert report["mismatches"] == 0 and report["writes"] == 3000
-    assert image.read_bytes() == (tmp_path / "expected.raw").read_bytes()
+    reports = [json.loads(line) for line in r.out.splitlines() if line.startswith("{")]
+    assert [(x["transport"], x["writes"], x["mismatches"]) for x in reports] == [
+        ("legacy", SOAK_WRITES, 0), ("modern", SOAK_WRITES, 0)]
+    assert legacy.read_bytes() == (tmp_path / "expected-legacy.raw").read_bytes()
+    assert modern.read_bytes() == (tmp_path / "expected-modern.raw").read_bytes()
 
 
 def test_flushed_data_survives_kill_9_of_qemu(tmp_path: Path) -> None:

@@ -309,3 +309,10 @@ def test_ctrl_c_during_the_reset_after_a_device_fault_is_exit_130(capsys: Any,
     monkeypatch.setattr(FakeBlkDevice, "reset", reset)
     assert env.run("read", 0, 1, "-o", os.devnull) == 128 + signal.SIGINT
     assert interrupted and env.device.status == 0  # close() reset it after all
+
+
+def test_write_from_dev_zero_as_documented(capsys: Any) -> None:
+    env = Env(capacity=2048)
+    assert env.run("write", 0, "-i", "/dev/zero") == 22
+    assert "sectors 0..2047 were written" in capsys.readouterr().err
+    assert env.device.disk == bytes(2048 * SECTOR)

@@ -30,6 +30,7 @@ from . import DEFAULT_TIMEOUT
 from .errors import (BlkIOError, DeviceError, InvalidArgument, OutOfRange,
                      ReadOnlyDevice, Unsupported)
 from .memory import HUGEPAGE, Chunk, DmaAllocator, DmaRegion
+from . import pipeline
 from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus, Feature, IsrBit, ReqType,
                    feature_names)
@@ -698,53 +699,8 @@ class VirtioBlk:
 
     def _pipeline(self, rtype: ReqType, sector: int, count: int,
                   data: memoryview | list[bytes]) -> None:
-        step = self._chunk_sectors
-        starts = range(sector, sector + count, step)
-        taken = 0  # pieces submitted so far
-        free = list(self._pool)
-        inflight: dict[int, Request] = {}
-        error: BaseException | None = None
-        q = self.queue
-        while True:
-            batch = []
-            room = q.num_free  # without indirect tables a small queue holds few chains
-            while free and error is None and taken < len(starts):
-                start = starts[taken]
-                n = min(step, sector + count - start)
-                need = self._descriptors(free[-1], n * SECTOR_SIZE)
-                if need > room:
-                    break
-                room -= need
-                taken += 1
-                buf = free.pop()
-                req = Request(rtype, start, n, buf, n * SECTOR_SIZE)
-                if isinstance(data, memoryview):
-                    off = (start - sector) * SECTOR_SIZE
-                    buf.mv[:req.nbytes] = data[off:off + req.nbytes]
-                else:
-                    data.append(b"")  # its place, filled when it completes
-                batch.append(req)
-            if batch:
-                self.submit(batch)
-                inflight.update((id(r), r) for r in batch)
-            if not inflight:
-                if taken == len(starts) or error is not None:
-                    break
-                # The batch API's requests hold the descriptors the next piece needs:
-                # wait for some (they are kept for the caller's reap).
-                if not q.in_flight:
-                    raise QueueFull(f"a {step}-sector piece does not fit an idle queue")
-                self._orphans.extend(self._reap_queue())
-                continue
-            for req in self._reap_own(inflight):
-                done_buf = req.buffer
-                assert done_buf is not None
-                free.append(done_buf)
-                err = self._status_error(req)
-                if err is not None:
-                    error = error or err  # keep reaping: buffers may not be reused early
-                elif isinstance(data, list):
-                    data[(req.sector - sector) // step] = bytes(done_buf.mv[:req.nbytes])
+        error = pipeline.transfer(_PipelinePort(self, rtype), self._pool,
+                                  self._chunk_sectors, sector, count, data)
         if error is not None:
             self._explain(error, sector, count)
             raise error
@@ -850,6 +806,34 @@ class VirtioBlk:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+class _PipelinePort:
+    """The device as the bounce-buffer pipeline sees it (``pipeline.Port``)."""
+
+    def __init__(self, dev: VirtioBlk, rtype: ReqType) -> None:
+        self.dev, self.rtype = dev, rtype
+
+    def request(self, sector: int, count: int, buf: DmaBuffer) -> Request:
+        return Request(self.rtype, sector, count, buf, count * SECTOR_SIZE)
+
+    def room(self) -> int:
+        return self.dev.queue.num_free
+
+    def cost(self, buf: DmaBuffer, nbytes: int) -> int:
+        return self.dev._descriptors(buf, nbytes)
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        self.dev.submit(requests)
+
+    def reap(self, mine: dict[int, Request]) -> list[Request]:
+        return self.dev._reap_own(mine)
+
+    def in_flight(self) -> int:
+        return self.dev.queue.in_flight
+
+    def error(self, req: Request) -> BaseException | None:
+        return self.dev._status_error(req)
 
 
 def _ring_features(ring: str) -> int:

@@ -199,6 +199,7 @@ class KernelNbd:
         self.name = nbd_name(path)
         self.error: OSError | None = None
         self._thread: threading.Thread | None = None
+        self._ours = False  # our socket is set: clearing it cannot cut another connection
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -216,6 +217,7 @@ class KernelNbd:
         for request, arg in steps:
             try:
                 _ioctl(self.fd, request, arg)
+                self._ours = request == Ioctl.SET_SOCK
             except OSError as exc:
                 if exc.errno == errno.EBUSY:
                     raise DeviceBusy(f"{self.path} is in use by another NBD connection") from exc
@@ -266,7 +268,7 @@ class KernelNbd:
         as nbd-client does; NBD_CLEAR_SOCK also ends a NBD_DO_IT still waiting."""
         if self._thread is not None:
             self._thread.join(timeout)
-        for request in (Ioctl.CLEAR_QUE, Ioctl.CLEAR_SOCK):
+        for request in (Ioctl.CLEAR_QUE, Ioctl.CLEAR_SOCK) if self._ours else ():
             try:
                 _ioctl(self.fd, request)
             except OSError:

@@ -234,3 +234,19 @@ def test_foreground_serves_until_nbd_d(guest: Guest) -> None:
     done = server.wait(60)
     assert done.status == 0, done.err
     assert "NBD_CMD_DISC" in done.err, "its log goes to stderr"
+
+
+def test_refusals_leave_connections_alone(guest: Guest) -> None:
+    g = guest
+    pid = g.connect("scratch")
+    busy = g.sh(f"virtio-user --device {DISKS['fs']} nbd /dev/nbd3")
+    assert busy.status == 15 and "/dev/nbd3 is already connected" in busy.err, busy.err
+    wrong = g.sh("virtio-user --device 0000:00:1f.0 nbd /dev/nbd4")  # the LPC bridge
+    assert wrong.status == 15 and "virtio-user: " in wrong.err, wrong.err
+    assert g.ok("cat /sys/block/nbd4/size").strip() == "0"
+    assert g.sh(ALIVE.format(pid=pid)).status == 0
+    data = g.ok("dd if=/dev/nbd3 bs=4096 count=1 iflag=direct status=none | head -c 20")
+    assert data == "scratch through nbd\n", "the first connection still serves"
+    g.disconnect("scratch")
+    gone = g.sh("virtio-user nbd -d /dev/nbd3")
+    assert gone.status == 15 and "/dev/nbd3 is not connected" in gone.err, gone.err

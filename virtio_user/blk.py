@@ -19,7 +19,6 @@ import math
 import signal
 import struct
 import threading
-import weakref
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -140,7 +139,9 @@ class Limits:
     discard_sector_alignment: int = 1
 
 
-_open_devices: weakref.WeakSet[VirtioBlk] = weakref.WeakSet()
+# Strong references: a device dropped without close() must not be garbage collected
+# (its memory unmapped) while it may still write there; the exit hook resets it first.
+_open_devices: set[VirtioBlk] = set()
 
 
 @atexit.register

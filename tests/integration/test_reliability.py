@@ -1,5 +1,5 @@
 """Reliability against the real device: injected errors, resize, bad input, interruptions,
-data integrity, flush durability and hot-unplug (issue 6).
+data integrity, flush durability and hot-unplug.
 
 Scripts the guest runs live in tests/guest/; the host checks image files as the oracle.
 """

@@ -412,3 +412,17 @@ def test_a_range_limit_below_one_block_is_refused(make_blk, limit: str) -> None:
     with pytest.raises(Unsupported, match=f"{limit.removeprefix('max_')} 4 is below"):
         call(0, 8)
     assert dev.ranges == []
+
+
+def test_a_device_dropped_without_close_stays_mapped_until_the_exit_hook() -> None:
+    import gc
+    import weakref
+    from virtio_user import blk as blk_module
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    dev = FakeBlkDevice()
+    ref = weakref.ref(blk_module.VirtioBlk(FakeBackend(dev)))  # e.g. a signal hit before `with`
+    gc.collect()
+    assert ref() is not None and dev.status == 7  # not collected: its memory stays mapped
+    assert not any(e.startswith("unmap") for e in dev.log)
+    blk_module._close_all()  # what atexit runs
+    assert dev.status == 0 and dev.log[-1] == "backend closed"

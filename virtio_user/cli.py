@@ -295,6 +295,7 @@ def _input_plan(sector: int, path: str) -> WritePlan:
 
 
 def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int:
+    from .spec import SECTOR_SIZE
     dev.check_writable("write")
     if plan.count is not None:
         dev.check_range(plan.sector, plan.count)
@@ -305,7 +306,7 @@ def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int
             fits = _room(dev, plan, done, len(piece))
             if fits:
                 dev.write(plan.sector + done, piece[:fits])
-                done += fits // 512
+                done += fits // SECTOR_SIZE
                 if args.progress:
                     print(f"written {done}/{total} sectors", file=sys.stderr, flush=True)
             if fits < len(piece):
@@ -350,9 +351,10 @@ def _pieces(plan: WritePlan) -> Iterator[bytes]:
 def _room(dev: VirtioBlk, plan: WritePlan, done: int, nbytes: int) -> int:
     """How much of a piece fits before the end of the device (a stream is written up
     to there; a regular file was checked whole before the first write)."""
+    from .spec import SECTOR_SIZE
     if plan.count is not None:
         return nbytes
-    return max(0, min(nbytes, (dev.capacity - plan.sector - done) * 512))
+    return max(0, min(nbytes, (dev.capacity - plan.sector - done) * SECTOR_SIZE))
 
 
 def _beyond_end(dev: VirtioBlk, plan: WritePlan, done: int) -> OutOfRange:

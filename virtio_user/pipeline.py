@@ -15,11 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from .errors import VirtioError
+from .spec import SECTOR_SIZE
 
 if TYPE_CHECKING:
     from .blk import DmaBuffer, Request
-
-SECTOR_SIZE = 512  # "Block Device": sectors are always 512 bytes
 
 
 class Port(Protocol):

@@ -483,7 +483,10 @@ class PackedQueue(Generic[T]):
 
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout
-        after ``timeout`` seconds."""
+        after ``timeout`` seconds. A timeout of 0 (or less) only looks: it returns what
+        has completed, possibly nothing."""
+        if timeout <= 0:
+            return self.reap()
         u16, at, pending = self._u16, self._used_at, self._used_pending
         if u16[at] & _BOTH != pending or not self.in_flight or self.broken:
             return self.reap()  # something to reap already (or nothing to wait for)

@@ -259,3 +259,14 @@ def test_fault_message_says_whether_the_reset_took() -> None:
     with pytest.raises(DeviceError) as info:
         h.q.reap()
     assert "has been reset" not in str(info.value) and "did not reset" in str(info.value)
+
+
+def test_packed_wait_with_zero_timeout_is_a_poll_too() -> None:
+    from virtio_user.packed import PackedQueue
+    faults: list[int] = []
+    q: PackedQueue[Any] = PackedQueue(
+        DmaAllocator(DmaRegion.anonymous(1 << 20, contiguous=1 << 20)), 8, lambda: None,
+        indirect=False, event_idx=False, on_fault=lambda: bool(faults.append(1)) or True)
+    q.add(SEG3, "a")
+    q.kick()
+    assert q.wait(0) == [] and not faults and not q.broken

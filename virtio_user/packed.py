@@ -116,9 +116,13 @@ class PackedQueue(Generic[T]):
         self._mm = mm
         self._desc_off = base + lay.desc
         # numpy views by field name, for inspection and tests ...
-        self.desc = np.ndarray((size,), PACKED_DESC_DTYPE, mm, base + lay.desc)
-        self.driver_event = np.ndarray((), EVENT_SUPPRESS_DTYPE, mm, base + lay.driver)
-        self.device_event = np.ndarray((), EVENT_SUPPRESS_DTYPE, mm, base + lay.device)
+        # np.frombuffer holds a buffer export on the mapping (np.ndarray(buffer=mm) does
+        # not): a view kept past close() keeps the mapping instead of reading freed memory.
+        self.desc = np.frombuffer(mm, PACKED_DESC_DTYPE, size, base + lay.desc)
+        self.driver_event = np.frombuffer(mm, EVENT_SUPPRESS_DTYPE, 1,
+                                          base + lay.driver).reshape(())
+        self.device_event = np.frombuffer(mm, EVENT_SUPPRESS_DTYPE, 1,
+                                          base + lay.device).reshape(())
         # ... and memoryview casts for the hot path (a numpy scalar access costs several
         # times a plain index), over the whole region so that an index follows from a
         # byte offset with a shift: the slot at offset o has id at u16 o/2+6, flags at

@@ -270,3 +270,22 @@ def test_packed_wait_with_zero_timeout_is_a_poll_too() -> None:
     q.add(SEG3, "a")
     q.kick()
     assert q.wait(0) == [] and not faults and not q.broken
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+def test_ring_views_kept_past_close_keep_their_memory(kind: str) -> None:
+    import subprocess
+    import sys
+    code = ("from virtio_user.memory import DmaAllocator, DmaRegion\n"
+            "from virtio_user.packed import PackedQueue\n"
+            "from virtio_user.virtqueue import SplitQueue\n"
+            "region = DmaRegion.anonymous(1 << 20, contiguous=1 << 20)\n"
+            f"q = {'PackedQueue' if kind == 'packed' else 'SplitQueue'}(DmaAllocator(region),"
+            " 8, lambda: None, indirect=False, event_idx=False, on_fault=lambda: True)\n"
+            "desc = q.desc\n"
+            "q.detach()\n"
+            "region.close()\n"
+            "print(int(desc[0]['len']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr  # not -11 (SIGSEGV): the mapping outlived the view
+    assert r.stdout.strip() == "0"

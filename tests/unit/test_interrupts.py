@@ -6,6 +6,7 @@ configuration-change interrupts, timeouts and the vfio SET_IRQS encoding."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from typing import Any
 
@@ -348,3 +349,99 @@ def test_packed_completion_before_arming_is_found_by_the_re_check() -> None:
     assert q.arm_interrupts() is True
     q.disarm_interrupts()
     assert q.wait(5.0) == [("a", 1)] and src.flags_at_sleep == []
+
+
+# -- VirtioBlk and the CLI with a waiter, on the Python device model --------------------
+
+class ModelSource:
+    """The device model serves requests only during a sleep, then interrupts with what
+    its ISR holds (like INTx: the read acknowledges)."""
+
+    kind = "model-intx"
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.closed = False
+
+    def wait(self, timeout: float) -> IsrBit | None:
+        if self.device.process():
+            self.device.isr |= IsrBit.QUEUE
+        bits, self.device.isr = IsrBit(self.device.isr), 0
+        return bits or None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def model_irqs(monkeypatch: Any) -> list[ModelSource]:
+    """open_source gives a ModelSource for the fake backend; the list collects them."""
+    made: list[ModelSource] = []
+
+    def open_source(backend: Any, transport: Any) -> ModelSource:
+        backend.device.auto = False  # completions only come while the driver sleeps
+        made.append(ModelSource(backend.device))
+        return made[-1]
+    monkeypatch.setattr(interrupts, "open_source", open_source)
+    return made
+
+
+def test_blk_reads_and_writes_in_interrupt_mode(model_irqs: list[ModelSource]) -> None:
+    from virtio_user.blk import VirtioBlk
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    device = FakeBlkDevice()
+    with VirtioBlk(FakeBackend(device), timeout=1.0, wait="interrupt") as blk:
+        assert blk.info()["wait"] == "interrupt"
+        assert blk.info()["interrupts"] == "model-intx"
+        blk.write(8, b"\x5a" * 4096)
+        assert blk.read(8, 8) == b"\x5a" * 4096
+        assert blk.waiter is not None and blk.waiter.wakeups >= 2
+    assert model_irqs[0].closed  # vectors / fds released with the device
+
+
+def test_blk_config_interrupt_reports_the_new_capacity(model_irqs: list[ModelSource],
+                                                       caplog: Any) -> None:
+    from virtio_user.blk import VirtioBlk
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    device = FakeBlkDevice(capacity=2048)
+    with VirtioBlk(FakeBackend(device), timeout=1.0, wait="interrupt") as blk:
+        device.resize(4096)  # raises the ISR's config bit, seen at the next sleep
+        caplog.set_level("WARNING", logger="virtio_user")
+        blk.read(0, 1)
+        assert blk.capacity == 4096 and blk.capacity_changes == [(2048, 4096)]
+    assert "capacity changed from 2048 to 4096 sectors" in caplog.text
+
+
+def test_cli_wait_interrupt_bench_reports_cpu_and_waiting(model_irqs: list[ModelSource],
+                                                          capsys: Any) -> None:
+    from virtio_user import cli
+    from virtio_user.blk import VirtioBlk
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+
+    def opener(args: Any) -> VirtioBlk:
+        return VirtioBlk(FakeBackend(FakeBlkDevice()), timeout=1.0, wait=args.wait)
+    argv = ["--wait", "interrupt", "bench", "--ios", "200", "--iodepth", "4"]
+    assert cli.main(argv + ["--json"], opener=opener) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["wait"] == "interrupt" and result["irq"] == "model-intx"
+    assert result["ios"] == 200 and result["interrupts"] > 0
+    assert result["cpu_s_per_io"] == pytest.approx(result["cpu_s"] / 200, abs=1e-4)
+    assert cli.main(argv, opener=opener) == 0
+    text = capsys.readouterr().out
+    assert "wait interrupt (model-intx:" in text and "us/IO" in text
+
+
+def test_cli_refuses_an_unknown_wait_mode(capsys: Any) -> None:
+    from virtio_user import cli
+    assert cli.main(["--wait", "sometimes", "info"]) == 1
+    assert "--wait" in capsys.readouterr().err
+
+
+def test_a_backend_without_interrupts_is_refused_and_the_device_closed() -> None:
+    from virtio_user.blk import VirtioBlk
+    from virtio_user.errors import CannotOpen
+    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    backend = FakeBackend(FakeBlkDevice())
+    with pytest.raises(CannotOpen, match="fake backend has no interrupts"):
+        VirtioBlk(backend, wait="interrupt")
+    assert backend.closed and backend.device.status == 0

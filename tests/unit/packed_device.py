@@ -181,11 +181,14 @@ class PackedBlkTransport:
         self.driver_features = 0
         self.device: PackedDevice | None = None
         self.order = "ring"
+        self.misbehave: str | None = None  # once: "bad_id", "len_too_large", "wrong_wrap"
         self.notifies = 0
+        self.resets = 0
 
     def reset(self) -> None:
         self.status = 0
         self.device = None
+        self.resets += 1
 
     def add_status(self, bits: int) -> None:
         self.status |= int(bits)
@@ -216,9 +219,23 @@ class PackedBlkTransport:
     def notifier(self, index: int) -> Callable[[], None]:
         def kick() -> None:
             self.notifies += 1
-            if self.device is not None and not self.blk.stall:
-                self.device.serve_blk(self.blk, self.device.take(), self.order)
+            if self.device is None or self.blk.stall:
+                return
+            bufs = self.device.take()
+            if self.misbehave and bufs:
+                self._misbehave(self.device, bufs[0])
+                bufs = bufs[1:]
+            self.device.serve_blk(self.blk, bufs, self.order)
         return kick
+
+    def _misbehave(self, device: PackedDevice, buf: Buffer) -> None:
+        trick, self.misbehave = self.misbehave, None
+        if trick == "bad_id":
+            device.complete(self.blk.queue_size_reported + 3, 1, slots=buf.slots)
+        elif trick == "len_too_large":
+            device.complete(buf.id, buf.writable + 1)
+        elif trick == "wrong_wrap":
+            device.complete(buf.id, 1, wrap=device.used_wrap ^ 1)
 
     def isr(self) -> int:
         return 0

@@ -484,3 +484,20 @@ def test_a_fault_names_the_slot_it_was_found_at() -> None:
     h.dev.complete(b, 0, flags=USED)  # slot 2: garbage wrap bits
     _assert_faulted(h, "slot 2", "0x8000")
     assert h.q.used_pos == 0  # nothing of a faulted reap is believed
+
+
+@pytest.mark.parametrize("trick,words", [("bad_id", "buffer ID 19"),
+                                         ("len_too_large", "used len 4098"),
+                                         ("wrong_wrap", "wrap bits")])
+def test_blk_hostile_device_is_reset_and_the_read_fails(packed_blk: Any, trick: str,
+                                                        words: str) -> None:
+    dev, t = packed_blk(queue_size=16)
+    t.blk.disk[:4096] = b"\x77" * 4096
+    assert dev.read(0, 8) == b"\x77" * 4096
+    resets = t.resets
+    t.misbehave = trick
+    with pytest.raises(DeviceError, match=words) as err:
+        dev.read(0, 8)
+    assert "reset" in str(err.value) and t.resets == resets + 1
+    with pytest.raises(DeviceError):
+        dev.read(0, 8)  # the queue stays unusable

@@ -216,7 +216,12 @@ def _summary(dev: VirtioBlk, spec: BenchSpec, done: int, seconds: float,
             "seconds": round(seconds, 4), "iops": round(done / seconds, 1),
             "mbps": round(done * spec.bs / seconds / 1e6, 2),
             "lat_us": {"p50": round(p50, 1), "p99": round(p99, 1), "p99.9": round(p999, 1)},
-            "backend": dev.backend.name, "kicks": dev.queue.kicks}
+            "backend": dev.backend.name, "ring": _ring(dev), "kicks": dev.queue.kicks}
+
+
+def _ring(dev: VirtioBlk) -> str:
+    from .packed import PackedQueue
+    return "packed" if isinstance(dev.queue, PackedQueue) else "split"
 
 
 def _cpu_and_wait(dev: VirtioBlk, done: int, seconds: float, cpu: float) -> dict[str, Any]:
@@ -273,7 +278,8 @@ def print_result(result: dict[str, Any], as_json: bool) -> None:
         return
     lat = result["lat_us"]
     print(f"{result['rw']} bs={result['bs']} iodepth={result['iodepth']} "
-          f"backend={result['backend']}: {result['ios']} ios in {result['seconds']:.2f} s")
+          f"backend={result['backend']} ring={result['ring']}: {result['ios']} ios in "
+          f"{result['seconds']:.2f} s")
     print(f"  IOPS {result['iops']:.0f}  {result['mbps']:.1f} MB/s  clat p50 {lat['p50']:.0f} us"
           f"  p99 {lat['p99']:.0f} us  p99.9 {lat['p99.9']:.0f} us  kicks {result['kicks']}")
     wait = f"  wait {result['wait']}" if "wait" in result else ""

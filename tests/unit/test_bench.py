@@ -46,7 +46,7 @@ def test_bench_writes_land_on_the_disk(capsys: Any) -> None:
     assert all(block != before[i * BS:(i + 1) * BS] for i, block in enumerate(blocks))
     assert after[16 * BS:] == before[16 * BS:]
     out = capsys.readouterr().out
-    assert out.startswith("write bs=8192 iodepth=4 backend=fake: 16 ios in ")
+    assert out.startswith("write bs=8192 iodepth=4 backend=fake ring=split: 16 ios in ")
     assert "kicks 4" in out
 
 

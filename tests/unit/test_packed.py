@@ -501,3 +501,11 @@ def test_blk_hostile_device_is_reset_and_the_read_fails(packed_blk: Any, trick: 
     assert "reset" in str(err.value) and t.resets == resets + 1
     with pytest.raises(DeviceError):
         dev.read(0, 8)  # the queue stays unusable
+
+
+def test_bench_runs_on_the_packed_ring_and_says_so(packed_blk: Any) -> None:
+    from virtio_user.bench import BenchSpec, run
+    dev, t = packed_blk(queue_size=16)
+    result = run(dev, BenchSpec("randwrite", 4096, 8, None, 400, True))
+    assert result["ring"] == "packed" and result["ios"] == 400
+    assert result["verified_blocks"] > 0 and dev.queue.completed >= 400

@@ -8,8 +8,8 @@ counter and its USED bit does not; used when both equal the device's. A chain oc
 consecutive ring slots; the device writes one used descriptor per chain, carrying the
 chain's buffer ID, and skips the rest of the chain's slots.
 
-Trust boundary as in SplitQueue: the driver's bookkeeping (free buffer IDs, the slots
-each chain took, tokens, writable lengths) lives here in Python. From device-visible
+Trust boundary as in SplitQueue: the driver's bookkeeping (free buffer IDs, one per ring
+slot a chain holds, tokens, writable lengths) lives here in Python. From device-visible
 memory PackedQueue reads only the used descriptor at its used position (flags, then id
 and len) and the device event suppression structure, and validates each used
 descriptor before believing it.
@@ -88,8 +88,8 @@ class PackedQueue(Generic[T]):
     """A packed virtqueue with SplitQueue's interface: ``add`` writes a chain (indirect
     when negotiated), holding back the flags of the batch's first head; ``kick`` stores
     them, so the device sees the whole batch at once, and notifies unless the device's
-    event suppression says not to; ``reap`` collects and validates
-    completions in ring order (in any buffer order); ``wait`` polls with a deadline.
+    event suppression says not to; ``reap`` collects and validates completions in ring
+    order (in any buffer order); ``wait`` polls with a deadline.
     A violation or a timeout runs ``on_fault`` (a device reset) and breaks the queue."""
 
     def __init__(self, alloc: DmaAllocator, size: int, notify: Callable[[], None], *,

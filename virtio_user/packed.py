@@ -427,7 +427,7 @@ class PackedQueue(Generic[T]):
         event = off_wrap & 0x7FFF
         if off_wrap >> _WRAP_BIT != self._avail_wrap:
             event -= self.size
-        new = self.avail_pos
+        new = (self._avail_off - self._desc_off) >> 4  # avail_pos, without a property call
         added = ((self._avail_off - since) >> 4) % self.size or self.size
         return (new - event - 1) & 0xFFFF < added
 

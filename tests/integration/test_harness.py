@@ -27,9 +27,13 @@ def run_in_qemu(args: list[str], cwd: Path, tmpdir: Path, timeout: float = 300,
                           capture_output=True, timeout=timeout)
 
 
-def qemu_processes(marker: Path) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
+def qemu_processes(marker: Path, name: str = "qemu-system") -> list[str]:
+    out = subprocess.run(["pgrep", "-af", name], capture_output=True, text=True)
     return [ln for ln in out.stdout.splitlines() if str(marker) in ln]
+
+
+def storage_daemons(marker: Path) -> list[str]:
+    return qemu_processes(marker, "qemu-storage-daemon")
 
 
 # Each --disk form for modern devices, with the features the guest kernel's own driver
@@ -245,29 +249,26 @@ def test_installed_harness_boots_with_accel_auto_falling_back_to_tcg_here(
     assert time.monotonic() - start < 120
 
 
-def test_forced_timeout_is_reported_and_cleans_up(tmp_path: Path) -> None:
+# A forced timeout (exit 124) is tested in test_vhost_user.py, with a vhost-user disk.
+def test_guest_panic_is_reported_and_stops_the_storage_daemon(tmp_path: Path) -> None:
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    r = run_in_qemu(["--timeout", "20", "--", "sleep", "600"], tmp_path, tmpdir)
-    assert r.returncode == 124, r.stderr
-    assert "timed out after" in r.stderr
-    assert "last lines of the guest serial console" in r.stderr
-    assert list(tmpdir.iterdir()) == []
-    assert qemu_processes(tmpdir) == []
-
-
-def test_guest_panic_is_reported(tmp_path: Path) -> None:
-    r = run_in_qemu(["--", "sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"],
-                    tmp_path, tmp_path)
+    image = make_image(tmp_path / "served.raw", 1)
+    r = run_in_qemu(["--vhost-user-disk", str(image), "--",
+                     "sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"], tmp_path, tmpdir)
     assert r.returncode == 125, r.stderr
     assert "the guest kernel panicked" in r.stderr
     assert "Kernel panic" in r.stderr
+    assert list(tmpdir.iterdir()) == []
+    assert qemu_processes(tmpdir) == [] and storage_daemons(tmpdir) == []
 
 
 def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    proc = subprocess.Popen([str(RUN_IN_QEMU), "--", "sh", "-c", "echo started; sleep 600"],
+    image = make_image(tmp_path / "served.raw", 1)
+    proc = subprocess.Popen([str(RUN_IN_QEMU), "--vhost-user-disk", str(image),
+                             "--", "sh", "-c", "echo started; sleep 600"],
                             cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmpdir)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -276,4 +277,4 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert list(tmpdir.iterdir()) == []
-    assert qemu_processes(tmpdir) == []
+    assert qemu_processes(tmpdir) == [] and storage_daemons(tmpdir) == []

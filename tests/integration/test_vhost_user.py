@@ -25,10 +25,13 @@ def sector_pattern(n: int) -> bytes:
     return PATTERN[k:] + PATTERN[:k]
 
 
-def daemons(marker: Path) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "qemu-storage-daemon"], capture_output=True,
-                         text=True)
+def daemons(marker: Path, name: str = "qemu-storage-daemon") -> list[str]:
+    out = subprocess.run(["pgrep", "-af", name], capture_output=True, text=True)
     return [ln for ln in out.stdout.splitlines() if str(marker) in ln]
+
+
+def qemus(marker: Path) -> list[str]:
+    return daemons(marker, "qemu-system")
 
 
 def run_in_qemu(args: list[str], cwd: Path, tmpdir: Path) -> subprocess.CompletedProcess[str]:
@@ -110,7 +113,7 @@ def test_daemon_is_stopped_after_a_forced_timeout(tmp_path: Path, image: Path) -
     assert "timed out after" in r.stderr
     assert "last lines of the guest serial console" in r.stderr
     assert list(tmpdir.iterdir()) == []
-    assert daemons(tmpdir) == []
+    assert daemons(tmpdir) == [] and qemus(tmpdir) == []
 
 
 def test_daemon_is_stopped_when_qemu_does_not_start(tmp_path: Path, image: Path) -> None:

@@ -112,7 +112,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--disk", action="append", default=[], metavar="PATH", type=disk,
                    help="disk image (raw or qcow2, detected); repeatable; options may "
                         "follow: PATH[,format=F][,readonly=on|off][,cache=M]"
-                        "[,queue-size=N][,serial=S] (',,' is a comma in PATH or S)")
+                        "[,queue-size=N][,serial=S][,transport=legacy|modern|transitional]"
+                        "[,iommu_platform=on][,packed=on][,indirect_desc=off]"
+                        "[,event_idx=off] (',,' is a comma in PATH or S)")
     p.add_argument("--vhost-user-disk", action="append", default=[], metavar="PATH",
                    type=vhost_user_disk,
                    help="disk image served by qemu-storage-daemon (vhost-user-blk), seen "

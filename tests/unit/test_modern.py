@@ -313,3 +313,29 @@ def test_cli_transport_option(capsys: Any) -> None:
     assert cli.main(["--transport", "modern", "info"], opener=opener) == 0
     text = capsys.readouterr().out
     assert "transport" in text and "modern" in text and "VIRTIO_F_VERSION_1" in text
+
+
+def test_legacy_on_a_modern_only_device_is_refused_before_binding(capsys: Any,
+                                                                   monkeypatch: Any) -> None:
+    from virtio_user import pci
+    modern = pci.PciDevice("0000:00:10.0", 0x1AF4, 0x1042, 0x1102)
+    monkeypatch.setattr(pci, "list_devices", lambda: [modern])
+
+    def no_bind(*args: Any) -> None:
+        raise AssertionError("the device was taken from its driver")
+    monkeypatch.setattr(pci, "bind", no_bind)
+    assert cli.main(["--transport", "legacy", "info"]) == 5
+    assert "0000:00:10.0 (device 0x1042) is a modern-only" in capsys.readouterr().err
+
+
+def test_translated_dma_goes_to_a_compact_range_around_reserved_regions() -> None:
+    from virtio_user.transport.vfio import IOVA_BASE, VfioDevice
+    dev = VfioDevice.__new__(VfioDevice)
+    dev.reserved = [(IOVA_BASE + 0x300000, IOVA_BASE + 0x3FFFFF, "reserved"),
+                    (0xFEE00000, 0xFEEFFFFF, "msi")]
+    dev._next_iova = IOVA_BASE
+    first = dev.alloc_iova(2 << 20)
+    second = dev.alloc_iova(4 << 20)  # would overlap the reserved range: moved past it
+    assert first == IOVA_BASE
+    assert second == IOVA_BASE + (4 << 20)
+    assert dev.alloc_iova(2 << 20) == IOVA_BASE + (8 << 20)

@@ -32,7 +32,7 @@ def _lock_dir() -> str:
 
 
 class PciBackend:
-    """Owns one legacy virtio-blk PCI function through the kernel driver ``DRIVER``."""
+    """Owns one virtio-blk PCI function through the kernel driver ``DRIVER``."""
 
     name = "pci"
     DRIVER = ""

@@ -20,7 +20,7 @@ IORESOURCE_MEM = 0x200
 
 
 class UioBackend(PciBackend):
-    """Owns one legacy virtio-blk device through uio_pci_generic."""
+    """Owns one virtio-blk device through uio_pci_generic (no IOMMU: physical addresses)."""
 
     name = "uio"
     DRIVER = "uio_pci_generic"

@@ -177,9 +177,10 @@ class VfioDevice:
 
 
 class VfioBackend(PciBackend):
-    """Owns one legacy virtio-blk device through vfio-pci: BAR0 and config space are
-    VFIO regions of the device fd (offsets from VFIO_DEVICE_GET_REGION_INFO), DMA memory
-    is hugetlbfs mapped into the container with IOVA == physical address."""
+    """Owns one virtio-blk device through vfio-pci: the config space and BARs are VFIO
+    regions of the device fd (offsets from VFIO_DEVICE_GET_REGION_INFO), DMA memory is
+    hugetlbfs mapped into the container with IOVA == physical address, or at IOVAs of
+    our own once ``enable_translation`` was called (see the module doc)."""
 
     name = "vfio"
     DRIVER = "vfio-pci"

@@ -63,11 +63,11 @@ def test_guest_sees_a_modern_vhost_user_blk_after_the_disks(vm: GuestSession) ->
     assert r.out.split() == ["0x1af4", "0x1042", "0x1001"]
 
 
-# One driver process binds the device once and does all the I/O: with QEMU 7.2 and
-# qemu-storage-daemon, a later re-initialisation by the driver (after its reset on
-# close) can leave the daemon with a stale call eventfd ("vu_panic: Error writing
-# eventfd: Bad file descriptor") and every request then times out; the guest kernel's
-# own driver re-binds five times in a row without it.
+# One driver process binds the device once and does all the I/O: a later
+# re-initialisation by the driver (after its reset on close) can leave
+# qemu-storage-daemon with a stale call eventfd ("vu_panic: Error writing eventfd: Bad
+# file descriptor") and every request then times out. The guest kernel's own driver
+# re-binds five times in a row without it (MSI-X or INTx): the cause is not found yet.
 READ_WRITE_FLUSH = """
 import sys
 from virtio_user import VirtioBlk

@@ -9,19 +9,28 @@ import pytest
 
 from virtio_user.host import bench_harness, bench_report
 
-FIO_READ = {"jobs": [{"error": 0, "read": {
-    "iops": 4000.0, "bw_bytes": 16_384_000,
+FIO_READ = {"jobs": [{"error": 0, "usr_cpu": 10.0, "sys_cpu": 30.0, "job_runtime": 5000,
+                       "read": {
+    "iops": 4000.0, "bw_bytes": 16_384_000, "total_ios": 20000, "runtime": 5000,
     "clat_ns": {"percentile": {"50.000000": 150_000, "99.000000": 400_000,
                                "99.900000": 900_000}}}, "write": {}}]}
 
 
-def sample(iops: float, p99: float = 400.0) -> bench_harness.Sample:
-    return bench_harness.Sample(iops, iops * 4096 / 1e6, {"p50": 150.0, "p99": p99, "p99.9": 900.0})
+def sample(iops: float, p99: float = 400.0, cpu: float | None = None) -> bench_harness.Sample:
+    return bench_harness.Sample(iops, iops * 4096 / 1e6, {"p50": 150.0, "p99": p99, "p99.9": 900.0},
+                                cpu)
 
 
-def test_fio_json_gives_iops_mbps_and_clat_in_microseconds() -> None:
+def test_fio_json_gives_iops_mbps_clat_in_microseconds_and_cpu_per_io() -> None:
     s = bench_harness.Sample.from_fio(FIO_READ, "read")
-    assert s == bench_harness.Sample(4000.0, 16.384, {"p50": 150.0, "p99": 400.0, "p99.9": 900.0})
+    # 40 % of one CPU for 5 s = 2 CPU seconds over 20000 I/Os = 100 µs each.
+    assert s == bench_harness.Sample(4000.0, 16.384, {"p50": 150.0, "p99": 400.0, "p99.9": 900.0},
+                                     100.0)
+
+
+def test_fio_json_without_cpu_figures_gives_none() -> None:
+    job = {k: v for k, v in FIO_READ["jobs"][0].items() if k not in ("usr_cpu", "sys_cpu")}
+    assert bench_harness.Sample.from_fio({"jobs": [job]}, "read").cpu_us_per_io is None
 
 
 def test_a_failed_fio_job_is_an_error() -> None:
@@ -32,13 +41,16 @@ def test_a_failed_fio_job_is_an_error() -> None:
 def test_our_json_contract() -> None:
     ours = {"rw": "randread", "bs": 4096, "iodepth": 32, "ios": 12345, "seconds": 2.0,
             "iops": 6172.5, "mbps": 25.3, "lat_us": {"p50": 150.0, "p99": 400.0,
-                                                     "p99.9": 900.0}, "backend": "uio"}
-    assert bench_harness.Sample.from_ours(ours) == bench_harness.Sample(6172.5, 25.3, ours["lat_us"])
+                                                     "p99.9": 900.0}, "backend": "uio",
+            "wait": "poll", "ring": "split", "cpu_s_per_io": 8.1e-05}
+    got = bench_harness.Sample.from_ours(ours)
+    assert got == bench_harness.Sample(6172.5, 25.3, ours["lat_us"], pytest.approx(81.0))
 
 
 def test_medians_are_taken_figure_by_figure() -> None:
-    m = bench_harness.median_sample([sample(1000, p99=900), sample(3000, p99=100), sample(2000)])
-    assert (m.iops, m.lat_us["p99"]) == (2000, 400)
+    m = bench_harness.median_sample([sample(1000, p99=900, cpu=5.0), sample(3000, p99=100),
+                                     sample(2000, cpu=7.0)])
+    assert (m.iops, m.lat_us["p99"], m.cpu_us_per_io) == (2000, 400, 6.0)
 
 
 def test_workload_names_and_the_kernel_command() -> None:
@@ -69,8 +81,10 @@ def test_outputs(tmp_path: Path) -> None:
     assert (first["ratio"], first["target"], first["target_met"]) == (1.5, 2.0, False)
     assert first["python_share_of_null_co"] == 0.5
     assert all(o["target"] is None for o in objs if o["backend_file"] == "null-co")
-    assert "| randread-4k-qd1 | raw | 3000 | 2000 | 1.50x | 2.0x **not met** |" in \
-        paths[1].read_text()
+    assert (first["variant"], first["transport"], first["ring"], first["wait"]) == \
+        ("legacy", "legacy", "split", "poll")
+    assert "| randread-4k-qd1 | raw | legacy split poll | 3000 | 2000 | 1.50x | " \
+        "2.0x **not met** |" in paths[1].read_text()
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -90,3 +104,80 @@ def test_readme_block_is_replaced_between_its_markers(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{bench_report.README_END}\nafter\n")
     assert "![ours / kernel per workload](bench/results/latest.png)" in text
+
+
+def test_variants_get_their_own_pairs_and_only_the_workloads_that_tell_them_apart() -> None:
+    variants = bench_harness.selected_variants(bench_harness.parse_args([]))
+    assert [v.name for v in variants] == ["modern", "packed", "interrupt", "hybrid"]
+    models = bench_harness.device_models(variants)
+    assert models == ["legacy", "modern", "packed"]
+    all_pairs = bench_harness.pairs(models)
+    # Raw pairs from 00:10.0 in the disks' order, null-co right after them.
+    assert [(p.backend_file, p.device, p.ours_bdf, p.kernel_bdf) for p in all_pairs] == [
+        ("raw", "legacy", "0000:00:10.0", "0000:00:11.0"),
+        ("raw", "modern", "0000:00:12.0", "0000:00:13.0"),
+        ("raw", "packed", "0000:00:14.0", "0000:00:15.0"),
+        ("null-co", "legacy", "0000:00:16.0", "0000:00:17.0")]
+    null_co = bench_harness.null_co_args(64, bench_harness.null_co_slot(models))
+    assert "addr=0x16" in " ".join(null_co)
+    jobs = bench_harness.plan(all_pairs, bench_harness.WORKLOADS, variants)
+    assert len(jobs) == 2 * 7 + 4 * 3
+    extra = {(p.device, w.name, v.name) for p, w, v in jobs if v.name != "legacy"}
+    assert ("packed", "randread-4k-qd1", "packed") in extra
+    assert ("legacy", "read-1m-qd8", "interrupt") in extra
+    assert not any(w == "randwrite-4k-qd1" for _, w, _ in extra)
+
+
+def test_variant_options_as_the_readme_shows_them() -> None:
+    one = bench_harness.parse_args(["--variant", "packed", "--variant", "hybrid"])
+    assert [v.name for v in bench_harness.selected_variants(one)] == ["packed", "hybrid"]
+    assert bench_harness.device_models(bench_harness.selected_variants(one)) == ["legacy", "packed"]
+    none = bench_harness.parse_args(["--no-variants"])
+    assert bench_harness.selected_variants(none) == []
+    assert [p.ours_bdf for p in bench_harness.pairs(["legacy"])] == ["0000:00:10.0",
+                                                                     "0000:00:12.0"]
+    for bad in (["--variant", "fast"], ["--variant", "modern", "--no-variants"]):
+        with pytest.raises(SystemExit):
+            bench_harness.parse_args(bad)
+
+
+def test_our_command_carries_the_variant_as_global_options() -> None:
+    packed = next(v for v in bench_harness.VARIANTS if v.name == "packed")
+    argv = bench_harness.ours_argv("0000:00:14.0", "uio", bench_harness.WORKLOADS[0],
+                                   bench_harness.Amount(ios=4), packed)
+    assert argv[:10] == ["virtio-user", "--backend", "uio", "--transport", "modern", "--ring",
+                         "packed", "--wait", "poll", "--device"]
+    assert argv[argv.index("--device") + 2] == "bench"
+
+
+def test_variant_rows_in_the_outputs(tmp_path: Path) -> None:
+    qd1 = bench_harness.WORKLOADS[0]
+    rows = [bench_report.Row(qd1.name, qd1.rw, qd1.bs, qd1.iodepth, dev, qd1.target,
+                             ours=sample(3000 if dev == "raw" else 6000, cpu=40.0),
+                             kernel=sample(2000 if dev == "raw" else 4000, cpu=60.0))
+            for dev in ("raw", "null-co")]
+    rows.append(bench_report.Row(qd1.name, qd1.rw, qd1.bs, qd1.iodepth, "raw", qd1.target,
+                                 ours=sample(1000, cpu=20.5), kernel=sample(2000),
+                                 variant="interrupt", wait="interrupt"))
+    rows.append(bench_report.Row(qd1.name, qd1.rw, qd1.bs, qd1.iodepth, "raw", qd1.target,
+                                 ours=sample(4000), kernel=sample(2000), variant="packed",
+                                 transport="modern", ring="packed"))
+    meta = bench_report.Meta("tcg", {"cpu": "CPU", "cores": 2, "host_kernel": "6.1",
+                                     "qemu": "7.2", "guest": "q35", "commit": "abc"},
+                             "uio", rounds=1, runtime=None, ios=256, cache="writeback",
+                             image_mib=64)
+    paths = bench_report.write_all(rows, meta, tmp_path)
+    objs = json.loads(paths[0].read_text())
+    irq, packed = objs[2], objs[3]
+    assert (irq["variant"], irq["wait"], irq["ratio"]) == ("interrupt", "interrupt", 0.5)
+    assert (irq["python_cpu_us_per_io"], irq["kernel_cpu_us_per_io"]) == (20.5, None)
+    assert (packed["transport"], packed["ring"], packed["target_met"]) == \
+        ("modern", "packed", True)
+    # The null-co ceiling is the legacy rows' figure only.
+    assert objs[0]["python_share_of_null_co"] == 0.5
+    assert "python_share_of_null_co" not in irq and "python_share_of_null_co" not in packed
+    md = paths[1].read_text()
+    assert "| randread-4k-qd1 | raw | legacy split interrupt | 1000 | 2000 | 0.50x |" in md
+    assert "| randread-4k-qd1 | raw | modern packed poll | 4000 | 2000 | 2.00x |" in md
+    assert md.count("| 40.0 / 60.0 |") == 2 and "| 20.5 / ? |" in md
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"

@@ -32,12 +32,11 @@ from typing import Any, Callable, Sequence
 
 from . import bench_report
 from .errors import HarnessError
-from .machine import Disk
+from .machine import FIRST_DISK_SLOT, Disk
 from .session import Command, CommandResult, GuestSession
 
 REPO = Path(__file__).resolve().parents[2]
 KIB, MIB = 1024, 1024 * 1024
-FIRST_NULL_SLOT = 0x12  # after the two raw images at 00:10.0 and 00:11.0
 STUB_ENV = "VIRTIO_USER_BENCH_OURS"
 README_ENV = "VIRTIO_USER_BENCH_README"  # --update-readme writes this file instead (tests)
 GUEST_SERVER = Path(__file__).with_name("bench_guest.py")
@@ -75,6 +74,39 @@ WORKLOADS = (
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A device model and driver setting beside the legacy polled rows: on its own pair
+    of identical raw-image devices (``device``), ours with these global options."""
+    name: str
+    device: str  # a key of DEVICE_MODELS
+    transport: str
+    ring: str
+    wait: str
+
+    @property
+    def opts(self) -> list[str]:
+        return ["--transport", self.transport, "--ring", self.ring, "--wait", self.wait]
+
+
+BASE = Variant(bench_report.BASE_VARIANT, "legacy", "legacy", "split", "poll")
+VARIANTS = (
+    Variant("modern", "modern", "modern", "split", "poll"),
+    Variant("packed", "packed", "modern", "packed", "poll"),
+    Variant("interrupt", "legacy", "legacy", "split", "interrupt"),
+    Variant("hybrid", "legacy", "legacy", "split", "hybrid"),
+)
+# The workloads that tell the variants apart (per-request cost at QD1, batching at QD32,
+# bandwidth), on the raw images only: all of them everywhere would triple the run.
+VARIANT_WORKLOADS = ("randread-4k-qd1", "randread-4k-qd32", "read-1m-qd8")
+# virtio-blk-pci settings of each pair (Disk fields); the kernel's device is identical.
+DEVICE_MODELS: dict[str, dict[str, Any]] = {
+    "legacy": {"transport": "legacy"},
+    "modern": {"transport": "modern"},  # disable-legacy=on,disable-modern=off
+    "packed": {"transport": "modern", "packed": True},
+}
+
+
+@dataclass(frozen=True)
 class Amount:
     """How long each run lasts: seconds (the benchmark) or a number of I/Os (the smoke)."""
     runtime: float | None = None
@@ -93,11 +125,14 @@ class Sample:
     iops: float
     mbps: float  # 10^6 bytes per second
     lat_us: dict[str, float]  # completion latency percentiles: p50, p99, p99.9
+    cpu_us_per_io: float | None = None  # user + system CPU over completed I/Os
 
     @classmethod
     def from_ours(cls, data: dict[str, Any]) -> "Sample":
         lat = {k: float(data["lat_us"][k]) for k in bench_report.PERCENTILES}
-        return cls(float(data["iops"]), float(data["mbps"]), lat)
+        cpu = data.get("cpu_s_per_io")
+        return cls(float(data["iops"]), float(data["mbps"]), lat,
+                   None if cpu is None else float(cpu) * 1e6)
 
     @classmethod
     def from_fio(cls, data: dict[str, Any], direction: str) -> "Sample":
@@ -108,7 +143,17 @@ class Sample:
         # fio's clat is completion latency, like ours; its keys read "99.900000".
         pct = side["clat_ns"]["percentile"]
         lat = {k: pct[f"{float(k[1:]):.6f}"] / 1000.0 for k in bench_report.PERCENTILES}
-        return cls(float(side["iops"]), side["bw_bytes"] / 1e6, lat)
+        return cls(float(side["iops"]), side["bw_bytes"] / 1e6, lat, fio_cpu_us_per_io(job, side))
+
+
+def fio_cpu_us_per_io(job: dict[str, Any], side: dict[str, Any]) -> float | None:
+    """fio's usr_cpu and sys_cpu are percent of one CPU over the job's runtime (ms)."""
+    runtime_ms = job.get("job_runtime") or side.get("runtime")
+    ios = side.get("total_ios")
+    if "usr_cpu" not in job or not runtime_ms or not ios:
+        return None
+    cpu_s = (float(job["usr_cpu"]) + float(job["sys_cpu"])) / 100.0 * float(runtime_ms) / 1000.0
+    return cpu_s / float(ios) * 1e6
 
 
 @dataclass
@@ -117,6 +162,7 @@ class Pair:
     backend_file: str  # "raw" or "null-co"
     ours_bdf: str
     kernel_bdf: str
+    device: str = "legacy"  # a key of DEVICE_MODELS
     blockdevs: dict[str, str] = field(default_factory=dict)  # BDF -> /dev/vdX
 
 
@@ -137,8 +183,9 @@ def fio_argv(dev: str, w: Workload, amount: Amount) -> list[str]:
     return argv + [f"--io_size={amount.ios * w.bs}"]
 
 
-def ours_argv(bdf: str, backend: str, w: Workload, amount: Amount) -> list[str]:
-    argv = ["virtio-user", "--backend", backend, "--device", bdf, "bench",
+def ours_argv(bdf: str, backend: str, w: Workload, amount: Amount,
+              variant: Variant = BASE) -> list[str]:
+    argv = ["virtio-user", "--backend", backend, *variant.opts, "--device", bdf, "bench",
             "--rw", w.rw, "--bs", str(w.bs), "--iodepth", str(w.iodepth), "--json"]
     if amount.runtime:
         return argv + ["--runtime", f"{amount.runtime:g}"]
@@ -208,10 +255,10 @@ class Runner:
     def kernel(self, pair: Pair, w: Workload) -> Sample:
         return self._fio(pair.blockdevs[pair.kernel_bdf], w)
 
-    def ours(self, pair: Pair, w: Workload) -> Sample:
+    def ours(self, pair: Pair, w: Workload, variant: Variant = BASE) -> Sample:
         if self.server is None:
             return self._fio(pair.blockdevs[pair.ours_bdf], w)
-        argv = ours_argv(pair.ours_bdf, self.backend, w, self.amount)
+        argv = ours_argv(pair.ours_bdf, self.backend, w, self.amount, variant)
         return Sample.from_ours(json.loads(self._check(self.server.run(argv))))
 
     def _fio(self, dev: str, w: Workload) -> Sample:
@@ -227,30 +274,47 @@ class Runner:
 
 # -- the guest and its devices -----------------------------------------------------------
 
-def make_images(workdir: Path, size_mib: int) -> tuple[Path, Path]:
-    """Two raw images with the same non-zero contents, so reads are of data, not holes."""
-    first, second = workdir / "ours.raw", workdir / "kernel.raw"
+def make_images(workdir: Path, size_mib: int, count: int = 2) -> list[Path]:
+    """Raw images with the same non-zero contents, so reads are of data, not holes."""
+    paths = [workdir / f"disk{i}.raw" for i in range(count)]
     chunk = os.urandom(MIB)
-    with first.open("wb") as f:
+    with paths[0].open("wb") as f:
         for _ in range(size_mib):
             f.write(chunk)
-    shutil.copyfile(first, second)
-    return first, second
+    for path in paths[1:]:
+        shutil.copyfile(paths[0], path)
+    return paths
 
 
-def null_co_args(size_mib: int) -> list[str]:
+def device_models(variants: Sequence[Variant]) -> list[str]:
+    """The raw-image pairs to attach: the legacy one always, then those variants use."""
+    used = {v.device for v in variants}
+    return [d for d in DEVICE_MODELS if d == "legacy" or d in used]
+
+
+def bdf(slot: int) -> str:
+    return f"0000:00:{slot:02x}.0"
+
+
+def null_co_slot(models: Sequence[str]) -> int:
+    return FIRST_DISK_SLOT + 2 * len(models)  # after the raw images' pairs
+
+
+def null_co_args(size_mib: int, first_slot: int) -> list[str]:
     args: list[str] = []
     for i in range(2):
         args += ["-drive", f"if=none,id=null{i},driver=null-co,size={size_mib}M,read-zeroes=on",
                  "-device", f"virtio-blk-pci,drive=null{i},disable-modern=on,"
-                            f"disable-legacy=off,addr={FIRST_NULL_SLOT + i:#x},serial=null{i}"]
+                            f"disable-legacy=off,addr={first_slot + i:#x},serial=null{i}"]
     return args
 
 
-def pairs() -> list[Pair]:
-    return [Pair("raw", "0000:00:10.0", "0000:00:11.0"),
-            Pair("null-co", f"0000:00:{FIRST_NULL_SLOT:02x}.0",
-                 f"0000:00:{FIRST_NULL_SLOT + 1:02x}.0")]
+def pairs(models: Sequence[str] = ("legacy",)) -> list[Pair]:
+    """Raw pairs in ``models`` order (the disks' order on the bus), then null-co (legacy)."""
+    out = [Pair("raw", bdf(FIRST_DISK_SLOT + 2 * i), bdf(FIRST_DISK_SLOT + 2 * i + 1), model)
+           for i, model in enumerate(models)]
+    null = null_co_slot(models)
+    return out + [Pair("null-co", bdf(null), bdf(null + 1))]
 
 
 # /sys/block/vdX/device -> .../0000:00:11.0/virtioN: the PCI device is virtioN's parent.
@@ -282,36 +346,54 @@ Progress = Callable[[str], None]
 def median_sample(samples: Sequence[Sample]) -> Sample:
     """The median of each figure on its own (they need not come from the same round)."""
     lat = {k: statistics.median(s.lat_us[k] for s in samples) for k in samples[0].lat_us}
+    cpu = [s.cpu_us_per_io for s in samples if s.cpu_us_per_io is not None]
     return Sample(statistics.median(s.iops for s in samples),
-                  statistics.median(s.mbps for s in samples), lat)
+                  statistics.median(s.mbps for s in samples), lat,
+                  statistics.median(cpu) if cpu else None)
 
 
 def measure(runner: Runner, pair: Pair, w: Workload, rounds: int,
-            say: Progress) -> tuple[list[Sample], list[Sample]]:
+            say: Progress, variant: Variant = BASE) -> tuple[list[Sample], list[Sample]]:
     """Ours, kernel, ours, kernel, ...: alternation spreads drifting noise over both."""
     ours: list[Sample] = []
     kernel: list[Sample] = []
+    sides: tuple[tuple[str, Callable[[], Sample], list[Sample]], ...] = (
+        ("ours", lambda: runner.ours(pair, w, variant), ours),
+        ("kernel", lambda: runner.kernel(pair, w), kernel))
     for i in range(rounds):
-        for label, run, into in (("ours", runner.ours, ours), ("kernel", runner.kernel, kernel)):
-            sample = run(pair, w)
+        for label, run, into in sides:
+            sample = run()
             into.append(sample)
-            say(f"{w.name:<18} {pair.backend_file:<7} round {i + 1}/{rounds} {label:<6} "
+            say(f"{w.name:<18} {pair.backend_file:<7} {variant.name:<9} "
+                f"round {i + 1}/{rounds} {label:<6} "
                 f"{sample.iops:>10.0f} IOPS {sample.mbps:>9.1f} MB/s "
                 f"p99 {sample.lat_us['p99']:>8.0f} us")
     return ours, kernel
 
 
+def plan(all_pairs: list[Pair], workloads: Sequence[Workload],
+         variants: Sequence[Variant]) -> list[tuple[Pair, Workload, Variant]]:
+    """Every workload on the legacy raw and null-co pairs, then each variant on its raw
+    pair for the VARIANT_WORKLOADS among ``workloads``."""
+    jobs = [(pair, w, BASE) for pair in all_pairs if pair.device == "legacy"
+            for w in workloads]
+    raw = {p.device: p for p in all_pairs if p.backend_file == "raw"}
+    return jobs + [(raw[v.device], w, v) for v in variants for w in workloads
+                   if w.name in VARIANT_WORKLOADS]
+
+
 def run_all(runner: Runner, all_pairs: list[Pair], workloads: Sequence[Workload],
-            rounds: int, say: Progress) -> list[bench_report.Row]:
+            rounds: int, say: Progress,
+            variants: Sequence[Variant] = ()) -> list[bench_report.Row]:
     rows = []
-    for pair in all_pairs:
-        for w in workloads:
-            ours, kernel = measure(runner, pair, w, rounds, say)
-            rows.append(bench_report.Row(
-                workload=w.name, rw=w.rw, bs=w.bs, iodepth=w.iodepth,
-                backend_file=pair.backend_file, target=w.target,
-                ours=median_sample(ours), kernel=median_sample(kernel),
-                ours_rounds=ours, kernel_rounds=kernel))
+    for pair, w, variant in plan(all_pairs, workloads, variants):
+        ours, kernel = measure(runner, pair, w, rounds, say, variant)
+        rows.append(bench_report.Row(
+            workload=w.name, rw=w.rw, bs=w.bs, iodepth=w.iodepth,
+            backend_file=pair.backend_file, target=w.target,
+            ours=median_sample(ours), kernel=median_sample(kernel),
+            ours_rounds=ours, kernel_rounds=kernel, variant=variant.name,
+            transport=variant.transport, ring=variant.ring, wait=variant.wait))
     return rows
 
 
@@ -336,6 +418,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-mib", type=int, help="size of each device (default 1024)")
     p.add_argument("--only", action="append", metavar="WORKLOAD",
                    help="run just this workload (repeatable): " + ", ".join(w.name for w in WORKLOADS))
+    p.add_argument("--variant", action="append", metavar="NAME",
+                   choices=[v.name for v in VARIANTS],
+                   help="measure only these rows beside the legacy polled ones (repeatable; "
+                   "default all: " + ", ".join(v.name for v in VARIANTS) + "), on "
+                   + ", ".join(VARIANT_WORKLOADS) + " and the raw images")
+    p.add_argument("--no-variants", action="store_true",
+                   help="only the legacy polled rows (no modern, packed or wait-mode rows)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--update-readme", action="store_true",
                    help="also put the chart and table into README.md's Benchmarks section")
@@ -351,6 +440,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         ("--runtime", args.runtime or 1), ("--image-mib", args.image_mib)):
         if value <= 0:
             p.error(f"{name} must be positive")
+    if args.variant and args.no_variants:
+        p.error("--variant and --no-variants exclude each other")
     known = {w.name for w in WORKLOADS}
     for name in args.only or ():
         if name not in known:
@@ -366,27 +457,37 @@ def say(message: str) -> None:
     print(f"bench: {time.monotonic() - STARTED:6.1f} {message}", file=sys.stderr, flush=True)
 
 
+def selected_variants(args: argparse.Namespace) -> list[Variant]:
+    if args.no_variants:
+        return []
+    return [v for v in VARIANTS if not args.variant or v.name in args.variant]
+
+
 def run(args: argparse.Namespace) -> list[bench_report.Row]:
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    variants = selected_variants(args)
+    models = device_models(variants)
     stub = os.environ.get(STUB_ENV) == "fio"
     if stub:
         say(f"{STUB_ENV}=fio: OUR SIDE RUNS FIO THROUGH THE KERNEL (a stand-in, not a result)")
     amount = Amount(args.runtime, args.ios)
     with tempfile.TemporaryDirectory(prefix="virtio-user-bench-", dir="/var/tmp") as tmp:
-        images = make_images(Path(tmp), args.image_mib)
-        disks = [Disk(path, format="raw", cache=args.cache) for path in images]
-        say(f"booting the guest ({len(workloads)} workloads x 2 devices x {args.rounds} "
+        images = make_images(Path(tmp), args.image_mib, 2 * len(models))
+        disks = [Disk(path, format="raw", cache=args.cache, **DEVICE_MODELS[models[i // 2]])
+                 for i, path in enumerate(images)]
+        all_pairs = pairs(models)
+        jobs = len(plan(all_pairs, workloads, variants))
+        say(f"booting the guest ({jobs} workload rows x 2 sides x {args.rounds} "
             f"rounds, {amount.describe()})")
         with GuestSession(disks, accel=args.accel, backend=args.backend, cwd=REPO,
-                          qemu_args=null_co_args(args.image_mib)) as vm:
+                          qemu_args=null_co_args(args.image_mib, null_co_slot(models))) as vm:
             say(f"guest up ({vm.accel})")
-            all_pairs = pairs()
             find_blockdevs(vm, all_pairs)
             server = None if stub else OursServer(vm, amount.timeout())
             say("our driver's guest process ready")
             try:
                 runner = Runner(vm, args.backend, amount, server)
-                rows = run_all(runner, all_pairs, workloads, args.rounds, say)
+                rows = run_all(runner, all_pairs, workloads, args.rounds, say, variants)
             finally:
                 if server is not None:
                     server.close()

@@ -19,6 +19,7 @@ from typing import Any, Protocol, Sequence
 
 PERCENTILES = ("p50", "p99", "p99.9")
 BACKENDS = ("raw", "null-co")
+BASE_VARIANT = "legacy"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,6 +31,8 @@ class Figures(Protocol):
     def mbps(self) -> float: ...
     @property
     def lat_us(self) -> dict[str, float]: ...
+    @property
+    def cpu_us_per_io(self) -> float | None: ...
 
 
 @dataclass
@@ -45,6 +48,12 @@ class Row:
     kernel: Figures
     ours_rounds: Sequence[Figures] = ()
     kernel_rounds: Sequence[Figures] = ()
+    # Which device model and driver setting: "legacy" (the legacy split-ring device,
+    # polled, every workload) or a variant measured beside it on its own pair.
+    variant: str = BASE_VARIANT
+    transport: str = "legacy"
+    ring: str = "split"
+    wait: str = "poll"
 
     @property
     def ratio(self) -> float:
@@ -105,16 +114,32 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 # -- JSON --------------------------------------------------------------------------------
 
+def _cpu(s: Figures) -> float | None:
+    return None if s.cpu_us_per_io is None else round(s.cpu_us_per_io, 2)
+
+
 def _figures(s: Figures) -> dict[str, Any]:
     return {"iops": round(s.iops, 1), "mbps": round(s.mbps, 2),
-            "lat_us": {k: round(v, 1) for k, v in s.lat_us.items()}}
+            "lat_us": {k: round(v, 1) for k, v in s.lat_us.items()},
+            "cpu_us_per_io": _cpu(s)}
+
+
+def variant_label(obj: dict[str, Any]) -> str:
+    """How a row's devices and our driver were set up, e.g. "modern packed poll"."""
+    return (f"{obj.get('transport', 'legacy')} {obj.get('ring', 'split')} "
+            f"{obj.get('wait', 'poll')}")
+
+
+def is_base(obj: dict[str, Any]) -> bool:
+    return bool(obj.get("variant", BASE_VARIANT) == BASE_VARIANT)
 
 
 def _ceiling(rows: Sequence[Row]) -> dict[str, tuple[float, float]]:
     """Per workload, the raw image's IOPS as a share of null-co's, for ours and kernel."""
-    null = {r.workload: r for r in rows if r.backend_file == "null-co"}
+    base = [r for r in rows if r.variant == BASE_VARIANT]
+    null = {r.workload: r for r in base if r.backend_file == "null-co"}
     out = {}
-    for r in rows:
+    for r in base:
         n = null.get(r.workload)
         if r.backend_file == "raw" and n is not None and n.ours.iops and n.kernel.iops:
             out[r.workload] = (r.ours.iops / n.ours.iops, r.kernel.iops / n.kernel.iops)
@@ -127,17 +152,19 @@ def to_json(rows: Sequence[Row], meta: Meta) -> list[dict[str, Any]]:
     for r in rows:
         obj: dict[str, Any] = {
             "workload": r.workload, "rw": r.rw, "bs": r.bs, "iodepth": r.iodepth,
-            "backend_file": r.backend_file,
+            "backend_file": r.backend_file, "variant": r.variant, "transport": r.transport,
+            "ring": r.ring, "wait": r.wait,
             "python_iops": round(r.ours.iops, 1), "kernel_iops": round(r.kernel.iops, 1),
             "ratio": round(r.ratio, 3),
             "python_mbps": round(r.ours.mbps, 2), "kernel_mbps": round(r.kernel.mbps, 2),
             "python_lat_us": {k: round(v, 1) for k, v in r.ours.lat_us.items()},
             "kernel_lat_us": {k: round(v, 1) for k, v in r.kernel.lat_us.items()},
+            "python_cpu_us_per_io": _cpu(r.ours), "kernel_cpu_us_per_io": _cpu(r.kernel),
             "target": r.target if r.backend_file == "raw" else None,
             "target_met": (r.ratio >= r.target) if r.target and r.backend_file == "raw"
             else None,
         }
-        if r.backend_file == "raw" and r.workload in ceiling:
+        if r.backend_file == "raw" and r.variant == BASE_VARIANT and r.workload in ceiling:
             obj["python_share_of_null_co"] = round(ceiling[r.workload][0], 3)
             obj["kernel_share_of_null_co"] = round(ceiling[r.workload][1], 3)
         obj.update({
@@ -158,6 +185,14 @@ def _lat(lat: dict[str, float]) -> str:
     return " / ".join(f"{lat[k]:.0f}" for k in PERCENTILES)
 
 
+def _cpu_cell(obj: dict[str, Any]) -> str:
+    """CPU µs per I/O, ours / kernel (ours: process user+system; kernel: fio's usr+sys)."""
+    ours, kernel = obj.get("python_cpu_us_per_io"), obj.get("kernel_cpu_us_per_io")
+    if ours is None and kernel is None:
+        return ""
+    return " / ".join("?" if v is None else f"{v:.1f}" for v in (ours, kernel))
+
+
 def _target(obj: dict[str, Any]) -> str:
     if obj["target"] is None:
         return ""
@@ -169,9 +204,16 @@ def to_markdown(objs: Sequence[dict[str, Any]]) -> str:
     runs = (f"{first['runtime_s']:g} s" if first["runtime_s"] else f"{first['ios_per_run']} I/Os")
     lines = [
         f"Ours: `virtio-user --backend {first['driver_backend']} bench`. Kernel: virtio_blk "
-        "with `fio --ioengine=io_uring --direct=1`. Same guest, identical legacy virtio-blk "
+        "with `fio --ioengine=io_uring --direct=1`. Same guest, identical virtio-blk "
         f"devices ({first['image_mib']} MiB, raw images with cache={first['cache']}, or "
-        f"null-co). Medians of {first['rounds']} alternating rounds of {runs}.",
+        f"null-co; legacy unless the setup says modern). Medians of {first['rounds']} "
+        f"alternating rounds of {runs}.",
+        "",
+        "Setup: device transport, ring and our `--wait` (the kernel's virtio_blk gets an "
+        "identical device: on a packed device it uses the packed ring too, and it always "
+        "waits for interrupts). CPU: µs of CPU per I/O, ours (process user + system) / the "
+        "kernel's (fio's usr + sys; interrupt work done outside fio's process is not "
+        "counted).",
         "",
         f"Accel **{first['accel']}**; {machine_line(first['machine'])}; guest "
         f"{first['machine']['guest']}; commit {first['machine']['commit']}; {first['date']}.",
@@ -180,16 +222,17 @@ def to_markdown(objs: Sequence[dict[str, Any]]) -> str:
     if first["stub"]:
         lines += ["**STAND-IN RUN: our side ran fio through the kernel; not a result.**", ""]
     lines += [
-        "| workload | device | ours IOPS | kernel IOPS | ours/kernel | target "
-        "| ours MB/s | kernel MB/s | ours p50/p99/p99.9 µs | kernel p50/p99/p99.9 µs |",
-        "|---|---|--:|--:|--:|---|--:|--:|--:|--:|",
+        "| workload | device | setup | ours IOPS | kernel IOPS | ours/kernel | target "
+        "| ours MB/s | kernel MB/s | ours p50/p99/p99.9 µs | kernel p50/p99/p99.9 µs "
+        "| CPU µs/IO ours / kernel |",
+        "|---|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|",
     ]
     for o in objs:
         lines.append(
-            f"| {o['workload']} | {o['backend_file']} | {o['python_iops']:.0f} "
-            f"| {o['kernel_iops']:.0f} | {o['ratio']:.2f}x | {_target(o)} "
-            f"| {o['python_mbps']:.1f} | {o['kernel_mbps']:.1f} "
-            f"| {_lat(o['python_lat_us'])} | {_lat(o['kernel_lat_us'])} |")
+            f"| {o['workload']} | {o['backend_file']} | {variant_label(o)} "
+            f"| {o['python_iops']:.0f} | {o['kernel_iops']:.0f} | {o['ratio']:.2f}x "
+            f"| {_target(o)} | {o['python_mbps']:.1f} | {o['kernel_mbps']:.1f} "
+            f"| {_lat(o['python_lat_us'])} | {_lat(o['kernel_lat_us'])} | {_cpu_cell(o)} |")
     shares = [o for o in objs if "python_share_of_null_co" in o]
     if shares:
         lines += ["", "How close each driver gets to the device emulation's ceiling "
@@ -202,29 +245,40 @@ def to_markdown(objs: Sequence[dict[str, Any]]) -> str:
 
 # -- the chart ---------------------------------------------------------------------------
 
-COLOURS = {"raw": "#3b75af", "null-co": "#9fc2e0", "ours": "#3b75af", "kernel": "#e1812c"}
+COLOURS = {"raw": "#3b75af", "null-co": "#9fc2e0", "ours": "#3b75af", "kernel": "#e1812c",
+           "raw modern": "#2ca02c", "raw packed": "#98df8a", "raw interrupt": "#9467bd",
+           "raw hybrid": "#c5b0d5"}
 
 
-def _bars(ax: Any, names: list[str], series: dict[str, list[float]], fmt: str,
+def _bars(ax: Any, names: list[str], series: dict[str, list[float | None]], fmt: str,
           base: float = 0.0) -> tuple[float, float]:
-    """Grouped bars growing from ``base``, values at their ends; returns (lowest, highest)."""
+    """Grouped bars growing from ``base``, values at their ends (None: no bar); returns
+    (lowest, highest)."""
     width = 0.8 / len(series)
     low, high = base, base
     for i, (label, values) in enumerate(series.items()):
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(names))]
-        bars = ax.bar(xs, [v - base for v in values], width, bottom=base, label=label,
-                      color=COLOURS[label.split()[0]])
-        ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=7, padding=2)
-        low, high = min([low, *values]), max([high, *values])
+        bars = ax.bar(xs, [base if v is None else v - base for v in values], width,
+                      bottom=base, label=label,
+                      color=COLOURS.get(label, COLOURS[label.split()[0]]))
+        ax.bar_label(bars, ["" if v is None else fmt.format(v) for v in values],
+                     fontsize=6 if len(series) > 3 else 7, padding=2)
+        present = [v for v in values if v is not None]
+        low, high = min([low, *present]), max([high, *present])
     ax.set_xticks(range(len(names)), [n.replace("-", "\n", 1) for n in names], fontsize=8)
     return low, high
 
 
 def _ratio_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> None:
     """Ours / kernel on a log scale, bars from 1.0: 2x faster and 2x slower look alike."""
-    by = {(o["workload"], o["backend_file"]): o for o in objs}
-    series = {f"{b} device": [by[(n, b)]["ratio"] if (n, b) in by else 1.0 for n in names]
-              for b in BACKENDS if any(o["backend_file"] == b for o in objs)}
+    by = {(o["workload"], o["backend_file"]): o for o in objs if is_base(o)}
+    series: dict[str, list[float | None]] = {
+        f"{b} device": [by[(n, b)]["ratio"] if (n, b) in by else None for n in names]
+        for b in BACKENDS if any(o["backend_file"] == b and is_base(o) for o in objs)}
+    variants = {(o["workload"], o["variant"]): o for o in objs if not is_base(o)}
+    for v in dict.fromkeys(o["variant"] for o in objs if not is_base(o)):
+        series[f"raw {v}"] = [variants[(n, v)]["ratio"] if (n, v) in variants else None
+                              for n in names]
     ax.set_yscale("log", base=2)
     low, high = _bars(ax, names, series, "{:.2f}x", base=1.0)
     ax.axhline(1.0, color="black", linewidth=1, label="as fast as the kernel")
@@ -242,7 +296,7 @@ def _ratio_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> N
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # one legend entry for all the target segments
     # One row across the top, above the tallest bar, so it hides none.
-    ax.legend(unique.values(), unique.keys(), loc="upper center", ncol=4, fontsize=8)
+    ax.legend(unique.values(), unique.keys(), loc="upper center", ncol=5, fontsize=8)
     ax.set_ylim(min(0.5, max(low, 1e-3) / 1.3), max(2.0, high) * 2.0)
     ticks = [2.0 ** k for k in range(-10, 11) if ax.get_ylim()[0] <= 2.0 ** k <= ax.get_ylim()[1]]
     ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
@@ -251,8 +305,9 @@ def _ratio_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> N
 
 def _ceiling_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> None:
     by = {o["workload"]: o for o in objs if "python_share_of_null_co" in o}
-    series = {"ours": [by[n]["python_share_of_null_co"] if n in by else 0.0 for n in names],
-              "kernel": [by[n]["kernel_share_of_null_co"] if n in by else 0.0 for n in names]}
+    series: dict[str, list[float | None]] = {
+        "ours": [by[n]["python_share_of_null_co"] if n in by else None for n in names],
+        "kernel": [by[n]["kernel_share_of_null_co"] if n in by else None for n in names]}
     top = _bars(ax, names, series, "{:.2f}")[1]
     ax.axhline(1.0, color="black", linewidth=1)
     ax.set_ylim(0, max(top, 1.0) * 1.3)
@@ -269,7 +324,7 @@ def to_png(objs: Sequence[dict[str, Any]], path: Path) -> None:
 
     first = objs[0]
     names = list(dict.fromkeys(o["workload"] for o in objs))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8.5), height_ratios=(3, 2))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(13, 8.5), height_ratios=(3, 2))
     _ratio_panel(top, objs, names)
     _ceiling_panel(bottom, objs, names)
     runs = (f"{first['runtime_s']:g} s" if first["runtime_s"] else f"{first['ios_per_run']} I/Os")

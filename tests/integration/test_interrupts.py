@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from images import make_image
+from images import REPO, make_image
 from virtio_user.host import CommandResult, Disk, GuestSession
 
 pytestmark = pytest.mark.qemu
@@ -82,12 +83,21 @@ def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield Guest(vm, images, backend)
 
 
+def readme_example() -> list[str]:
+    """The command the README's "Waiting" section shows (for vfio), as argv."""
+    section = (REPO / "README.md").read_text().split(
+        "\n### Waiting: poll, interrupt, hybrid\n", 1)[1]
+    return shlex.split(section.split("```sh\n", 1)[1].split("```", 1)[0])
+
+
 def test_tens_of_thousands_of_ios_driven_by_interrupts(guest: Guest) -> None:
+    """The README's example, word for word on vfio (uio: its --backend changed)."""
     before = guest.irq_count(DATA) or 0  # uio: the line's count; vfio: no vector yet
     original = guest.images["data"].read_bytes()
-    cmd = guest.vm.spawn(guest.argv(DATA, "--wait", "interrupt", "--timeout", 30, "bench",
-                                    "--rw", "randwrite", "--iodepth", 16, "--ios", 20000,
-                                    "--verify", "--json"))
+    argv = readme_example()
+    assert argv[argv.index("--device") + 1] == DATA and "20000" in argv
+    argv[argv.index("--backend") + 1] = guest.backend
+    cmd = guest.vm.spawn(argv)
     during = guest.wait_interrupts(DATA, above=before)
     r = cmd.wait(timeout=900)
     assert r.status == 0, r.err

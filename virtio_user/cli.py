@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import stat
@@ -452,6 +453,14 @@ def _timeout(text: str) -> float:
     return parse_seconds(text, "--timeout")
 
 
+@functools.cache
+def _parser() -> Parser:
+    """main()'s parser, built once per process: building one (argparse and its gettext
+    look-ups) costs more than most commands under TCG, and main() runs many times in
+    one process under the benchmark's guest side and the CLI fuzz test."""
+    return build_parser()
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="virtio-user", allow_abbrev=False,
                      description="A user-space driver for legacy virtio-blk PCI devices.")
@@ -532,7 +541,7 @@ def main(argv: Sequence[str] | None = None, opener: Opener | None = None) -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = _parser().parse_args(argv)
         if args.device is not None:
             from .pci import parse_bdf
             args.device = parse_bdf(args.device)

@@ -22,7 +22,8 @@ device only interrupts for a used buffer if, when it writes used.idx, we had ask
 before sleeping the queue asks (clears VIRTQ_AVAIL_F_NO_INTERRUPT, or sets used_event
 to the last used index seen), issues a full barrier and looks at used.idx once more: a
 completion that slipped in before the device could see the request would otherwise
-never be announced, and we would sleep until the timeout.
+never be announced, and we would sleep until the timeout. The packed ring does the same
+with its driver event suppression structure (RING_EVENT_FLAGS_ENABLE / DISABLE).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any, Callable, Protocol
 from . import pci
 from .errors import BackendUnavailable, CannotOpen, DeviceError
 from .regs import Registers
-from .spec import IsrBit
+from .spec import VIRTIO_MSI_NO_VECTOR, IsrBit
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ WAIT_MODES = ("poll", "interrupt", "hybrid")
 HYBRID_SPIN_SECONDS = 50e-6  # spin this long before sleeping (see README "Waiting")
 MAX_SLEEP = 1.0  # one poll(2) at most this long: deadlines are re-checked in between
 CONFIG_VECTOR, QUEUE_VECTOR = 0, 1  # MSI-X table entries we use
-VIRTIO_MSI_NO_VECTOR = 0xFFFF  # "MSI-X Vector Configuration": the device refused
 PCI_COMMAND_INTX_DISABLE = 1 << 10  # PCI Command register bit 10, "Interrupt Disable"
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 

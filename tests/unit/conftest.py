@@ -19,8 +19,7 @@ def make_blk() -> Any:
 
     def make(timeout: float = 0.2, contiguous: int = 64 << 10, **options: Any):
         device = FakeBlkDevice(**options)
-        blk = VirtioBlk(FakeBackend(device, contiguous=contiguous), timeout=timeout,
-                        handle_signals=False)
+        blk = VirtioBlk(FakeBackend(device, contiguous=contiguous), timeout=timeout)
         opened.append(blk)
         return blk, device
 

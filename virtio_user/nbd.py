@@ -313,8 +313,30 @@ MAX_JOBS = 256  # NBD requests accepted and not yet answered
 MAX_HELD = 64 << 20  # bytes of read data and replies held before we stop reading
 RX_BYTES = 256 << 10
 TICK = 0.1  # seconds the loop sleeps in select when the device has nothing in flight
+# Counted, not timed: in a TCG guest the clocksource is HPET, and each clock read traps
+# into QEMU under the lock the device emulation needs to complete our requests.
+SOCKET_LOOKS = 16  # looks at the socket while waiting for the device, then only at it
+RING_LOOKS = 32  # looks at the used ring between two looks at the socket
+# Socket buffers (each direction): a whole large request or reply in one system call.
+# The default (net.core.wmem_default, about 208 KiB) cut a 1 MiB read reply into
+# several sends, each waiting for the kernel's receiver to wake up and drain it.
+SOCKET_BYTES = 4 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket
 SPARE_BYTES = 16 << 20  # read reply buffers kept for reuse (fresh memory faults, slowly)
 DISC_GRACE = 10.0  # after asking the kernel to disconnect, for its NBD_CMD_DISC
+
+
+def grow_buffers(sock: socket.socket, nbytes: int = SOCKET_BYTES) -> None:
+    """Both socket buffers to ``nbytes``: the *FORCE options (root) go past
+    net.core.[rw]mem_max, the plain ones are capped by it; best effort either way."""
+    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF),
+                         (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        for option in (force, plain):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, nbytes)
+                break
+            except OSError:
+                continue
 
 
 @dataclass(eq=False)
@@ -368,6 +390,7 @@ class NbdServer:
         self._wait = wait or dev.timeout  # for a completion while requests are out
         self.sock = sock
         sock.setblocking(False)
+        grow_buffers(sock)
         self.flags = transmission_flags(dev)
         self.reason = ""
         self.stats = _Stats()
@@ -435,11 +458,26 @@ class NbdServer:
             self._pump(0)
             self._start_pieces()
             if self.dev.in_flight:
-                for req in self.dev.reap(self._wait):
+                for req in self._await_device():
                     self._complete(req)
                 self._send()
         else:
             self._pump(TICK)
+
+    def _await_device(self) -> list[Request]:
+        """Completions, looking at the socket between looks at the ring for a while
+        (new requests go to the device and replies to the kernel while the device works,
+        instead of waiting behind a blocked reap), then waiting on the device alone:
+        that wait is the one that fails a silent device after ``self._wait``."""
+        for _ in range(SOCKET_LOOKS):
+            for _ in range(RING_LOOKS):
+                done = self.dev.reap(0)
+                if done or not self.dev.in_flight:
+                    return done
+            self._pump(0)
+            self._start_pieces()
+            self._send()
+        return self.dev.reap(self._wait)
 
     def _finished(self) -> bool:
         if self._reading or self.dev.in_flight:
@@ -931,6 +969,7 @@ def _serve(dev: VirtioBlk, plan: NbdPlan) -> int:
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server = NbdServer(dev, ours, wait=max(dev.timeout, plan.kernel_timeout))
+        grow_buffers(theirs)  # the kernel sends whole large writes through it
         kernel.configure(theirs, block_size=dev.block_size,
                          size_bytes=dev.capacity * SECTOR_SIZE, flags=server.flags,
                          timeout=plan.kernel_timeout)

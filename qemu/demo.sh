@@ -13,7 +13,9 @@ step info
 vu info
 
 step "read 0 1 | hexdump -C"
-vu read 0 1 | hexdump -C
+vu read 0 1 >"$saved"
+hexdump -C "$saved"
+scratch=$(grep -c 'virtio-user scratch disk' "$saved" || true)  # ours to format
 
 vu read 1 1 -o "$saved"
 step write 1 --pattern 0xa5 --count 1
@@ -24,4 +26,17 @@ vu read 1 1 | hexdump -C
 
 step "write 1 -i saved-sector-1.bin   # put sector 1 back as it was"
 vu write 1 -i "$saved"
+if [ "$scratch" = 1 ]; then  # never on a disk given with --disk: mkfs wipes it
+    step "nbd /dev/nbd0   # the kernel's block layer on top of our driver"
+    vu nbd /dev/nbd0
+    mnt=$(mktemp -d)
+    printf '$ mkfs.ext4 -q /dev/nbd0; mount /dev/nbd0 MNT; echo ... > MNT/hello; cat MNT/hello; umount MNT\n'
+    mkfs.ext4 -q -F /dev/nbd0
+    mount /dev/nbd0 "$mnt"
+    echo "hello from ext4 on the user-space driver" >"$mnt/hello"
+    cat "$mnt/hello"
+    umount "$mnt" && rmdir "$mnt"
+    step nbd -d /dev/nbd0
+    vu nbd -d /dev/nbd0
+fi
 printf '\ndemo: done; the user-space driver read and wrote the disk through its own virtqueue\n'

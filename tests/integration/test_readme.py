@@ -82,6 +82,7 @@ def test_the_main_job_runs_the_demo(tmp_path: Path) -> None:
     assert "capacity_sectors     131072\n" in out  # the 64 MiB scratch image
     assert "|virtio-user scra|" in out  # sector 0 of the scratch image, hexdump -C
     assert "a5 a5 a5 a5" in out  # sector 1 after the pattern write
+    assert "\nhello from ext4 on the user-space driver\n" in out  # mounted through nbd
     assert out.endswith("demo: done; the user-space driver read and wrote the disk "
                         "through its own virtqueue\n")
     assert list((tmp_path / "tmp").iterdir()) == []  # the scratch image is gone

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import pytest
 
 from virtio_user.blk import VirtioBlk
-from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+from fake_device import FakeBackend, FakeBlkDevice
 
 MakeBlk = Callable[..., tuple[VirtioBlk, FakeBlkDevice]]
 

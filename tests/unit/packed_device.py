@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from virtio_user.memory import DmaRegion
 from virtio_user.spec import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag, Feature
-from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+from fake_device import FakeBackend, FakeBlkDevice
 
 _DESC = struct.Struct("<QIHH")
 NEXT, WRITE, INDIRECT = (int(DescFlag.VIRTQ_DESC_F_NEXT), int(DescFlag.VIRTQ_DESC_F_WRITE),

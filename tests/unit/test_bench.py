@@ -10,7 +10,7 @@ import pytest
 from test_cli import Env
 from virtio_user.bench import VERIFY_BLOCKS
 from virtio_user.spec import Feature
-from virtio_user.transport.fake import DEFAULT_FEATURES
+from fake_device import DEFAULT_FEATURES
 
 
 BS = 8192

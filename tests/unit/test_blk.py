@@ -11,7 +11,7 @@ from virtio_user.blk import Request
 from virtio_user.errors import (BlkIOError, DeviceError, DeviceTimeout, InvalidArgument,
                                 OutOfRange, ReadOnlyDevice, Unsupported)
 from virtio_user.spec import Feature, ReqType
-from virtio_user.transport.fake import DEFAULT_FEATURES
+from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
 IN, OUT = ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_OUT
@@ -324,7 +324,7 @@ def test_a_signal_as_close_begins_leaves_it_to_be_done_again(make_blk, monkeypat
 def test_a_signal_while_opening_cannot_leave_the_device_running(monkeypatch) -> None:
     import signal
     from virtio_user.blk import VirtioBlk
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
 
     def interrupted(*args: Any) -> Any:
         raise KeyboardInterrupt
@@ -341,7 +341,7 @@ def test_a_signal_while_opening_cannot_leave_the_device_running(monkeypatch) -> 
 def test_signal_dispositions_belong_to_the_caller_not_the_library() -> None:
     import signal
     from virtio_user.blk import VirtioBlk
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         a, b = VirtioBlk(FakeBackend(FakeBlkDevice())), VirtioBlk(FakeBackend(FakeBlkDevice()))
@@ -367,7 +367,7 @@ def test_reap_with_zero_timeout_is_a_poll(make_blk) -> None:
 def test_hostile_size_max_is_refused_early_and_cheaply() -> None:
     import tracemalloc
     from virtio_user.blk import VirtioBlk
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
     dev = FakeBlkDevice(features=DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_SIZE_MAX, size_max=1)
     tracemalloc.start()
     try:
@@ -384,8 +384,9 @@ def test_hostile_size_max_is_refused_early_and_cheaply() -> None:
 def test_numpy_views_of_a_closed_device_keep_their_memory() -> None:
     import subprocess
     import sys
-    code = ("from virtio_user.blk import VirtioBlk\n"
-            "from virtio_user.transport.fake import FakeBackend\n"
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "from virtio_user.blk import VirtioBlk\n"
+            "from fake_device import FakeBackend\n"
             "blk = VirtioBlk(FakeBackend())\n"
             "blk.read(0, 1)\n"
             "used, desc = blk.queue.used, blk.queue.desc\n"
@@ -418,7 +419,7 @@ def test_a_device_dropped_without_close_stays_mapped_until_the_exit_hook() -> No
     import gc
     import weakref
     from virtio_user import blk as blk_module
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
     dev = FakeBlkDevice()
     ref = weakref.ref(blk_module.VirtioBlk(FakeBackend(dev)))  # e.g. a signal hit before `with`
     gc.collect()

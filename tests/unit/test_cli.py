@@ -16,7 +16,7 @@ from virtio_user import cli
 from virtio_user.blk import VirtioBlk
 from virtio_user.pci import parse_bdf
 from virtio_user.spec import Feature
-from virtio_user.transport.fake import DEFAULT_FEATURES, FakeBackend, FakeBlkDevice
+from fake_device import DEFAULT_FEATURES, FakeBackend, FakeBlkDevice
 from virtio_user.errors import InvalidArgument
 
 SECTOR = 512

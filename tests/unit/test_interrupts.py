@@ -388,7 +388,7 @@ def model_irqs(monkeypatch: Any) -> list[ModelSource]:
 
 def test_blk_reads_and_writes_in_interrupt_mode(model_irqs: list[ModelSource]) -> None:
     from virtio_user.blk import VirtioBlk
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
     device = FakeBlkDevice()
     with VirtioBlk(FakeBackend(device), timeout=1.0, wait="interrupt") as blk:
         assert blk.info()["wait"] == "interrupt"
@@ -402,7 +402,7 @@ def test_blk_reads_and_writes_in_interrupt_mode(model_irqs: list[ModelSource]) -
 def test_blk_config_interrupt_reports_the_new_capacity(model_irqs: list[ModelSource],
                                                        caplog: Any) -> None:
     from virtio_user.blk import VirtioBlk
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
     device = FakeBlkDevice(capacity=2048)
     with VirtioBlk(FakeBackend(device), timeout=1.0, wait="interrupt") as blk:
         device.resize(4096)  # raises the ISR's config bit, seen at the next sleep
@@ -416,7 +416,7 @@ def test_cli_wait_interrupt_bench_reports_cpu_and_waiting(model_irqs: list[Model
                                                           capsys: Any) -> None:
     from virtio_user import cli
     from virtio_user.blk import VirtioBlk
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
 
     def opener(args: Any) -> VirtioBlk:
         return VirtioBlk(FakeBackend(FakeBlkDevice()), timeout=1.0, wait=args.wait)
@@ -440,7 +440,7 @@ def test_cli_refuses_an_unknown_wait_mode(capsys: Any) -> None:
 def test_a_backend_without_interrupts_is_refused_and_the_device_closed() -> None:
     from virtio_user.blk import VirtioBlk
     from virtio_user.errors import CannotOpen
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
     backend = FakeBackend(FakeBlkDevice())
     with pytest.raises(CannotOpen, match="fake backend has no interrupts"):
         VirtioBlk(backend, wait="interrupt")

@@ -15,8 +15,8 @@ from virtio_user.blk import VirtioBlk
 from virtio_user.errors import DeviceError, Unsupported, exit_code
 from virtio_user.spec import (VIRTIO_PCI_LEGACY_BLK, Feature, PciCapType, feature_names)
 from virtio_user.transport import initialize, open_transport
-from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
-from virtio_user.transport.fake_modern import (BAR, BAR_SIZE, CAP_STRIDE, DEVICE, FIRST_CAP,
+from fake_device import FakeBackend, FakeBlkDevice
+from fake_modern import (BAR, BAR_SIZE, CAP_STRIDE, DEVICE, FIRST_CAP,
                                                ISR, NOTIFY, NOTIFY_MULTIPLIER, CapSpec,
                                                FakeModernBackend, FakeModernDevice,
                                                build_config, default_caps)

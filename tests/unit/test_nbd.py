@@ -18,7 +18,7 @@ from virtio_user.nbd import (REPLY, REQUEST, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, 
                              Flag, Ioctl, NbdServer, nbd_name, parse_request,
                              transmission_flags)
 from virtio_user.spec import Feature, ReqType
-from virtio_user.transport.fake import DEFAULT_FEATURES
+from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
 

@@ -392,7 +392,7 @@ def packed_blk(monkeypatch: pytest.MonkeyPatch) -> Any:
     """``packed_blk(ring=..., packed=..., **device_options)`` -> (VirtioBlk, transport)."""
     import virtio_user.blk as blk_module
     from packed_device import PackedBlkTransport
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
     opened: list[Any] = []
 
     def make(ring: str = "auto", packed: bool = True, **options: Any) -> Any:

@@ -13,7 +13,7 @@ from test_cli import Env
 from virtio_user import cli
 from virtio_user.shell import Shell
 from virtio_user.spec import Feature
-from virtio_user.transport.fake import DEFAULT_FEATURES
+from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
 
@@ -215,7 +215,7 @@ def test_completion_of_commands_and_options(make_blk: Any) -> None:
 def test_ring_on_a_packed_queue(monkeypatch: Any, capsys: Any) -> None:
     import virtio_user.blk as blk_module
     from packed_device import PackedBlkTransport
-    from virtio_user.transport.fake import FakeBackend, FakeBlkDevice
+    from fake_device import FakeBackend, FakeBlkDevice
 
     made: list[PackedBlkTransport] = []
 

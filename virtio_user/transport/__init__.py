@@ -1,7 +1,7 @@
 """Transports and backends.
 
 A *backend* owns the PCI function: ``uio.py`` (uio_pci_generic), ``vfio.py`` (vfio-pci
-behind an IOMMU) and ``fake.py`` (a Python device model for unit tests). A *transport*
+behind an IOMMU); the tests' device models live in tests/unit. A *transport*
 speaks one virtio register protocol over it: ``legacy.py`` ("Legacy Interfaces: A Note
 on PCI Device Layout", the I/O BAR0 block) or ``modern.py`` ("Virtio Over PCI Bus", the
 structures the vendor capabilities point at). The block device talks to a ``Transport``

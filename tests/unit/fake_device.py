@@ -23,12 +23,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..memory import DmaRegion
-from ..spec import (BLK_CONFIG_DTYPE, BLK_DWZ_DTYPE, LEGACY_CONFIG_OFFSET,
+from virtio_user.memory import DmaRegion
+from virtio_user.spec import (BLK_CONFIG_DTYPE, BLK_DWZ_DTYPE, LEGACY_CONFIG_OFFSET,
                     LEGACY_CONFIG_OFFSET_MSIX, LEGACY_PFN_SHIFT, SECTOR_SIZE,
                     VIRTIO_BLK_ID_BYTES, BlkStatus, DescFlag, Feature, IsrBit, LegacyReg,
                     ReqType, Reg, VIRTIO_PCI_LEGACY_BLK)
-from ..virtqueue import QueueLayout, legacy_layout
+from virtio_user.virtqueue import QueueLayout, legacy_layout
 
 DEFAULT_FEATURES = (
     Feature.VIRTIO_BLK_F_SEG_MAX | Feature.VIRTIO_BLK_F_BLK_SIZE | Feature.VIRTIO_BLK_F_FLUSH

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import DeviceError
-from ..spec import (PCI_CAP_ID_VNDR, PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST,
+from virtio_user.errors import DeviceError
+from virtio_user.spec import (PCI_CAP_ID_VNDR, PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST,
                     VIRTIO_PCI_MODERN_BLK, VIRTIO_PCI_VENDOR, CommonCfg, Feature, LegacyReg,
                     PciCapType, Status)
-from ..virtqueue import legacy_layout
-from .fake import FakeBackend, FakeBlkDevice, FakeConfigSpace
+from virtio_user.virtqueue import legacy_layout
+from fake_device import FakeBackend, FakeBlkDevice, FakeConfigSpace
 
 BAR = 4
 COMMON, ISR, DEVICE, NOTIFY = 0x0, 0x1000, 0x2000, 0x3000

@@ -123,6 +123,12 @@ def parse_request(raw: bytes | bytearray | memoryview) -> NbdRequest:
 
 
 _COMMANDS = frozenset(int(c) for c in Cmd)
+# Plain ints and names for the per-request path: an enum lookup or an IntFlag operation
+# runs Python code in the enum module, and under TCG each costs tens of microseconds.
+_CMD_NAMES = {int(c): c.name for c in Cmd}
+_FUA, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE)
+_NEEDS_FLAG = {int(Cmd.TRIM): int(Flag.SEND_TRIM),
+               int(Cmd.WRITE_ZEROES): int(Flag.SEND_WRITE_ZEROES)}
 
 
 def pack_reply(error: int, cookie: bytes) -> bytes:
@@ -392,6 +398,8 @@ class NbdServer:
         sock.setblocking(False)
         grow_buffers(sock)
         self.flags = transmission_flags(dev)
+        self._flags = int(self.flags)
+        self._read_only = bool(self.flags & Flag.READ_ONLY)
         self.reason = ""
         self.stats = _Stats()
         count = max(1, min(buffers, dev.queue_size))
@@ -602,12 +610,12 @@ class NbdServer:
 
     def _handle(self, req: NbdRequest) -> None:
         self.stats.requests += 1
-        name = Cmd(req.cmd).name
+        name = _CMD_NAMES[req.cmd]
         self.stats.by_cmd[name] = self.stats.by_cmd.get(name, 0) + 1
         if req.cmd == Cmd.DISC:
             self._end("the kernel asked to disconnect (NBD_CMD_DISC)")
             return
-        job = _Job(req, fua=bool(req.flags & CmdFlag.FUA))
+        job = _Job(req, fua=bool(req.flags & _FUA))
         self._jobs += 1
         job.error = self._refuse(req)
         if req.cmd == Cmd.WRITE and req.length:
@@ -625,7 +633,7 @@ class NbdServer:
         elif req.cmd == Cmd.TRIM:
             self._split(job, ReqType.VIRTIO_BLK_T_DISCARD, self.dev.limits.max_discard_sectors)
         else:
-            unmap = 0 if req.flags & CmdFlag.NO_HOLE else VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            unmap = 0 if req.flags & _NO_HOLE else VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
             self._split(job, ReqType.VIRTIO_BLK_T_WRITE_ZEROES,
                         self.dev.limits.max_write_zeroes_sectors, unmap)
 
@@ -633,23 +641,21 @@ class NbdServer:
         """The errno a request gets without reaching the device, or 0."""
         if req.cmd == Cmd.FLUSH:
             return 0
-        what = {Cmd.TRIM: Flag.SEND_TRIM, Cmd.WRITE_ZEROES: Flag.SEND_WRITE_ZEROES}.get(
-            Cmd(req.cmd))
-        if req.cmd != Cmd.READ and self.flags & Flag.READ_ONLY:
-            log.warning("refusing %s at %d: the device is read-only", Cmd(req.cmd).name,
+        if req.cmd != Cmd.READ and self._read_only:
+            log.warning("refusing %s at %d: the device is read-only", _CMD_NAMES[req.cmd],
                         req.offset)
             return errno.EPERM
-        if what is not None and not self.flags & what:
+        if not self._flags & _NEEDS_FLAG.get(req.cmd, self._flags):
             return errno.EINVAL
         end = req.offset + req.length
         if (not req.length or req.offset % self._align or req.length % self._align
                 or end > self._capacity_bytes):
             log.warning("refusing %s of %d bytes at %d: outside the %d-byte device or not "
-                        "in %d-byte blocks", Cmd(req.cmd).name, req.length, req.offset,
+                        "in %d-byte blocks", _CMD_NAMES[req.cmd], req.length, req.offset,
                         self._capacity_bytes, self._align)
             return errno.EINVAL
         if req.cmd in (Cmd.READ, Cmd.WRITE) and req.length > MAX_REQUEST:
-            log.warning("refusing %s of %d bytes: more than %d", Cmd(req.cmd).name,
+            log.warning("refusing %s of %d bytes: more than %d", _CMD_NAMES[req.cmd],
                         req.length, MAX_REQUEST)
             return errno.EINVAL
         return 0

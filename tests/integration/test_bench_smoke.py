@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from virtio_user.host.bench_harness import README_ENV, REPO, WORKLOADS
+from virtio_user.host.bench_harness import (README_ENV, REPO, VARIANT_WORKLOADS, VARIANTS,
+                                            WORKLOADS)
 from virtio_user.host.bench_report import README_BEGIN, README_END
 
 pytestmark = pytest.mark.qemu
@@ -46,7 +47,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     readme.write_text((REPO / "README.md").read_text())
     before = results_block((REPO / "README.md").read_text())
     only = [arg for name in RUN for arg in ("--only", name)]
-    r = subprocess.run([str(BENCH), "--quick", *only, "--rounds", "1",
+    variants = [arg for v in VARIANTS for arg in ("--variant", v.name)]
+    r = subprocess.run([str(BENCH), "--quick", *only, *variants, "--rounds", "1",
                         "--image-mib", str(IMAGE_MIB), "--cache", CACHE,
                         "--out", str(out), "--update-readme"],
                        env=dict(os.environ, **{README_ENV: str(readme)}),
@@ -62,10 +64,21 @@ def test_writes_the_three_outputs(results: Path) -> None:
     assert (results / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_json_has_every_workload_on_both_devices(results: Path) -> None:
+def test_json_has_every_workload_on_both_devices_and_every_variant(results: Path) -> None:
     rows = json.loads((results / "latest.json").read_text())
-    got = {(r["workload"], r["backend_file"]) for r in rows}
-    assert got == {(name, b) for name in RUN for b in ("raw", "null-co")}
+    got = {(r["workload"], r["backend_file"], r["variant"]) for r in rows}
+    assert got == ({(name, b, "legacy") for name in RUN for b in ("raw", "null-co")}
+                   | {(name, "raw", v.name) for name in RUN if name in VARIANT_WORKLOADS
+                      for v in VARIANTS})
+    for r in rows:
+        v = next((v for v in VARIANTS if v.name == r["variant"]), None)
+        if v is not None:
+            assert (r["transport"], r["ring"], r["wait"]) == (v.transport, v.ring, v.wait)
+        # CPU per I/O on both sides: our process's, fio's usr+sys (256 I/Os may take
+        # less than one clock tick of CPU: 0 then).
+        assert r["python_cpu_us_per_io"] >= 0 and r["kernel_cpu_us_per_io"] >= 0, r
+    for side in ("python_cpu_us_per_io", "kernel_cpu_us_per_io"):
+        assert max(r[side] for r in rows) > 0, side
     for r in rows:
         for key in FIGURES:
             assert r[key] > 0, (r["workload"], r["backend_file"], key)

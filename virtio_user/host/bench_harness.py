@@ -259,7 +259,12 @@ class Runner:
         if self.server is None:
             return self._fio(pair.blockdevs[pair.ours_bdf], w)
         argv = ours_argv(pair.ours_bdf, self.backend, w, self.amount, variant)
-        return Sample.from_ours(json.loads(self._check(self.server.run(argv))))
+        data = json.loads(self._check(self.server.run(argv)))
+        used = (data.get("ring"), data.get("wait"))
+        if used != (variant.ring, variant.wait):
+            raise HarnessError(f"{' '.join(argv)}: ran with ring, wait {used}, not "
+                               f"{variant.ring}, {variant.wait}")
+        return Sample.from_ours(data)
 
     def _fio(self, dev: str, w: Workload) -> Sample:
         r = self.vm.run(fio_argv(dev, w, self.amount), timeout=self.amount.timeout())
@@ -321,6 +326,27 @@ def pairs(models: Sequence[str] = ("legacy",)) -> list[Pair]:
 MAP_BLOCKDEVS = ('for b in /sys/block/vd*; do '
                  'echo "$(basename "$b") $(basename "$(dirname "$(readlink -f "$b/device")")")";'
                  ' done')
+
+
+# The kernel's negotiated features, one '0'/'1' per bit, for each kernel-side BDF.
+KERNEL_FEATURES = ('for d in /sys/bus/pci/devices/*/virtio*; do '
+                   'echo "$(basename "$(dirname "$d")") $(cat "$d/features")"; done')
+VERSION_1, RING_PACKED = 32, 34  # virtio 1.2 "Reserved Feature Bits"
+
+
+def check_kernel_devices(vm: GuestSession, all_pairs: list[Pair]) -> None:
+    """The kernel's side of each pair really runs the pair's transport and ring: its
+    virtio_blk negotiates the packed ring where offered, but say so, not assume it."""
+    r = vm.run(KERNEL_FEATURES, timeout=60)
+    features = dict(line.split() for line in r.out.splitlines() if line.strip())
+    for pair in all_pairs:
+        bits = features.get(pair.kernel_bdf, "")
+        model = DEVICE_MODELS[pair.device]
+        want = {VERSION_1: model["transport"] == "modern", RING_PACKED: bool(model.get("packed"))}
+        for bit, on in want.items():
+            if len(bits) <= bit or (bits[bit] == "1") != on:
+                raise HarnessError(f"the kernel's {pair.kernel_bdf} ({pair.device}) has "
+                                   f"features {bits!r}: bit {bit} should be {int(on)}")
 
 
 def find_blockdevs(vm: GuestSession, all_pairs: list[Pair]) -> None:
@@ -483,6 +509,7 @@ def run(args: argparse.Namespace) -> list[bench_report.Row]:
                           qemu_args=null_co_args(args.image_mib, null_co_slot(models))) as vm:
             say(f"guest up ({vm.accel})")
             find_blockdevs(vm, all_pairs)
+            check_kernel_devices(vm, all_pairs)
             server = None if stub else OursServer(vm, amount.timeout())
             say("our driver's guest process ready")
             try:

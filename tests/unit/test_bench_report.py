@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,11 +122,15 @@ def test_variants_get_their_own_pairs_and_only_the_workloads_that_tell_them_apar
     null_co = bench_harness.null_co_args(64, bench_harness.null_co_slot(models))
     assert "addr=0x16" in " ".join(null_co)
     jobs = bench_harness.plan(all_pairs, bench_harness.WORKLOADS, variants)
-    assert len(jobs) == 2 * 7 + 4 * 3
-    extra = {(p.device, w.name, v.name) for p, w, v in jobs if v.name != "legacy"}
-    assert ("packed", "randread-4k-qd1", "packed") in extra
-    assert ("legacy", "read-1m-qd8", "interrupt") in extra
-    assert not any(w == "randwrite-4k-qd1" for _, w, _ in extra)
+    # The wait modes join the legacy raw rows' jobs: one kernel run per round for all.
+    assert len(jobs) == 2 * 7 + 2 * 3
+    assert sum(len(vs) + 1 for _, _, vs in jobs) == 2 * 7 * 2 + 2 * 3 * 2 + 2 * 3
+    runs = {(p.device, p.backend_file, w.name): [v.name for v in vs] for p, w, vs in jobs}
+    assert runs[("legacy", "raw", "randread-4k-qd1")] == ["legacy", "interrupt", "hybrid"]
+    assert runs[("legacy", "null-co", "randread-4k-qd1")] == ["legacy"]
+    assert runs[("legacy", "raw", "randwrite-4k-qd1")] == ["legacy"]
+    assert runs[("packed", "raw", "read-1m-qd8")] == ["packed"]
+    assert ("modern", "raw", "randwrite-4k-qd1") not in runs
 
 
 def test_variant_options_as_the_readme_shows_them() -> None:
@@ -181,3 +186,26 @@ def test_variant_rows_in_the_outputs(tmp_path: Path) -> None:
     assert "| randread-4k-qd1 | raw | modern packed poll | 4000 | 2000 | 2.00x |" in md
     assert md.count("| 40.0 / 60.0 |") == 2 and "| 20.5 / ? |" in md
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wait_modes_alternate_with_one_shared_kernel_run_per_round() -> None:
+    calls: list[str] = []
+
+    class FakeRunner:
+        def ours(self, pair: object, w: object, v: bench_harness.Variant) -> bench_harness.Sample:
+            calls.append(v.name)
+            return sample(1000 * (len(calls)))
+
+        def kernel(self, pair: object, w: object) -> bench_harness.Sample:
+            calls.append("kernel")
+            return sample(500, cpu=3.0)
+
+    waits = [bench_harness.BASE, *[v for v in bench_harness.VARIANTS if v.device == "legacy"]]
+    pair = bench_harness.pairs()[0]
+    runner: Any = FakeRunner()
+    rows = bench_harness.run_all(runner, [pair], bench_harness.WORKLOADS[:1], 2,
+                                 lambda _: None, waits[1:])
+    assert calls == ["legacy", "interrupt", "hybrid", "kernel"] * 2
+    assert [(r.variant, r.wait, len(r.ours_rounds), len(r.kernel_rounds)) for r in rows] == [
+        ("legacy", "poll", 2, 2), ("interrupt", "interrupt", 2, 2), ("hybrid", "hybrid", 2, 2)]
+    assert rows[1].ours.iops == (2000 + 6000) / 2 and rows[1].kernel.cpu_us_per_io == 3.0

@@ -19,6 +19,7 @@ a stand-in to develop the orchestration against, never a result.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -378,48 +379,62 @@ def median_sample(samples: Sequence[Sample]) -> Sample:
                   statistics.median(cpu) if cpu else None)
 
 
-def measure(runner: Runner, pair: Pair, w: Workload, rounds: int,
-            say: Progress, variant: Variant = BASE) -> tuple[list[Sample], list[Sample]]:
-    """Ours, kernel, ours, kernel, ...: alternation spreads drifting noise over both."""
-    ours: list[Sample] = []
+def measure(runner: Runner, pair: Pair, w: Workload, rounds: int, say: Progress,
+            variants: Sequence[Variant] = (BASE,)) -> tuple[list[list[Sample]], list[Sample]]:
+    """Ours, kernel, ours, kernel, ...: alternation spreads drifting noise over both.
+    Several settings of ours on one pair each run once per round, before the kernel's
+    run they share; returns ours per variant, then the kernel's samples."""
+    ours: list[list[Sample]] = [[] for _ in variants]
     kernel: list[Sample] = []
-    sides: tuple[tuple[str, Callable[[], Sample], list[Sample]], ...] = (
-        ("ours", lambda: runner.ours(pair, w, variant), ours),
-        ("kernel", lambda: runner.kernel(pair, w), kernel))
+    sides: list[tuple[str, Callable[[], Sample], list[Sample]]] = [
+        (f"ours {v.name}", functools.partial(runner.ours, pair, w, v), into)
+        for v, into in zip(variants, ours)]
+    sides.append(("kernel", functools.partial(runner.kernel, pair, w), kernel))
     for i in range(rounds):
         for label, run, into in sides:
             sample = run()
             into.append(sample)
-            say(f"{w.name:<18} {pair.backend_file:<7} {variant.name:<9} "
-                f"round {i + 1}/{rounds} {label:<6} "
+            say(f"{w.name:<18} {pair.backend_file:<7} {pair.device:<7} "
+                f"round {i + 1}/{rounds} {label:<16} "
                 f"{sample.iops:>10.0f} IOPS {sample.mbps:>9.1f} MB/s "
                 f"p99 {sample.lat_us['p99']:>8.0f} us")
     return ours, kernel
 
 
+Job = tuple[Pair, Workload, list[Variant]]
+
+
 def plan(all_pairs: list[Pair], workloads: Sequence[Workload],
-         variants: Sequence[Variant]) -> list[tuple[Pair, Workload, Variant]]:
+         variants: Sequence[Variant]) -> list[Job]:
     """Every workload on the legacy raw and null-co pairs, then each variant on its raw
-    pair for the VARIANT_WORKLOADS among ``workloads``."""
-    jobs = [(pair, w, BASE) for pair in all_pairs if pair.device == "legacy"
-            for w in workloads]
+    pair for the VARIANT_WORKLOADS among ``workloads``. A variant on the legacy pair
+    (a wait mode) joins the legacy row's job: the kernel's side is the same device and
+    the same fio, so its runs are shared rather than repeated."""
+    jobs: dict[tuple[str, str], Job] = {
+        (pair.ours_bdf, w.name): (pair, w, [BASE])
+        for pair in all_pairs if pair.device == "legacy" for w in workloads}
     raw = {p.device: p for p in all_pairs if p.backend_file == "raw"}
-    return jobs + [(raw[v.device], w, v) for v in variants for w in workloads
-                   if w.name in VARIANT_WORKLOADS]
+    for v in variants:
+        pair = raw[v.device]
+        for w in workloads:
+            if w.name in VARIANT_WORKLOADS:
+                jobs.setdefault((pair.ours_bdf, w.name), (pair, w, []))[2].append(v)
+    return list(jobs.values())
 
 
 def run_all(runner: Runner, all_pairs: list[Pair], workloads: Sequence[Workload],
             rounds: int, say: Progress,
             variants: Sequence[Variant] = ()) -> list[bench_report.Row]:
     rows = []
-    for pair, w, variant in plan(all_pairs, workloads, variants):
-        ours, kernel = measure(runner, pair, w, rounds, say, variant)
-        rows.append(bench_report.Row(
-            workload=w.name, rw=w.rw, bs=w.bs, iodepth=w.iodepth,
-            backend_file=pair.backend_file, target=w.target,
-            ours=median_sample(ours), kernel=median_sample(kernel),
-            ours_rounds=ours, kernel_rounds=kernel, variant=variant.name,
-            transport=variant.transport, ring=variant.ring, wait=variant.wait))
+    for pair, w, job_variants in plan(all_pairs, workloads, variants):
+        ours, kernel = measure(runner, pair, w, rounds, say, job_variants)
+        for variant, samples in zip(job_variants, ours):
+            rows.append(bench_report.Row(
+                workload=w.name, rw=w.rw, bs=w.bs, iodepth=w.iodepth,
+                backend_file=pair.backend_file, target=w.target,
+                ours=median_sample(samples), kernel=median_sample(kernel),
+                ours_rounds=samples, kernel_rounds=kernel, variant=variant.name,
+                transport=variant.transport, ring=variant.ring, wait=variant.wait))
     return rows
 
 
@@ -502,9 +517,8 @@ def run(args: argparse.Namespace) -> list[bench_report.Row]:
         disks = [Disk(path, format="raw", cache=args.cache, **DEVICE_MODELS[models[i // 2]])
                  for i, path in enumerate(images)]
         all_pairs = pairs(models)
-        jobs = len(plan(all_pairs, workloads, variants))
-        say(f"booting the guest ({jobs} workload rows x 2 sides x {args.rounds} "
-            f"rounds, {amount.describe()})")
+        runs = sum(len(v) + 1 for _, _, v in plan(all_pairs, workloads, variants))
+        say(f"booting the guest ({runs} runs x {args.rounds} rounds, {amount.describe()})")
         with GuestSession(disks, accel=args.accel, backend=args.backend, cwd=REPO,
                           qemu_args=null_co_args(args.image_mib, null_co_slot(models))) as vm:
             say(f"guest up ({vm.accel})")

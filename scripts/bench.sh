@@ -3,8 +3,10 @@
 # guest: 4 KiB random read/write and 1 MiB sequential, on raw images and on null-co.
 # Sets up what a fresh Debian 12 machine lacks first. Writes latest.{json,md,png} to
 # --out (default bench/results).
+# Beside them: modern, packed and interrupt/hybrid rows (README "Benchmarks").
 #   scripts/bench.sh [--runtime SECONDS | --ios N] [--rounds N] [--quick]
 #                    [--backend uio|vfio] [--out DIR] [--only WORKLOAD]...
+#                    [--variant modern|packed|interrupt|hybrid]... [--no-variants]
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$repo/scripts/setup.sh"

@@ -125,3 +125,15 @@ def test_bench_report_redraws_from_the_json(results: Path, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "latest.md").read_text() == (results / "latest.md").read_text()
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_variants_measures_the_legacy_rows_only(tmp_path: Path) -> None:
+    """The README's `--no-variants`: four devices, legacy polled rows, no variant's."""
+    r = subprocess.run([str(BENCH), "--quick", "--no-variants", "--only", "randread-4k-qd1",
+                        "--image-mib", "8", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-4000:]}"
+    rows = json.loads((tmp_path / "latest.json").read_text())
+    assert {(o["workload"], o["backend_file"], o["variant"], o["transport"], o["ring"],
+             o["wait"]) for o in rows} == {
+        ("randread-4k-qd1", b, "legacy", "legacy", "split", "poll") for b in ("raw", "null-co")}

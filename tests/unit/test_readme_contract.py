@@ -130,8 +130,8 @@ def test_synopsis_option_parses_as_written(start: str, words: list[str], dest: s
     parse, tail = PROGRAMS[start]
     args = words * (2 if repeat else 1)
     got, plain = parse(args + tail), parse(tail)
-    if choice is not None:
-        assert getattr(got, dest) == choice
+    if choice is not None:  # a repeatable choice collects each one given
+        assert getattr(got, dest) == ([choice, choice] if repeat else choice)
     else:
         assert getattr(got, dest) != getattr(plain, dest)
     if repeat:

@@ -8,8 +8,14 @@ takes it from the kernel) and the second stays with the kernel's virtio_blk, dri
 kernel's, for N rounds, and the medians are kept, so that noise from the host (other
 guests on a 2-core machine) hits both sides alike.
 
+Variants (``VARIANTS``) add rows on the raw images for the workloads that tell them apart:
+a pair of modern devices driven with ``--transport modern``, a pair of packed ones with
+``--ring packed``, and our ``--wait interrupt`` and ``hybrid`` on the legacy raw pair.
+Every row carries both sides' CPU time per I/O.
+
     python -m virtio_user.host.bench_harness [--runtime S | --ios N] [--rounds N] [--quick]
                                      [--backend uio|vfio] [--out DIR]
+                                     [--variant NAME]... [--no-variants]
 
 Writes ``latest.json``, ``latest.md`` and ``latest.png`` into ``--out`` (bench_report.py).
 Setting ``VIRTIO_USER_BENCH_OURS=fio`` runs fio on our device too (through the kernel):

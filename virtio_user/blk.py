@@ -17,11 +17,10 @@ import contextlib
 import logging
 import math
 import signal
-import struct
 import threading
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,7 +29,7 @@ from .errors import (BlkIOError, DeviceError, InvalidArgument, OutOfRange,
                      ReadOnlyDevice, Unsupported)
 from .memory import HUGEPAGE, Chunk, DmaAllocator, DmaRegion
 from . import pipeline
-from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+from .spec import (BLK_DWZ_DTYPE, BLK_OUTHDR, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus, Feature, IsrBit, ReqType,
                    feature_names)
 from .transport import Backend, Transport, initialize, open_transport
@@ -50,7 +49,7 @@ MAX_CHUNK = 1 << 20  # the most one request carries from the bounce pool
 POOL_BUFFERS = 4
 RINGS = ("auto", "split", "packed")  # --ring: auto takes packed where the device offers it
 CONFIG_POLL_CALLS = 64  # plain calls between looks at the ISR's config-change bit
-_HDR = struct.Struct("<IIQ")  # virtio_blk_outhdr: type, reserved, sector
+_HDR = BLK_OUTHDR
 _UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*
 _DWZ_MAX_SECTORS = 0xFFFF_FFFF  # num_sectors is le32
 _DEVICE_WRITES = frozenset((ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_GET_ID))

@@ -27,9 +27,9 @@ import numpy as np
 
 from .errors import DeviceError, DeviceTimeout, DmaError
 from .memory import PAGE, DmaAllocator
-from .spec import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
+from .spec import (MAX_QUEUE_SIZE, VIRTQ_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
                    RingEventFlags)
-from .virtqueue import QueueFull, _fence_acquire, _fence_release
+from .virtqueue import QueueFull, fence_acquire, fence_release
 
 if TYPE_CHECKING:
     from .interrupts import Waiter
@@ -43,7 +43,7 @@ PACKED_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"),
                               ("flags", "<u2")])
 # struct pvirtq_event_suppress: desc (le16: offset in bits 0-14, wrap in bit 15) + flags.
 EVENT_SUPPRESS_DTYPE = np.dtype([("off_wrap", "<u2"), ("flags", "<u2")])
-_DESC = struct.Struct("<QIHH")
+_DESC = VIRTQ_DESC
 _PREFIX = struct.Struct("<QIH")  # a descriptor without its flags, which are stored last
 _NEXT = int(DescFlag.VIRTQ_DESC_F_NEXT)
 _WRITE = int(DescFlag.VIRTQ_DESC_F_WRITE)
@@ -318,7 +318,7 @@ class PackedQueue(Generic[T]):
     def _packer(self, n: int) -> struct.Struct:
         s = self._structs.get(n)
         if s is None:
-            s = self._structs[n] = struct.Struct("<" + "QIHH" * n)
+            s = self._structs[n] = struct.Struct("<" + VIRTQ_DESC.format.lstrip("<") * n)
         return s
 
     def _write_table(self, bid: int, segs: Sequence[tuple[int, int, bool]]) -> None:
@@ -408,8 +408,8 @@ class PackedQueue(Generic[T]):
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read a
         # stale event suppression structure while the device, having just re-enabled
         # notifications, reads our old flags: a lost kick.
-        _fence_acquire()
-        _fence_release()
+        fence_acquire()
+        fence_release()
         flags = u16[self._device_flags] & 3
         if flags == _DISABLE:
             return
@@ -540,8 +540,8 @@ class PackedQueue(Generic[T]):
         barrier, then look at the used position again: True if a used descriptor is
         already there (it may have been written before the device saw ENABLE)."""
         self._u16[self._driver_flags] = int(RingEventFlags.RING_EVENT_FLAGS_ENABLE)
-        _fence_acquire()
-        _fence_release()
+        fence_acquire()
+        fence_release()
         return self.has_used()
 
     def disarm_interrupts(self) -> None:

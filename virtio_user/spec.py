@@ -9,6 +9,7 @@ structure layout".
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
@@ -56,7 +57,7 @@ class Feature(IntFlag):
     VIRTIO_F_RING_RESET = 1 << 40
 
 
-# Exactly what this driver implements (issue 3, item 5); everything else is refused.
+# Exactly what this driver implements; everything else is refused.
 DRIVER_FEATURES = (
     Feature.VIRTIO_BLK_F_SIZE_MAX | Feature.VIRTIO_BLK_F_SEG_MAX | Feature.VIRTIO_BLK_F_GEOMETRY
     | Feature.VIRTIO_BLK_F_RO | Feature.VIRTIO_BLK_F_BLK_SIZE | Feature.VIRTIO_BLK_F_FLUSH
@@ -251,6 +252,16 @@ assert BLK_CONFIG_DTYPE.itemsize == 60
 
 # struct virtio_blk_outhdr: type (le32) + reserved/ioprio (le32) + sector (le64).
 BLK_OUTHDR_DTYPE = np.dtype([("type", "<u4"), ("reserved", "<u4"), ("sector", "<u8")])
+# The same header as a struct, for the hot path (packing with numpy costs more).
+BLK_OUTHDR = struct.Struct("<IIQ")
+assert BLK_OUTHDR.size == BLK_OUTHDR_DTYPE.itemsize == 16
+
+# "Virtqueue Descriptor Table" (split): addr (le64) + len (le32) + flags (le16) + next
+# (le16); "Packed Virtqueues" descriptors have the same shape: addr, len, id, flags.
+VIRTQ_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"),
+                             ("next", "<u2")])
+VIRTQ_DESC = struct.Struct("<QIHH")
+assert VIRTQ_DESC.size == VIRTQ_DESC_DTYPE.itemsize == 16
 # struct virtio_blk_discard_write_zeroes: sector (le64) + num_sectors (le32) + flags (le32).
 BLK_DWZ_DTYPE = np.dtype([("sector", "<u8"), ("num_sectors", "<u4"), ("flags", "<u4")])
 

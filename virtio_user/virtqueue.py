@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import DeviceError, DeviceTimeout, DmaError, VirtioError
 from .memory import PAGE, DmaAllocator
-from .spec import (LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE,
+from .spec import (VIRTQ_DESC, VIRTQ_DESC_DTYPE, LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE,
                    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, DescFlag)
 
 if TYPE_CHECKING:
@@ -34,9 +34,9 @@ assert sys.byteorder == "little", "the memoryview casts below assume a little-en
 
 T = TypeVar("T")
 
-DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+DESC_DTYPE = VIRTQ_DESC_DTYPE
 USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])  # id (le32) + len (le32)
-_DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr (le64), len (le32), flags, next (le16)
+_DESC = VIRTQ_DESC
 DESC_BYTES = _DESC.size
 # A framed indirect table (``frame``/``add_framed``): the id's fixed first segment, the
 # request's data, the id's fixed last segment.
@@ -90,10 +90,11 @@ def legacy_layout(size: int) -> QueueLayout:
 
 
 _fence_lock = threading.Lock()
-_fence_acquire, _fence_release = _fence_lock.acquire, _fence_lock.release
+# The two halves of full_barrier(), bound once: the rings inline them on the kick path.
+fence_acquire, fence_release = _fence_lock.acquire, _fence_lock.release
 
 
-def _full_barrier() -> None:
+def full_barrier() -> None:
     """A full memory barrier (store-load ordering), which Python has no word for.
 
     On x86 any locked instruction is one; CPython's Lock.acquire/release on Linux run
@@ -264,7 +265,7 @@ class SplitQueue(Generic[T]):
     def _packer(self, n: int) -> struct.Struct:
         s = self._structs.get(n)
         if s is None:
-            s = self._structs[n] = struct.Struct("<" + "QIHH" * n)
+            s = self._structs[n] = struct.Struct("<" + VIRTQ_DESC.format.lstrip("<") * n)
         return s
 
     def _refuse_indirect(self, n: int) -> None:
@@ -376,8 +377,8 @@ class SplitQueue(Generic[T]):
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read
         # a stale avail_event/flags while the device, having re-enabled notifications,
         # reads our old idx: a lost kick.
-        _fence_acquire()  # _full_barrier(), inlined: one call less per kick
-        _fence_release()
+        fence_acquire()  # full_barrier(), inlined: one call less per kick
+        fence_release()
         if self.event_idx:
             event = self._u16[self._avail_event]
             need = (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
@@ -493,7 +494,7 @@ class SplitQueue(Generic[T]):
             u16[self._used_event] = self._last_used
         else:
             u16[self._avail_flags] = 0
-        _full_barrier()
+        full_barrier()
         return u16[self._used_idx] != self._last_used
 
     def disarm_interrupts(self) -> None:

@@ -51,9 +51,9 @@ with VirtioBlk.open(bdf, backend=backend_name, transport=kind) as dev:
 # Point the data descriptor of a request at an address the IOMMU does not map: the
 # physical address of our own buffer, which a device without isolation would reach.
 UNMAPPED = """
-import struct, sys
+import sys
 from virtio_user.blk import VirtioBlk
-from virtio_user.spec import ReqType
+from virtio_user.spec import BLK_OUTHDR, ReqType
 bdf, rtype = sys.argv[1], ReqType[sys.argv[2]]
 with VirtioBlk.open(bdf, backend="vfio", transport="modern") as dev:
     assert dev.transport.iommu
@@ -62,7 +62,7 @@ with VirtioBlk.open(bdf, backend="vfio", transport="modern") as dev:
     phys = target.chunk.region.physical(target.chunk.offset)
     assert phys != target.chunk.bus
     ctl = dev.alloc_buffer(4096)
-    struct.pack_into("<IIQ", ctl.mv, 0, rtype, 0, 8)
+    BLK_OUTHDR.pack_into(ctl.mv, 0, rtype, 0, 8)
     writes = rtype == ReqType.VIRTIO_BLK_T_IN
     segs = [(ctl.chunk.bus, 16, False), (phys, 4096, writes), (ctl.chunk.bus + 16, 1, True)]
     dev.queue.add(segs, "probe", 4097 if writes else 1)

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from virtio_user.memory import DmaRegion
-from virtio_user.spec import (BLK_CONFIG_DTYPE, BLK_DWZ_DTYPE, LEGACY_CONFIG_OFFSET,
+from virtio_user.spec import (BLK_OUTHDR, VIRTQ_DESC, BLK_CONFIG_DTYPE, BLK_DWZ_DTYPE, LEGACY_CONFIG_OFFSET,
                     LEGACY_CONFIG_OFFSET_MSIX, LEGACY_PFN_SHIFT, SECTOR_SIZE,
                     VIRTIO_BLK_ID_BYTES, BlkStatus, DescFlag, Feature, IsrBit, LegacyReg,
                     ReqType, Reg, VIRTIO_PCI_LEGACY_BLK)
@@ -37,7 +37,7 @@ DEFAULT_FEATURES = (
     | Feature.VIRTIO_RING_F_INDIRECT_DESC | Feature.VIRTIO_RING_F_EVENT_IDX
     | Feature.VIRTIO_F_NOTIFY_ON_EMPTY | Feature.VIRTIO_F_ANY_LAYOUT)
 
-_DESC = struct.Struct("<QIHH")
+_DESC = VIRTQ_DESC
 OK, IOERR, UNSUPP = (int(s) for s in BlkStatus)
 
 
@@ -211,7 +211,7 @@ class FakeBlkDevice:
         readable = b"".join(bytes(self._mem(a, n)) for a, n, w in segs if not w)
         writable = [(a, n) for a, n, w in segs if w]
         assert not any(w for _, _, w in segs[:1]), "header must be device-readable"
-        rtype, _, sector = struct.unpack_from("<IIQ", readable)
+        rtype, _, sector = BLK_OUTHDR.unpack_from(readable)
         out = readable[16:]
         in_len = sum(n for _, n in writable)
         status, data = self._serve(rtype, sector, out, in_len - 1)

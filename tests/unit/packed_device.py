@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from virtio_user.memory import DmaRegion
-from virtio_user.spec import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag, Feature
+from virtio_user.spec import BLK_OUTHDR, VIRTQ_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag, Feature
 from fake_device import FakeBackend, FakeBlkDevice
 
-_DESC = struct.Struct("<QIHH")
+_DESC = VIRTQ_DESC
 NEXT, WRITE, INDIRECT = (int(DescFlag.VIRTQ_DESC_F_NEXT), int(DescFlag.VIRTQ_DESC_F_WRITE),
                          int(DescFlag.VIRTQ_DESC_F_INDIRECT))
 AVAIL, USED = VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
@@ -152,7 +152,7 @@ class PackedDevice:
         for buf in (reversed(bufs) if order == "reverse" else bufs):
             readable = b"".join(bytes(self.mem(a, n)) for a, n, w in buf.segs if not w)
             writable = [(a, n) for a, n, w in buf.segs if w]
-            rtype, _, sector = struct.unpack_from("<IIQ", readable)
+            rtype, _, sector = BLK_OUTHDR.unpack_from(readable)
             in_len = sum(n for _, n in writable)
             status, data = blk._serve(rtype, sector, readable[16:], in_len - 1)
             out = (data or b"").ljust(in_len - 1, b"\0") + bytes([status])

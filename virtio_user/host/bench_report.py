@@ -258,7 +258,7 @@ def _bars(ax: Any, names: list[str], series: dict[str, list[float | None]], fmt:
     low, high = base, base
     for i, (label, values) in enumerate(series.items()):
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(names))]
-        bars = ax.bar(xs, [base if v is None else v - base for v in values], width,
+        bars = ax.bar(xs, [0.0 if v is None else v - base for v in values], width,
                       bottom=base, label=label,
                       color=COLOURS.get(label, COLOURS[label.split()[0]]))
         ax.bar_label(bars, ["" if v is None else fmt.format(v) for v in values],

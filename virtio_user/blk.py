@@ -159,7 +159,7 @@ class VirtioBlk:
     close() resets it."""
 
     def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
-                 pool_buffers: int = POOL_BUFFERS, handle_signals: bool = False,
+                 pool_buffers: int = POOL_BUFFERS,
                  transport: str = "auto", wait: str = "poll", ring: str = "auto") -> None:
         if ring not in RINGS:
             backend.close()
@@ -191,9 +191,6 @@ class VirtioBlk:
         except BaseException:
             self.close()
             raise
-        # ``handle_signals`` is accepted and ignored: which signal stops the process is
-        # the caller's policy (the CLI turns SIGTERM into Interrupted); a library that
-        # changed it per device would undo it for another open one when one closed.
 
     @classmethod
     def open(cls, bdf: str | None = None, *, backend: str = "uio", rebind: bool = False,

@@ -17,8 +17,9 @@
      |    +-- BackendUnavailable        a backend that cannot be used here (vfio: not yet)
      |    +-- FileAccessError           an input or output file
      |    +-- DeviceError               the device broke the protocol (bad used id/len/idx,
-     |         |                        a register access failed); it has been reset
-     |         +-- DeviceTimeout    33  no completion before the deadline; it has been reset
+     |         |                        a register access failed); a reset was attempted and
+     |         |                        the message says whether it took
+     |         +-- DeviceTimeout    33  no completion before the deadline; reset likewise
      +-- Interrupted(signum)   128+sig  SIGINT / SIGTERM arrived; the device has been reset
      +-- ProtocolError          99  a peer broke its protocol (a malformed NBD request);
                                     the connection has been ended
@@ -100,11 +101,12 @@ class FileAccessError(CannotOpen):
 
 
 class DeviceError(CannotOpen):
-    """The device violated the protocol or stopped responding; it has been reset."""
+    """The device violated the protocol or stopped responding; a reset was attempted and the
+    message says whether it took (if not, the DMA memory is kept mapped)."""
 
 
 class DeviceTimeout(DeviceError):
-    """No completion arrived before the deadline; the device has been reset."""
+    """No completion arrived before the deadline; reset as for DeviceError."""
 
 
 class Interrupted(VirtioError):

@@ -72,7 +72,6 @@ class DmaRegion:
         self.mm = mm
         self.size = len(mm)
         self.what = what
-        self.page_bus = page_bus.astype(np.uint64)
         self._bus = [int(x) for x in page_bus]  # plain ints: cheaper than numpy scalars
         self._offset_of_page = {b: i * PAGE for i, b in enumerate(self._bus)}
         self.vaddr = _address_of(mm)  # for VFIO_IOMMU_MAP_DMA

@@ -1,4 +1,4 @@
-"""Errors a vfio user meets, each exit 15 with a clear message (issue 4). The driver's
+"""Errors a vfio user meets, each exit 15 with a clear message. The driver's
 functional tests run on vfio too, in test_device.py; these are the vfio-only failures."""
 
 from __future__ import annotations

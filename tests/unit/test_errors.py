@@ -1,4 +1,4 @@
-"""One exit code per error class (issue 3, item 10)."""
+"""One exit code per error class, as the README's table says."""
 
 import signal
 

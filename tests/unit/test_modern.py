@@ -40,7 +40,7 @@ def opened() -> Any:
 
 
 def open_blk(opened: list[VirtioBlk], backend: FakeBackend, **kwargs: Any) -> VirtioBlk:
-    blk = VirtioBlk(backend, timeout=0.2, handle_signals=False, **kwargs)
+    blk = VirtioBlk(backend, timeout=0.2, **kwargs)
     opened.append(blk)
     return blk
 
@@ -182,7 +182,7 @@ def test_handshake_order_is_the_specs() -> None:
     """"Device Initialization": reset, ACKNOWLEDGE, DRIVER, FEATURES_OK (then the queue
     is enabled), DRIVER_OK."""
     backend = FakeModernBackend()
-    blk = VirtioBlk(backend, handle_signals=False)
+    blk = VirtioBlk(backend)
     try:
         log = backend.device.log
         enable = next(i for i, e in enumerate(log) if e.startswith("enable queue 0"))
@@ -196,7 +196,7 @@ def test_handshake_order_is_the_specs() -> None:
 def test_no_version_1_is_a_device_error_and_the_device_gets_failed() -> None:
     backend = FakeModernBackend(FakeModernDevice(extra_features=0))
     with pytest.raises(DeviceError, match="does not offer VIRTIO_F_VERSION_1"):
-        VirtioBlk(backend, handle_signals=False)
+        VirtioBlk(backend)
     assert 0x83 in statuses(backend.device)  # ACKNOWLEDGE | DRIVER | FAILED
     assert backend.device.status == 0 and backend.closed
 
@@ -206,7 +206,7 @@ def test_features_ok_not_accepted_is_unsupported() -> None:
     modern.refuse_features_ok = True
     backend = FakeModernBackend(modern)
     with pytest.raises(Unsupported, match="FEATURES_OK reads back clear") as err:
-        VirtioBlk(backend, handle_signals=False)
+        VirtioBlk(backend)
     assert exit_code(err.value) == 5
     assert any(s & 0x80 for s in statuses(backend.device))
     assert not any(e.startswith("enable") for e in backend.device.log)
@@ -227,7 +227,7 @@ def test_a_queue_that_does_not_exist_is_a_clear_error() -> None:
 def test_queue_size_0_is_a_clear_error() -> None:
     backend = FakeModernBackend(FakeModernDevice(max_queue_size=0))
     with pytest.raises(DeviceError, match="reports no queue 0"):
-        VirtioBlk(backend, handle_signals=False)
+        VirtioBlk(backend)
 
 
 def test_a_maximum_that_is_not_a_power_of_2_gives_the_power_of_2_below(
@@ -260,7 +260,7 @@ def test_access_platform_needs_a_backend_that_can_translate() -> None:
                               | Feature.VIRTIO_F_ACCESS_PLATFORM)
     backend = FakeModernBackend(modern)
     with pytest.raises(Unsupported, match="VIRTIO_F_ACCESS_PLATFORM .*use --backend vfio"):
-        VirtioBlk(backend, handle_signals=False)
+        VirtioBlk(backend)
     assert backend.device.status == 0
 
 
@@ -304,7 +304,7 @@ def test_feature_names_cover_the_high_bits() -> None:
 
 def test_cli_transport_option(capsys: Any) -> None:
     def opener(args: Any) -> VirtioBlk:
-        return VirtioBlk(FakeModernBackend(), transport=args.transport, handle_signals=False)
+        return VirtioBlk(FakeModernBackend(), transport=args.transport)
     assert cli.main(["--transport", "legacy", "info"], opener=opener) == 5
     assert "modern-only" in capsys.readouterr().err
     assert cli.main(["--transport", "modern", "info", "--json"], opener=opener) == 0

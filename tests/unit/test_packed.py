@@ -403,7 +403,7 @@ def packed_blk(monkeypatch: pytest.MonkeyPatch) -> Any:
             return made[0]
         monkeypatch.setattr(blk_module, "open_transport", transport)
         dev = blk_module.VirtioBlk(FakeBackend(FakeBlkDevice(**options)), timeout=0.2,
-                                   handle_signals=False, ring=ring)
+                                   ring=ring)
         opened.append(dev)
         return dev, made[0]
 

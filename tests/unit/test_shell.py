@@ -224,7 +224,7 @@ def test_ring_on_a_packed_queue(monkeypatch: Any, capsys: Any) -> None:
         return made[0]
     monkeypatch.setattr(blk_module, "open_transport", transport)
     dev = blk_module.VirtioBlk(FakeBackend(FakeBlkDevice()), timeout=0.2,
-                               handle_signals=False, ring="packed")
+                               ring="packed")
     try:
         sh = Shell(dev, cli.build_parser().parse_args(["shell"]), stdin=io.StringIO())
         sh.onecmd("submit read 8 2")

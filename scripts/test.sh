@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
 # Run the whole test suite: unit tests and the QEMU integration tests (TCG here).
 # Sets up what a fresh Debian 12 machine lacks first. Extra arguments go to pytest.
-# At the end it says how many times QEMU was started (each line of the boot log names
-# the test that started it).
+# pytest's summary says how many times QEMU was started (tests/conftest.py; each line of
+# the boot log names the test that started it).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$repo/scripts/setup.sh"
 cd "$repo"
 boots=$(mktemp "${TMPDIR:-/tmp}/virtio-user-boots.XXXXXX")
 trap 'rm -f "$boots"' EXIT
-status=0
 VIRTIO_USER_BOOT_LOG=$boots "${VIRTIO_USER_VENV:-$repo/.venv}/bin/python" -m pytest \
-    -p no:cacheprovider "$@" || status=$?
-echo "test.sh: QEMU started $(wc -l <"$boots") times:" >&2
-sed 's/^/  /' "$boots" >&2
-exit "$status"
+    -p no:cacheprovider "$@"

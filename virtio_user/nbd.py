@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 
-from .blk import Request, VirtioBlk
+from .blk import VirtioBlk
+from .request import Request
 from .errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError, InvalidArgument,
                      ProtocolError, VirtioError, exit_code)
 from .spec import (BLK_DWZ_DTYPE, SECTOR_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus,
@@ -45,7 +46,7 @@ from .spec import (BLK_DWZ_DTYPE, SECTOR_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMA
 from .virtqueue import QueueFull
 
 if TYPE_CHECKING:
-    from .blk import DmaBuffer
+    from .request import DmaBuffer
 
 log = logging.getLogger(__name__)
 

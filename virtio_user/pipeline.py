@@ -18,7 +18,7 @@ from .errors import VirtioError
 from .spec import SECTOR_SIZE
 
 if TYPE_CHECKING:
-    from .blk import DmaBuffer, Request
+    from .request import DmaBuffer, Request
 
 
 class Port(Protocol):

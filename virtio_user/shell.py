@@ -32,7 +32,8 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from . import cli
-from .blk import DmaBuffer, Request, VirtioBlk
+from .blk import VirtioBlk
+from .request import DmaBuffer, Request
 from .errors import Interrupted, InvalidArgument, Unsupported
 from .packed import PackedQueue
 from .spec import (SECTOR_SIZE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, BlkStatus, DescFlag,

@@ -322,7 +322,7 @@ RX_BYTES = 256 << 10
 TICK = 0.1  # seconds the loop sleeps in select when the device has nothing in flight
 # Counted, not timed: in a TCG guest the clocksource is HPET, and each clock read traps
 # into QEMU under the lock the device emulation needs to complete our requests.
-SOCKET_LOOKS = 16  # looks at the socket while waiting for the device, then only at it
+SOCKET_LOOKS = 2000  # looks at the socket while waiting for the device, then only at it
 RING_LOOKS = 32  # looks at the used ring between two looks at the socket
 # Socket buffers (each direction): a whole large request or reply in one system call.
 # The default (net.core.wmem_default, about 208 KiB) cut a 1 MiB read reply into
@@ -477,8 +477,9 @@ class NbdServer:
         """Completions, looking at the socket between looks at the ring for a while
         (new requests go to the device and replies to the kernel while the device works,
         instead of waiting behind a blocked reap), then waiting on the device alone:
-        that wait is the one that fails a silent device after ``self._wait``."""
-        for _ in range(SOCKET_LOOKS):
+        that wait is the one that fails a silent device after ``self._wait``. With
+        ``--wait interrupt`` or ``hybrid`` that wait sleeps: one round only."""
+        for _ in range(SOCKET_LOOKS if self.dev.wait_mode == "poll" else 1):
             for _ in range(RING_LOOKS):
                 done = self.dev.reap(0)
                 if done or not self.dev.in_flight:
@@ -486,6 +487,9 @@ class NbdServer:
             self._pump(0)
             self._start_pieces()
             self._send()
+            # The kernel's side of each request (fio, the nbd receive worker) needs a
+            # CPU too: a server spinning without yielding made QD1 about twice slower.
+            os.sched_yield()
         return self.dev.reap(self._wait)
 
     def _finished(self) -> bool:

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import DeviceError, DeviceTimeout, DmaError
+from .errors import DeviceTimeout, DmaError
 from .memory import PAGE, DmaAllocator
 from .spec import (MAX_QUEUE_SIZE, VIRTQ_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
                    RingEventFlags)
-from .virtqueue import QueueFull, fence_acquire, fence_release
+from .virtqueue import QueueFaults, QueueFull, fence_acquire, fence_release
 
 if TYPE_CHECKING:
     from .interrupts import Waiter
@@ -84,7 +84,7 @@ def _avail_bits(wrap: int) -> int:
     return _AVAIL if wrap else _USED
 
 
-class PackedQueue(Generic[T]):
+class PackedQueue(QueueFaults, Generic[T]):
     """A packed virtqueue with SplitQueue's interface: ``add`` writes a chain (indirect
     when negotiated), holding back the flags of the batch's first head; ``kick`` stores
     them, so the device sees the whole batch at once, and notifies unless the device's
@@ -478,7 +478,7 @@ class PackedQueue(Generic[T]):
                 at -= span
                 used_bits ^= _BOTH
                 pending ^= _BOTH
-            out.append((token, length))  # type: ignore[arg-type]
+            out.append((token, length))
             left -= 1
         self._used_at, self._used_pending = at, pending
         self.in_flight = left
@@ -547,20 +547,6 @@ class PackedQueue(Generic[T]):
     def disarm_interrupts(self) -> None:
         if hasattr(self, "desc"):  # not detached
             self._u16[self._driver_flags] = _DISABLE
-
-    # -- failure ------------------------------------------------------------------
-    def _check_usable(self) -> None:
-        if self.broken:
-            raise DeviceError(f"the queue is unusable after: {self.broken}")
-
-    def _fault(self, message: str, cls: type[DeviceError] = DeviceError) -> None:
-        """Reset the device, then raise: no data from a misbehaving device is used.
-        ``on_fault`` says whether the reset took (False: the status did not read back
-        0). A signal that interrupts the reset propagates as it is: a Ctrl-C stays one."""
-        self.broken = message
-        outcome = ("the device has been reset" if self._on_fault() is not False
-                   else "the device did not reset; its memory stays mapped")
-        raise cls(f"{message}; {outcome}")
 
     def detach(self) -> None:
         """Drop the views on DMA memory (after the device reset) so it can be unmapped."""

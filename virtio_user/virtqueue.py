@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, NoReturn, Sequence, TypeVar
 
 import numpy as np
 
@@ -104,7 +104,28 @@ def full_barrier() -> None:
     _fence_lock.release()
 
 
-class SplitQueue(Generic[T]):
+class QueueFaults:
+    """What both rings do when the device misbehaves: remember why (``broken``), reset
+    it through ``on_fault`` before raising, and refuse every later use."""
+
+    broken: str | None
+    _on_fault: Callable[[], object]
+
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise DeviceError(f"the queue is unusable after: {self.broken}")
+
+    def _fault(self, message: str, cls: type[DeviceError] = DeviceError) -> NoReturn:
+        """Reset the device, then raise: no data from a misbehaving device is used.
+        ``on_fault`` says whether the reset took (False: the status did not read back
+        0). A signal that interrupts the reset propagates as it is: a Ctrl-C stays one."""
+        self.broken = message
+        outcome = ("the device has been reset" if self._on_fault() is not False
+                   else "the device did not reset; its memory stays mapped")
+        raise cls(f"{message}; {outcome}")
+
+
+class SplitQueue(QueueFaults, Generic[T]):
     """A split virtqueue the driver fills and the device drains.
 
     ``add`` writes a chain (indirect when negotiated) and queues its head; ``kick``
@@ -426,7 +447,7 @@ class SplitQueue(Generic[T]):
             else:
                 chains[head] = None
                 free.extend(chain)
-            out.append((token, length))  # type: ignore[arg-type]
+            out.append((token, length))
         self._last_used = used
         self.in_flight -= n
         self.completed += n
@@ -505,20 +526,6 @@ class SplitQueue(Generic[T]):
             self._u16[self._used_event] = (self._last_used - 1) & 0xFFFF
         else:
             self._u16[self._avail_flags] = VIRTQ_AVAIL_F_NO_INTERRUPT
-
-    # -- failure ------------------------------------------------------------------
-    def _check_usable(self) -> None:
-        if self.broken:
-            raise DeviceError(f"the queue is unusable after: {self.broken}")
-
-    def _fault(self, message: str, cls: type[DeviceError] = DeviceError) -> None:
-        """Reset the device, then raise: no data from a misbehaving device is used.
-        ``on_fault`` says whether the reset took (False: the status did not read back
-        0). A signal that interrupts the reset propagates as it is: a Ctrl-C stays one."""
-        self.broken = message
-        outcome = ("the device has been reset" if self._on_fault() is not False
-                   else "the device did not reset; its memory stays mapped")
-        raise cls(f"{message}; {outcome}")
 
     def detach(self) -> None:
         """Drop the views on DMA memory (after the device reset) so it can be unmapped."""

@@ -30,6 +30,7 @@ from .errors import (FileAccessError, Interrupted, InvalidArgument, OutOfRange, 
                      exit_code)
 from .numbers import parse_number as parse_number  # the shell and nbd parse alike
 from .numbers import parse_seconds
+from .subcommand import Finished as Finished, Subcommand as Subcommand
 
 if TYPE_CHECKING:
     from .bench import BenchSpec
@@ -80,21 +81,6 @@ def _range_args(args: argparse.Namespace) -> tuple[int, int]:
 
 
 # -- subcommands ---------------------------------------------------------------------
-
-@dataclass
-class Subcommand:
-    add: Callable[[argparse.ArgumentParser], None]
-    prepare: Callable[[argparse.Namespace], Any]  # validates; runs before the device opens
-    run: Callable[[VirtioBlk, argparse.Namespace, Any], int]
-    help: str
-
-
-@dataclass
-class Finished:
-    """What a ``prepare`` returns when it did the whole job (``nbd -d``, the parent of a
-    background server): main exits with ``status`` and opens no device."""
-    status: int
-
 
 def _add_range(p: argparse.ArgumentParser) -> None:
     p.add_argument("sector", metavar="SECTOR", help="first sector (decimal or 0x hex)")

@@ -873,8 +873,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def prepare(args: argparse.Namespace) -> Any:
     """Checks before the device is taken; ``-d`` and the parent of a background server
-    finish here (cli.Finished)."""
-    from .cli import Finished, parse_number
+    finish here (subcommand.Finished)."""
+    from .numbers import parse_number
+    from .subcommand import Finished
     path = args.nbd_device
     name = nbd_name(path)
     if not os.path.exists(f"/sys/block/{name}"):

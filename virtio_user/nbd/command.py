@@ -1,0 +1,210 @@
+"""``virtio-user nbd /dev/nbdN`` and ``nbd -d``: arguments, the server in the background
+(or ``--foreground``), readiness, and the disconnect."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..blk import VirtioBlk
+from ..errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError, InvalidArgument,
+                     VirtioError, exit_code)
+from ..spec import SECTOR_SIZE
+
+from .kernel import KERNEL_TIMEOUT, KernelNbd, READY_TIMEOUT, disconnect, nbd_name, server_pid
+from .server import NbdServer, grow_buffers
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class NbdPlan:
+    path: str
+    kernel_timeout: int
+    ready_fd: int | None = None  # the background child tells its parent here
+    log_file: str | None = None
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("nbd_device", metavar="/dev/nbdN", help="the kernel's NBD device")
+    p.add_argument("-d", "--disconnect", action="store_true",
+                   help="flush, disconnect and wait for the server to end")
+    p.add_argument("--foreground", action="store_true",
+                   help="serve in this process until disconnected (default: background)")
+    p.add_argument("--kernel-timeout", metavar="SECONDS", default=str(KERNEL_TIMEOUT),
+                   help="the kernel fails a request not answered within SECONDS "
+                   f"(NBD_SET_TIMEOUT, default {KERNEL_TIMEOUT})")
+    p.add_argument("--log", metavar="FILE", help="append the background server's log to FILE")
+
+
+def prepare(args: argparse.Namespace) -> Any:
+    """Checks before the device is taken; ``-d`` and the parent of a background server
+    finish here (subcommand.Finished)."""
+    from ..numbers import parse_number
+    from ..subcommand import Finished
+    path = args.nbd_device
+    name = nbd_name(path)
+    if not os.path.exists(f"/sys/block/{name}"):
+        raise CannotOpen(f"{path}: no such NBD device (is the nbd module loaded?)")
+    timeout = parse_number(args.kernel_timeout, "--kernel-timeout")
+    if not 1 <= timeout <= 86400:
+        raise InvalidArgument(f"--kernel-timeout {timeout} is not in 1..86400 seconds")
+    if args.disconnect:
+        return Finished(disconnect(path))
+    pid = server_pid(name)
+    if pid is not None:
+        raise DeviceBusy(f"{path} is already connected (server pid {pid})")
+    if not os.path.exists(path):
+        raise CannotOpen(f"{path}: no such device node")
+    if args.log is not None:
+        try:
+            open(args.log, "a").close()
+        except OSError as exc:
+            raise FileAccessError(f"cannot write {args.log}: {exc.strerror}") from exc
+    plan = NbdPlan(path, timeout, log_file=args.log)
+    if args.foreground:
+        return plan
+    return _background(plan, Finished)
+
+
+def _background(plan: NbdPlan, finished: Callable[[int], Any]) -> Any:
+    """Fork a detached child that becomes the server; the parent returns once the child
+    says /dev/nbdN is usable, or with the child's exit status if it failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()  # out of the caller's session and process group
+        plan.ready_fd = w
+        return plan
+    os.close(w)
+    try:
+        return finished(_await_ready(pid, r, plan.path))
+    finally:
+        os.close(r)
+
+
+def _await_ready(pid: int, fd: int, path: str) -> int:
+    deadline = time.monotonic() + READY_TIMEOUT + 30.0  # the child also opens the device
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([fd], [], [], 0.2)
+        if readable:
+            line = os.read(fd, 64)
+            if line.startswith(b"ready"):
+                print(f"{path}: connected, server pid {pid}")
+                return 0
+            _, status = os.waitpid(pid, 0)  # it failed and said why on stderr
+            code = os.waitstatus_to_exitcode(status)
+            return code if code > 0 else 128 - code if code < 0 else 99
+    os.kill(pid, signal.SIGTERM)
+    raise DeviceTimeout(f"{path}: the server did not get ready within "
+                        f"{READY_TIMEOUT + 30.0:g} s")
+
+
+def run(dev: VirtioBlk, args: argparse.Namespace, plan: NbdPlan) -> int:
+    """Connect ``dev`` to the kernel as plan.path and serve until disconnected."""
+    _log_to_stderr()
+    try:
+        code = _serve(dev, plan)
+    except BaseException as exc:
+        if plan.ready_fd is None:
+            raise
+        # The background child reports as the CLI would, then leaves without returning
+        # into the caller of main().
+        print(f"virtio-user: {exc}", file=sys.stderr)
+        code = exit_code(exc) if isinstance(exc, VirtioError) else 99
+    if plan.ready_fd is None:
+        return code
+    dev.close()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve(dev: VirtioBlk, plan: NbdPlan) -> int:
+    kernel = KernelNbd(plan.path)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stop = threading.Event()
+    ready = False
+    started = time.monotonic()
+
+    def tick() -> None:
+        nonlocal ready
+        if ready:
+            return
+        if kernel.error is not None:
+            raise CannotOpen(f"{plan.path}: NBD_DO_IT failed: {kernel.error.strerror}")
+        if kernel.ready():
+            ready = True
+            _announce(plan, dev)
+        elif time.monotonic() - started > READY_TIMEOUT:
+            raise DeviceTimeout(f"{plan.path} did not come up within {READY_TIMEOUT:g} s")
+
+    previous = {s: signal.signal(s, lambda signum, frame: stop.set())
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server = NbdServer(dev, ours, wait=max(dev.timeout, plan.kernel_timeout))
+        grow_buffers(theirs)  # the kernel sends whole large writes through it
+        kernel.configure(theirs, block_size=dev.block_size,
+                         size_bytes=dev.capacity * SECTOR_SIZE, flags=server.flags,
+                         timeout=plan.kernel_timeout)
+        theirs.close()  # the kernel holds its own reference now
+        kernel.start()
+        reason = server.serve(stop=stop.is_set, on_stop=kernel.disconnect, tick=tick)
+        log.info("%s: %s; %d requests, %d errors", plan.path, reason,
+                 server.stats.requests, server.stats.errors)
+        return 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        theirs.close()
+        ours.close()
+        kernel.close()
+
+
+def _announce(plan: NbdPlan, dev: VirtioBlk) -> None:
+    if plan.ready_fd is None:
+        print(f"{plan.path}: connected, serving in the foreground (pid {os.getpid()})",
+              flush=True)
+    else:
+        _detach(plan)
+    log.info("%s: serving %s (%d sectors)", plan.path, dev.bdf, dev.capacity)
+
+
+def _detach(plan: NbdPlan) -> None:
+    assert plan.ready_fd is not None
+    os.write(plan.ready_fd, b"ready\n")
+    os.close(plan.ready_fd)
+    # Detach from the caller's output: whoever waits for its end must not wait for us.
+    target = os.open(plan.log_file or os.devnull,
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    os.close(target)
+    os.close(devnull)
+
+
+def _log_to_stderr() -> None:
+    """The whole package's messages (server, kernel side, this module) to stderr."""
+    log = logging.getLogger(__package__)
+    if any(getattr(h, "_virtio_user_nbd", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler()  # sys.stderr at each write: follows the dup2
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s virtio-user nbd[{os.getpid()}]: %(levelname)s %(message)s"))
+    handler._virtio_user_nbd = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)

@@ -35,6 +35,7 @@ from .vhost_user import StorageDaemon, VhostUserDisk
 
 AGENT = assets.GUEST_DIR / "agent.py"
 FIRST_DISK_SLOT = 0x10
+LAUNCH_EXIT_GRACE = 2.0  # seconds for a QEMU that failed at start to exit
 BOOT_LOG_ENV = "VIRTIO_USER_BOOT_LOG"  # a file that gets one line per QEMU start
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 SERIAL_MAX = 20  # bytes: VIRTIO_BLK_ID_BYTES ("Block Device" > "Device Operation")
@@ -355,7 +356,14 @@ class Machine:
         return conn
 
     def launch_failure(self, message: str) -> VMLaunchFailure:
-        code = self.proc.poll() if self.proc else None
+        code = None
+        if self.proc is not None:
+            # QEMU closes its sockets a moment before it exits: give it that moment, or
+            # its own words (an unknown -device, say) are missing from the message.
+            try:
+                code = self.proc.wait(LAUNCH_EXIT_GRACE)
+            except subprocess.TimeoutExpired:
+                code = None
         output = self.qemu_output()
         if code is not None:
             message += f"\nQEMU exited with status {code}:\n{output[-2000:]}"

@@ -31,10 +31,11 @@ from typing import IO, Any, Callable
 
 import numpy as np
 
-from . import cli
+from . import commands
 from .blk import VirtioBlk
 from .request import DmaBuffer, Request
 from .errors import Interrupted, InvalidArgument, Unsupported
+from .numbers import parse_number
 from .packed import PackedQueue
 from .spec import (SECTOR_SIZE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, BlkStatus, DescFlag,
                    Feature, ReqType)
@@ -70,7 +71,7 @@ class Shell(cmd.Cmd):
         self.prompt = f"virtio-user {dev.bdf}> " if self.interactive else ""
         self.dev = dev
         self.args = args
-        self.parser = cli.build_parser()
+        self.parser = commands.build_parser()
         self.submit_parser = _submit_parser()
         self.status = 0
         self.pending: dict[int, Request] = {}  # submitted here, not reaped yet
@@ -96,7 +97,7 @@ class Shell(cmd.Cmd):
         try:
             words = shlex.split(line, comments=True)
         except ValueError as exc:
-            self.status = cli.report_error(InvalidArgument(str(exc)), self.args.debug)
+            self.status = commands.report_error(InvalidArgument(str(exc)), self.args.debug)
             return False
         if not words:
             return False  # an empty line does nothing (cmd.Cmd would repeat the last)
@@ -117,13 +118,13 @@ class Shell(cmd.Cmd):
         except SystemExit as exc:  # argparse after --help (0) or, never here, an error
             return exc.code if isinstance(exc.code, int) else 0
         except KeyboardInterrupt:
-            return cli.report_error(Interrupted(signal.SIGINT), self.args.debug)
+            return commands.report_error(Interrupted(signal.SIGINT), self.args.debug)
         except Interrupted as exc:
             if exc.signum != signal.SIGINT:
                 raise  # SIGTERM ends the shell (the device is reset on the way out)
-            return cli.report_error(exc, self.args.debug)
+            return commands.report_error(exc, self.args.debug)
         except Exception as exc:
-            return cli.report_error(exc, self.args.debug)
+            return commands.report_error(exc, self.args.debug)
         finally:
             sys.stdout.flush()
 
@@ -132,16 +133,16 @@ class Shell(cmd.Cmd):
             return self.builtin[name](rest)
         if name in NOT_HERE:
             raise InvalidArgument(f"{name}: {NOT_HERE[name]}")
-        if name not in cli.COMMANDS:
+        if name not in commands.COMMANDS:
             raise InvalidArgument(f"unknown command {name!r} (help lists them)")
         # The session's global options, the subcommand's own from this line.
         ns = self.parser.parse_args([name, *rest], namespace=argparse.Namespace(**vars(self.args)))
-        sub = cli.COMMANDS[name]
+        sub = commands.COMMANDS[name]
         return sub.run(self.dev, ns, sub.prepare(ns))
 
     # -- completion -----------------------------------------------------------------
     def names(self) -> list[str]:
-        return sorted({*cli.COMMANDS, *self.builtin, "quit"} - NOT_HERE.keys())
+        return sorted({*commands.COMMANDS, *self.builtin, "quit"} - NOT_HERE.keys())
 
     def completenames(self, text: str, *ignored: Any) -> list[str]:
         return [n for n in self.names() if n.startswith(text)]
@@ -152,24 +153,24 @@ class Shell(cmd.Cmd):
             words = self.names()
         elif name == "submit":
             words = ["read", "write", "flush", "--pattern"]
-        elif name in cli.COMMANDS and name not in NOT_HERE:
+        elif name in commands.COMMANDS and name not in NOT_HERE:
             words = _option_strings(self._subparser(name))
         else:
             words = []
         return [w for w in words if w.startswith(text)]
 
-    def _subparser(self, name: str) -> cli.Parser:
+    def _subparser(self, name: str) -> commands.Parser:
         return self.parser.subcommands[name].populate()
 
     # -- help -----------------------------------------------------------------------
     def help(self, rest: list[str]) -> int:
         if not rest:
             for name in self.names():
-                sub = cli.COMMANDS.get(name)
+                sub = commands.COMMANDS.get(name)
                 print(f"  {name:14} {sub.help if sub else EXTRA_HELP[name]}")
             return 0
         name = rest[0]
-        if name in cli.COMMANDS and name not in NOT_HERE:
+        if name in commands.COMMANDS and name not in NOT_HERE:
             print(self._subparser(name).format_help(), end="")
         elif name in EXTRA_HELP:
             print(f"{name}: {EXTRA_HELP[name]}")
@@ -196,14 +197,14 @@ class Shell(cmd.Cmd):
 
     def _data_request(self, a: argparse.Namespace) -> Request:
         dev = self.dev
-        sector = cli.parse_number(a.sector, "sector")
-        count = cli.parse_number(a.count, "count")
+        sector = parse_number(a.sector, "sector")
+        count = parse_number(a.count, "count")
         if count > MAX_SUBMIT_SECTORS:
             raise InvalidArgument(f"submit: count {count} exceeds {MAX_SUBMIT_SECTORS} "
                                   "sectors (1 MiB), the most one submitted request carries")
         writing = a.kind == "write"
         if writing:
-            byte = cli.parse_number(a.pattern, "pattern byte")
+            byte = parse_number(a.pattern, "pattern byte")
             if not 0 <= byte <= 255:
                 raise InvalidArgument(f"pattern byte {byte} is not in 0..255")
             dev.check_writable("write")
@@ -233,7 +234,7 @@ class Shell(cmd.Cmd):
             if buf is None:
                 continue
             if req.type == ReqType.VIRTIO_BLK_T_IN and req.status == BlkStatus.VIRTIO_BLK_S_OK:
-                dump = cli.HexDump(sys.stdout)
+                dump = commands.HexDump(sys.stdout)
                 dump.feed(bytes(buf.mv[:req.nbytes]))
                 dump.end()
             self.spare.setdefault(buf.size, []).append(buf)
@@ -251,10 +252,10 @@ class Shell(cmd.Cmd):
         return 0
 
 
-def _submit_parser() -> cli.Parser:
-    p = cli.Parser(prog="virtio-user submit", add_help=False, allow_abbrev=False)
+def _submit_parser() -> commands.Parser:
+    p = commands.Parser(prog="virtio-user submit", add_help=False, allow_abbrev=False)
     sub = p.add_subparsers(dest="kind", metavar="read|write|flush", required=True,
-                           parser_class=cli.Parser)
+                           parser_class=commands.Parser)
     read = sub.add_parser("read", add_help=False)
     read.add_argument("sector", metavar="SECTOR")
     read.add_argument("count", metavar="COUNT")

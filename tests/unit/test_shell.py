@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from test_cli import Env
-from virtio_user import cli
+from virtio_user import cli, commands
 from virtio_user.shell import Shell
 from virtio_user.spec import Feature
 from fake_device import DEFAULT_FEATURES
@@ -27,7 +27,7 @@ def shell(make_blk: Any, script: str = "", **options: Any) -> tuple[Shell, Any]:
 
 def hexdump(data: bytes) -> str:
     out = io.StringIO()
-    dump = cli.HexDump(out)
+    dump = commands.HexDump(out)
     dump.feed(data)
     dump.end()
     return out.getvalue()

@@ -1,4 +1,4 @@
-"""VirtioBlk: a legacy virtio-blk device driven from user space.
+"""VirtioBlk: a virtio-blk device (legacy or modern transport) driven from user space.
 
 virtio 1.2, "Block Device": feature bits, "Device configuration layout", "Device
 Initialization" and "Device Operation" (request header, data, status byte).
@@ -18,7 +18,6 @@ import logging
 import math
 import signal
 import threading
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -33,8 +32,10 @@ from .spec import (BLK_DWZ_DTYPE, BLK_OUTHDR, DRIVER_FEATURES, SECTOR_SIZE, VIRT
                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus, Feature, IsrBit, ReqType,
                    feature_names)
 from .request import DmaBuffer as DmaBuffer, Request as Request  # re-exported: public API
+from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, check_ring, chunk_limit, open_waiter,
+                        read_limits, ring_features, set_up_queue)
 from .transport import Backend, Transport, initialize, open_transport
-from .packed import PackedQueue, packed_layout
+from .packed import PackedQueue
 from .virtqueue import QueueFull, SplitQueue
 
 if TYPE_CHECKING:
@@ -45,33 +46,15 @@ log = logging.getLogger(__name__)
 # driver loads, not in __init__: the command line's --help should not import logging.
 logging.getLogger(__package__).addHandler(logging.NullHandler())
 
-MAX_DATA_SEGS = 14  # data descriptors per request; with header and status: 16 per table
-MAX_CHUNK = 1 << 20  # the most one request carries from the bounce pool
-POOL_BUFFERS = 4
-RINGS = ("auto", "split", "packed")  # --ring: auto takes packed where the device offers it
 CONFIG_POLL_CALLS = 64  # plain calls between looks at the ISR's config-change bit
 _HDR = BLK_OUTHDR
 _UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*
-_DWZ_MAX_SECTORS = 0xFFFF_FFFF  # num_sectors is le32
 _DEVICE_WRITES = frozenset((ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_GET_ID))
 _REQ_TYPES = frozenset(int(t) for t in ReqType)
 _U64_MAX = (1 << 64) - 1  # virtio_blk_outhdr.sector is le64
 # The highest VIRTIO_BLK_S_* value, as a plain int: an enum member's attribute lookup
 # costs several times an int comparison, per completion.
 _LAST_STATUS = int(max(BlkStatus))
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the device allows, from its config and the negotiated features."""
-
-    capacity: int
-    block_size: int
-    size_max: int | None
-    seg_max: int | None
-    max_discard_sectors: int
-    max_write_zeroes_sectors: int
-    discard_sector_alignment: int = 1
 
 
 # Strong references: a device dropped without close() must not be garbage collected
@@ -97,18 +80,16 @@ class VirtioBlk:
     def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
                  pool_buffers: int = POOL_BUFFERS,
                  transport: str = "auto", wait: str = "poll", ring: str = "auto") -> None:
-        if ring not in RINGS:
-            backend.close()
-            raise InvalidArgument(f"unknown ring {ring!r}: choose {', '.join(RINGS)}")
-        self.ring = ring  # what was asked for; the queue's class says what is in use
-        self.backend = backend
-        self.bdf = backend.bdf
-        self.timeout = timeout
         try:
+            check_ring(ring)
             self.transport: Transport = open_transport(backend, transport)
         except BaseException:
             backend.close()
             raise
+        self.ring = ring  # what was asked for; the queue's class says what is in use
+        self.backend = backend
+        self.bdf = backend.bdf
+        self.timeout = timeout
         self.requests_completed = 0
         self._closed = False
         self._regions: list[DmaRegion] = []
@@ -122,7 +103,7 @@ class VirtioBlk:
         _open_devices.add(self)
         try:
             self.features_offered, self.features = initialize(
-                self.transport, DRIVER_FEATURES | _ring_features(ring),
+                self.transport, DRIVER_FEATURES | ring_features(ring),
                 lambda features: self._setup(pool_buffers, features))
         except BaseException:
             self.close()
@@ -140,84 +121,31 @@ class VirtioBlk:
 
     # -- set-up -------------------------------------------------------------------
     def _setup(self, pool_buffers: int, features: int) -> None:
-        """The block device's part of "Device Initialization", between FEATURES_OK and
-        DRIVER_OK (``transport.initialize`` does the rest): config, queue, buffers."""
-        t = self.transport
+        """The block device's part of "Device Initialization" (blk_setup.py): config,
+        queue, request slots, bounce buffers, interrupts."""
         self.features = features
-        self.limits = self._read_limits()
-        qsize = t.queue_size(0)
-        if not qsize:
-            raise DeviceError(f"{self.bdf}: the device reports no queue 0")
-        indirect = self.has(Feature.VIRTIO_RING_F_INDIRECT_DESC)
-        data_segs = min(self.limits.seg_max or MAX_DATA_SEGS, MAX_DATA_SEGS)
-        if not indirect:
-            data_segs = max(1, min(data_segs, qsize - 2))
-        self._check_segment_room(data_segs)
-        packed = self._packed_ring()
-        region = self.backend.alloc_dma(self._dma_bytes(qsize, pool_buffers, packed))
-        self._regions.append(region)
-        alloc = DmaAllocator(region)
-        queue_class = PackedQueue if packed else SplitQueue
-        self.queue: SplitQueue[Request] | PackedQueue[Request] = queue_class(
-            alloc, qsize, t.notifier(0), indirect=indirect,
-            event_idx=self.has(Feature.VIRTIO_RING_F_EVENT_IDX),
-            on_fault=self._reset_quietly, max_chain=data_segs + 2)
-        self._data_segs = data_segs
-        self._setup_slots(alloc, qsize)
-        self._pool = [DmaBuffer(alloc.alloc(MAX_CHUNK, MAX_CHUNK), self.limits.size_max,
-                                self.queue.framed_data) for _ in range(pool_buffers)]
-        self._chunk_sectors = self._chunk_limit(self._pool) // SECTOR_SIZE
-        t.setup_queue(0, qsize, *_queue_areas(self.queue))
-        self._setup_interrupts()
+        self.limits = read_limits(self.transport, features, self.bdf)
+        qs = set_up_queue(self.transport, self.limits, features, self.ring, pool_buffers,
+                          self._alloc_region, self._reset_quietly, self.bdf)
+        self.queue: SplitQueue[Request] | PackedQueue[Request] = qs.queue
+        self._data_segs = qs.data_segs
+        slots = qs.slots
+        self._mm, self._hdr_off, self._status_off = slots.mm, slots.hdr_off, slots.status_off
+        self._hdr_seg, self._status_seg = slots.hdr_seg, slots.status_seg
+        self._pool = qs.pool
+        self._chunk_sectors = qs.chunk_sectors
+        self.waiter = open_waiter(self.wait_mode, self.backend, self.transport, self.queue,
+                                  self._config_changed)
         log.debug("%s: %s queue %d, indirect %s, event_idx %s, features %s", self.bdf,
-                  "packed" if packed else "split", qsize, indirect, self.queue.event_idx,
+                  "packed" if isinstance(self.queue, PackedQueue) else "split",
+                  self.queue.size, self.queue.indirect, self.queue.event_idx,
                   feature_names(self.features))
 
-    def _packed_ring(self) -> bool:
-        """Whether the negotiated features say packed ring; ``--ring packed`` on a device
-        that does not offer it is refused ("Packed Virtqueues" needs the modern
-        interface: a legacy device has no feature bit 34)."""
-        packed = self.has(Feature.VIRTIO_F_RING_PACKED)
-        if self.ring == "packed" and not packed:
-            raise Unsupported(f"{self.bdf}: the device does not offer VIRTIO_F_RING_PACKED "
-                              f"({self.transport.kind} transport); use --ring auto or split")
-        return packed
-
-    @staticmethod
-    def _dma_bytes(qsize: int, pool_buffers: int, packed: bool = False) -> int:
-        from .virtqueue import legacy_layout
-        tables = qsize * 16 * (MAX_DATA_SEGS + 2)
-        slots = qsize * (16 + 1) + 4096
-        ring = packed_layout(qsize).total if packed else legacy_layout(qsize).total
-        return (ring + tables + slots + 2 * 4096
-                + (pool_buffers + 1) * MAX_CHUNK)
-
-    def _setup_slots(self, alloc: DmaAllocator, qsize: int) -> None:
-        """One request header and one status byte per descriptor head, preallocated:
-        a request only rewrites type and sector."""
-        region = alloc.region
-        self._mm = region.mm
-        hdrs = alloc.alloc(16 * qsize, 16)
-        stat = alloc.alloc(qsize, 64)
-        self._hdr_off, self._status_off = hdrs.offset, stat.offset
-        self._hdr_seg = [(region.bus(hdrs.offset + 16 * i), 16, False) for i in range(qsize)]
-        self._status_seg = [(region.bus(stat.offset + i), 1, True) for i in range(qsize)]
-        if self.queue.indirect and self.queue.max_chain >= 3:
-            self.queue.frame(self._hdr_seg, self._status_seg)
-
-    def _setup_interrupts(self) -> None:
-        """For the interrupt and hybrid wait modes: vectors routed (before DRIVER_OK, as
-        "per-bus setup" in "Device Initialization"), and a waiter for the queue."""
-        from .interrupts import WAIT_MODES, Waiter, open_source
-        if self.wait_mode not in WAIT_MODES:
-            raise InvalidArgument(f"unknown wait mode {self.wait_mode!r}: choose "
-                                  f"{', '.join(WAIT_MODES)}")
-        if self.wait_mode == "poll":
-            return
-        source = open_source(self.backend, self.transport)
-        self.waiter = Waiter(self.wait_mode, source, on_config=self._config_changed)
-        self.queue.waiter = self.waiter
-        log.debug("%s: waiting by %s through %s", self.bdf, self.wait_mode, source.kind)
+    def _alloc_region(self, size: int) -> DmaRegion:
+        """DMA memory kept until close(), which frees it only once the device is reset."""
+        region = self.backend.alloc_dma(size)
+        self._regions.append(region)
+        return region
 
     def _config_changed(self) -> None:
         """A configuration-change interrupt: re-read the config, say what changed."""
@@ -228,46 +156,9 @@ class VirtioBlk:
             self.capacity_changes.append((old, new))
             log.warning("%s: capacity changed from %d to %d sectors", self.bdf, old, new)
 
-    def _check_segment_room(self, data_segs: int) -> None:
-        """Refuse, before allocating anything, limits under which no request carries a
-        block: a hostile size_max of 1 would otherwise cost a segment list per byte."""
-        size_max = self.limits.size_max
-        if size_max is not None and size_max * data_segs < self.limits.block_size:
-            raise DeviceError(f"{self.bdf}: size_max {size_max} and seg_max "
-                              f"{self.limits.seg_max} leave no room for a "
-                              f"{self.limits.block_size}-byte block")
-
     def _chunk_limit(self, pool: Sequence[DmaBuffer]) -> int:
-        """The most bytes one request can carry from any pool buffer within seg_max
-        segments of at most size_max bytes, a whole number of blocks."""
-        best = MAX_CHUNK
-        size_max = self.limits.size_max
-        for buf in pool:
-            # Only the bytes the first data_segs segments can cover are looked at.
-            span = buf.size if size_max is None else min(buf.size, size_max * self._data_segs)
-            segs = buf.segments(span)[:self._data_segs]
-            best = min(best, sum(n for _, n in segs))
-        best -= best % self.limits.block_size
-        if best <= 0:
-            raise DeviceError(f"{self.bdf}: size_max {self.limits.size_max} and seg_max "
-                              f"{self.limits.seg_max} leave no room for a block")
-        return best
-
-    def _read_limits(self) -> Limits:
-        cfg = self.transport.read_config()
-        block = int(cfg["blk_size"]) if self.has(Feature.VIRTIO_BLK_F_BLK_SIZE) else 512
-        if block < SECTOR_SIZE or block & (block - 1):
-            log.warning("%s: ignoring block size %d", self.bdf, block)
-            block = SECTOR_SIZE
-        return Limits(
-            capacity=int(cfg["capacity"]), block_size=block,
-            size_max=int(cfg["size_max"]) or None if self.has(Feature.VIRTIO_BLK_F_SIZE_MAX)
-            else None,
-            seg_max=int(cfg["seg_max"]) or None if self.has(Feature.VIRTIO_BLK_F_SEG_MAX)
-            else None,
-            max_discard_sectors=int(cfg["max_discard_sectors"]) or _DWZ_MAX_SECTORS,
-            max_write_zeroes_sectors=int(cfg["max_write_zeroes_sectors"]) or _DWZ_MAX_SECTORS,
-            discard_sector_alignment=int(cfg["discard_sector_alignment"]) or 1)
+        """The most bytes one request can carry from any buffer of ``pool``."""
+        return chunk_limit(pool, self.limits, self._data_segs, self.bdf)
 
     # -- properties ---------------------------------------------------------------
     def has(self, feature: Feature) -> bool:
@@ -319,7 +210,7 @@ class VirtioBlk:
     # -- validation ---------------------------------------------------------------
     def refresh_config(self) -> None:
         """Re-read the device config (the capacity may have changed)."""
-        self.limits = self._read_limits()
+        self.limits = read_limits(self.transport, self.features, self.bdf)
 
     def _poll_config_change(self) -> None:
         """ISR bit 1 says the config changed ("Device Configuration Space"). Looked at
@@ -376,9 +267,7 @@ class VirtioBlk:
                                  self.queue.framed_data)
             except Exception:
                 continue
-        region = self.backend.alloc_dma(max(nbytes, HUGEPAGE))
-        self._regions.append(region)
-        self._user_allocs.append(DmaAllocator(region))
+        self._user_allocs.append(DmaAllocator(self._alloc_region(max(nbytes, HUGEPAGE))))
         return DmaBuffer(self._user_allocs[-1].alloc(nbytes, 4096), self.limits.size_max,
                          self.queue.framed_data)
 
@@ -587,7 +476,7 @@ class VirtioBlk:
         rounding it up would exceed what the device accepts."""
         block = self.limits.block_size
         per_block = block // SECTOR_SIZE
-        limit = min(max_sectors, _DWZ_MAX_SECTORS)
+        limit = min(max_sectors, DWZ_MAX_SECTORS)
         if limit < per_block:
             name = ("max_discard_sectors" if rtype == ReqType.VIRTIO_BLK_T_DISCARD
                     else "max_write_zeroes_sectors")
@@ -767,21 +656,6 @@ class _PipelinePort:
 
     def error(self, req: Request) -> BaseException | None:
         return self.dev._status_error(req)
-
-
-def _ring_features(ring: str) -> int:
-    """The ring feature to ask for: VIRTIO_F_RING_PACKED unless ``--ring split``
-    (negotiated only where the device offers it, which needs the modern interface)."""
-    return 0 if ring == "split" else int(Feature.VIRTIO_F_RING_PACKED)
-
-
-def _queue_areas(queue: Any) -> tuple[int, int, int]:
-    """Bus addresses of the queue's descriptor, driver and device areas."""
-    areas = getattr(queue, "areas", None)
-    if areas is not None:
-        return tuple(areas)
-    ring, lay = queue.ring.bus, queue.layout
-    return ring + lay.desc, ring + lay.avail, ring + lay.used
 
 
 def _block_signals() -> set[Any] | None:

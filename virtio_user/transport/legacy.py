@@ -7,30 +7,28 @@ the queue is set up before DRIVER_OK) and "Device Status Field".
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import numpy as np
 
 from ..errors import DeviceError, DmaError
 from ..spec import (BLK_CONFIG_DTYPE, LEGACY_CONFIG_OFFSET, LEGACY_CONFIG_OFFSET_MSIX,
-                    LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE, IsrBit, LegacyReg,
-                    Status)
-from . import Backend
-
-log = logging.getLogger(__name__)
+                    LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE, IsrBit, LegacyReg)
+from .base import Backend, DeviceStatus
 
 
-class LegacyTransport:
+class LegacyTransport(DeviceStatus):
     """Status, features, queue registers, ISR and device config of a legacy device."""
 
     kind = "legacy"
     # A legacy device ignores any IOMMU: its DMA addresses are physical ones.
     iommu = False
+    STATUS_REG = LegacyReg.DEVICE_STATUS
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.regs = backend.bar0
+        self.status_io = self.regs
 
     @property
     def config_offset(self) -> int:
@@ -45,20 +43,6 @@ class LegacyTransport:
         status = self.regs.read(LegacyReg.DEVICE_STATUS)
         if status != 0:
             raise DeviceError(f"{self.backend.bdf}: status reads {status:#x} after reset")
-
-    @property
-    def status(self) -> int:
-        return self.regs.read(LegacyReg.DEVICE_STATUS)
-
-    def add_status(self, bits: Status) -> None:
-        self.regs.write(LegacyReg.DEVICE_STATUS, self.status | bits)
-
-    def fail(self) -> None:
-        """Set FAILED: the driver gave up on the device during set-up."""
-        try:
-            self.add_status(Status.FAILED)
-        except DeviceError:
-            log.debug("could not set FAILED", exc_info=True)
 
     # -- features -----------------------------------------------------------------
     def device_features(self) -> int:

@@ -13,7 +13,6 @@ and everything after that works from the records. Anything malformed is a Device
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -27,9 +26,8 @@ from ..spec import (BLK_CONFIG_DTYPE, COMMON_CFG_MIN_LENGTH, MAX_QUEUE_SIZE,
                     PCI_STATUS, PCI_STATUS_CAP_LIST, PCI_STD_HEADER_SIZEOF,
                     PCI_STD_NUM_BARS, VIRTIO_PCI_CAP_DTYPE, VIRTIO_PCI_NOTIFY_CAP_LEN,
                     CommonCfg, Feature, IsrBit, PciCapType, Status)
-from . import Backend
+from .base import Backend, DeviceStatus
 
-log = logging.getLogger(__name__)
 
 # At most this many capabilities fit after the standard header, 4-byte aligned: a longer
 # walk has visited some capability twice.
@@ -134,17 +132,19 @@ def _parse_vendor_cap(config: RegisterIO, ptr: int, bdf: str) -> VirtioCap | Non
                                if cfg_type == PciCapType.VIRTIO_PCI_CAP_NOTIFY_CFG else 0))
 
 
-class ModernTransport:
+class ModernTransport(DeviceStatus):
     """Status, 64-bit features, per-queue registers, notify, ISR and device config of a
     virtio 1.x PCI device, through the windows its capabilities describe."""
 
     kind = "modern"
+    STATUS_REG = CommonCfg.DEVICE_STATUS
 
     def __init__(self, backend: Backend, caps: Capabilities) -> None:
         self.backend = backend
         self.bdf = backend.bdf
         self.caps = caps
         self.common = self._window(caps.common, "common")
+        self.status_io = self.common
         self.notify = self._window(caps.notify, "notify")
         self.isr_window = self._window(caps.isr, "isr")
         self.device_cfg = self._window(caps.device, "device")
@@ -187,19 +187,6 @@ class ModernTransport:
                 raise DeviceError(f"{self.bdf}: status reads {status:#x} "
                                   f"{RESET_TIMEOUT:g} s after reset")
             time.sleep(0.001)
-
-    @property
-    def status(self) -> int:
-        return self.common.read(CommonCfg.DEVICE_STATUS)
-
-    def add_status(self, bits: Status) -> None:
-        self.common.write(CommonCfg.DEVICE_STATUS, self.status | bits)
-
-    def fail(self) -> None:
-        try:
-            self.add_status(Status.FAILED)
-        except DeviceError:
-            log.debug("could not set FAILED", exc_info=True)
 
     # -- features -----------------------------------------------------------------
     def device_features(self) -> int:

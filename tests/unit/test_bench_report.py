@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from virtio_user.host import bench_harness, bench_report
+from virtio_user.host.session import CommandResult
 
 FIO_READ = {"jobs": [{"error": 0, "usr_cpu": 10.0, "sys_cpu": 30.0, "job_runtime": 5000,
                        "read": {
@@ -109,7 +110,7 @@ def test_readme_block_is_replaced_between_its_markers(tmp_path: Path) -> None:
 
 def test_variants_get_their_own_pairs_and_only_the_workloads_that_tell_them_apart() -> None:
     variants = bench_harness.selected_variants(bench_harness.parse_args([]))
-    assert [v.name for v in variants] == ["modern", "packed", "interrupt", "hybrid"]
+    assert [v.name for v in variants] == ["modern", "packed", "interrupt", "hybrid", "nbd"]
     models = bench_harness.device_models(variants)
     assert models == ["legacy", "modern", "packed"]
     all_pairs = bench_harness.pairs(models)
@@ -122,11 +123,12 @@ def test_variants_get_their_own_pairs_and_only_the_workloads_that_tell_them_apar
     null_co = bench_harness.null_co_args(64, bench_harness.null_co_slot(models))
     assert "addr=0x16" in " ".join(null_co)
     jobs = bench_harness.plan(all_pairs, bench_harness.WORKLOADS, variants)
-    # The wait modes join the legacy raw rows' jobs: one kernel run per round for all.
+    # The wait modes and NBD join the legacy raw rows' jobs: one kernel run per round.
     assert len(jobs) == 2 * 7 + 2 * 3
-    assert sum(len(vs) + 1 for _, _, vs in jobs) == 2 * 7 * 2 + 2 * 3 * 2 + 2 * 3
+    assert sum(len(vs) + 1 for _, _, vs in jobs) == 2 * 7 * 2 + 2 * 3 * 2 + 3 * 3
     runs = {(p.device, p.backend_file, w.name): [v.name for v in vs] for p, w, vs in jobs}
-    assert runs[("legacy", "raw", "randread-4k-qd1")] == ["legacy", "interrupt", "hybrid"]
+    assert runs[("legacy", "raw", "randread-4k-qd1")] == ["legacy", "interrupt", "hybrid",
+                                                          "nbd"]
     assert runs[("legacy", "null-co", "randread-4k-qd1")] == ["legacy"]
     assert runs[("legacy", "raw", "randwrite-4k-qd1")] == ["legacy"]
     assert runs[("packed", "raw", "read-1m-qd8")] == ["packed"]
@@ -205,7 +207,88 @@ def test_wait_modes_alternate_with_one_shared_kernel_run_per_round() -> None:
     runner: Any = FakeRunner()
     rows = bench_harness.run_all(runner, [pair], bench_harness.WORKLOADS[:1], 2,
                                  lambda _: None, waits[1:])
-    assert calls == ["legacy", "interrupt", "hybrid", "kernel"] * 2
+    assert calls == ["legacy", "interrupt", "hybrid", "nbd", "kernel"] * 2
     assert [(r.variant, r.wait, len(r.ours_rounds), len(r.kernel_rounds)) for r in rows] == [
-        ("legacy", "poll", 2, 2), ("interrupt", "interrupt", 2, 2), ("hybrid", "hybrid", 2, 2)]
-    assert rows[1].ours.iops == (2000 + 6000) / 2 and rows[1].kernel.cpu_us_per_io == 3.0
+        ("legacy", "poll", 2, 2), ("interrupt", "interrupt", 2, 2), ("hybrid", "hybrid", 2, 2),
+        ("nbd", "interrupt", 2, 2)]
+    assert rows[1].ours.iops == (2000 + 7000) / 2 and rows[1].kernel.cpu_us_per_io == 3.0
+    # The driver's targets are not the NBD path's.
+    assert rows[0].target == 2.0 and rows[3].target is None
+
+
+class FakeGuest:
+    """The guest's side of an NBD run: what each command prints, and the order they ran."""
+
+    def __init__(self, fio_status: int = 0, fio_hangs: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fio_status = fio_status
+        self.fio_hangs = fio_hangs
+        self.ticks = 0
+
+    def run(self, argv: list[str], timeout: float = 0.0) -> CommandResult:
+        assert timeout > 0  # every command in the guest is bounded
+        self.calls.append(argv[0] if argv[0] != "virtio-user" else " ".join(argv[-2:]))
+        if argv[0] == "fio":
+            assert f"--filename={bench_harness.NBD_DEVICE}" in argv
+            assert "--runtime=1000ms" in argv and "--time_based" in argv
+            self.ticks += 300  # the server's CPU meanwhile: 3 s
+            if self.fio_hangs:
+                raise bench_harness.HarnessError("timed out waiting for command ['fio']")
+            return CommandResult(argv, self.fio_status, json.dumps(FIO_READ).encode(), b"bad")
+        if argv[0] == "cat":
+            assert argv[1] == "/proc/4242/stat"
+            stat = f"4242 (virtio user) S {' '.join(['0'] * 10)} {self.ticks} 100 0"
+            return CommandResult(argv, 0, stat.encode(), b"")
+        return CommandResult(argv, 0, b"", b"")
+
+    class Server:
+        def __init__(self, guest: "FakeGuest") -> None:
+            self.guest = guest
+
+        def run(self, argv: list[str]) -> CommandResult:
+            self.guest.calls.append(" ".join(argv[-2:]))
+            return CommandResult(argv, 0, b"/dev/nbd0: connected, server pid 4242\n", b"")
+
+
+def nbd_run(guest: FakeGuest) -> bench_harness.Sample:
+    runner = bench_harness.Runner(guest, "uio", bench_harness.Amount(runtime=1.0),  # type: ignore[arg-type]
+                                  FakeGuest.Server(guest))  # type: ignore[arg-type]
+    nbd = next(v for v in bench_harness.VARIANTS if v.nbd)
+    return runner.ours(bench_harness.pairs()[0], bench_harness.WORKLOADS[0], nbd)
+
+
+def test_nbd_run_connects_runs_fio_on_nbd0_and_disconnects() -> None:
+    guest = FakeGuest()
+    s = nbd_run(guest)
+    assert guest.calls == ["/tmp/virtio-user-bench-nbd.log /dev/nbd0", "cat", "fio", "cat",
+                           "-d /dev/nbd0", "timeout"]
+    # fio's 100 µs per I/O plus the server's 3 s over 20000 I/Os.
+    assert (s.iops, s.cpu_us_per_io) == (4000.0, pytest.approx(250.0))
+    nbd = next(v for v in bench_harness.VARIANTS if v.nbd)
+    argv = bench_harness.nbd_argv("0000:00:10.0", "uio", nbd)
+    assert argv[argv.index("--wait") + 1] == "interrupt"
+    assert argv[-3:] == ["--log", bench_harness.NBD_LOG, "/dev/nbd0"]
+
+
+def test_a_failed_fio_on_nbd_still_disconnects_and_reports_fio() -> None:
+    guest = FakeGuest(fio_status=1)
+    with pytest.raises(bench_harness.HarnessError, match="fio.*exit status 1"):
+        nbd_run(guest)
+    assert guest.calls[-4:] == ["cat", "-d /dev/nbd0", "timeout", "tail"]
+
+
+def test_a_fio_past_its_timeout_on_nbd_still_disconnects() -> None:
+    guest = FakeGuest(fio_hangs=True)
+    with pytest.raises(bench_harness.HarnessError, match="timed out"):
+        nbd_run(guest)
+    assert guest.calls[-3:] == ["fio", "-d /dev/nbd0", "timeout"]
+
+
+def test_fio_runs_of_n_ios_are_capped_in_time() -> None:
+    argv = bench_harness.fio_argv("/dev/nbd0", bench_harness.WORKLOADS[0],
+                                  bench_harness.Amount(ios=256))
+    assert f"--runtime={bench_harness.FIO_CAP}s" in argv and "--time_based" not in argv
+    assert bench_harness.FIO_CAP + 30 < bench_harness.Amount(ios=256).timeout()
+    capped = bench_harness.fio_argv("/dev/nbd0", bench_harness.WORKLOADS[0],
+                                    bench_harness.Amount(ios=256), bench_harness.NBD_IOS_CAP)
+    assert "--runtime=5s" in capped

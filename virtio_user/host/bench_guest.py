@@ -11,6 +11,9 @@ Requests come through a FIFO (the agent gives commands no stdin): one JSON line
 uses no CPU while the kernel side runs. Each answer is one line on stdout:
 ``{"id": N, "status": S, "stdout": "...", "stderr": "..."}``.
 
+``virtio-user nbd`` forks its background server from this process; each server that has
+ended is reaped after the next request, so none stays a zombie for the whole run.
+
 Run as a script (``python bench_guest.py FIFO``), so the host package is not imported.
 """
 
@@ -39,6 +42,7 @@ def serve(fifo: str) -> None:
                 if request.get("quit"):
                     return
                 print(json.dumps(run_one(main, request)), flush=True)
+                reap_children()
 
 
 def run_one(main: Callable[[list[str]], int], request: dict[str, Any]) -> dict[str, Any]:
@@ -48,6 +52,12 @@ def run_one(main: Callable[[list[str]], int], request: dict[str, Any]) -> dict[s
         status = main(request["argv"])
     return {"id": request["id"], "status": status, "stdout": out.getvalue(),
             "stderr": err.getvalue()}
+
+
+def reap_children() -> None:
+    with contextlib.suppress(ChildProcessError):  # no children at all
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
 
 
 if __name__ == "__main__":

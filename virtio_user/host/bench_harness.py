@@ -11,6 +11,8 @@ guests on a 2-core machine) hits both sides alike.
 Variants (``VARIANTS``) add rows on the raw images for the workloads that tell them apart:
 a pair of modern devices driven with ``--transport modern``, a pair of packed ones with
 ``--ring packed``, and our ``--wait interrupt`` and ``hybrid`` on the legacy raw pair.
+The ``nbd`` variant runs the same fio on ``/dev/nbd0``, served by ``virtio-user nbd`` on
+our device of the legacy raw pair: the kernel's block layer and nbd driver, then ours.
 Every row carries both sides' CPU time per I/O.
 
     python -m virtio_user.host.bench_harness [--runtime S | --ios N] [--rounds N] [--quick]
@@ -25,9 +27,11 @@ a stand-in to develop the orchestration against, never a result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -49,6 +53,13 @@ README_ENV = "VIRTIO_USER_BENCH_README"  # --update-readme writes this file inst
 GUEST_SERVER = Path(__file__).with_name("bench_guest.py")
 GUEST_FIFO = "/tmp/virtio-user-bench.fifo"  # the guest's own /tmp
 COMMAND_SLACK = 180.0  # seconds a run may take beyond its runtime (start-up under TCG)
+FIO_CAP = 120  # seconds: a run of N I/Os ends by then at the latest
+# NBD runs 10-50x slower than either driver: N I/Os that take them a second would take it
+# a minute (256 MiB at QD8 in the smoke), so an NBD run of N I/Os stops after this long.
+NBD_IOS_CAP = 5
+NBD_DEVICE = "/dev/nbd0"
+NBD_LOG = "/tmp/virtio-user-bench-nbd.log"  # the guest's; quoted when an NBD run fails
+NBD_KERNEL_TIMEOUT = 30  # s: a request the server leaves unanswered fails fio, not hangs it
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class Variant:
     transport: str
     ring: str
     wait: str
+    nbd: bool = False  # fio on /dev/nbd0 served by ``virtio-user nbd``, not our ``bench``
 
     @property
     def opts(self) -> list[str]:
@@ -101,6 +113,9 @@ VARIANTS = (
     Variant("packed", "packed", "modern", "packed", "poll"),
     Variant("interrupt", "legacy", "legacy", "split", "interrupt"),
     Variant("hybrid", "legacy", "legacy", "split", "hybrid"),
+    # The server's wait: interrupt, measured about twice poll's QD1 rate through NBD
+    # (the kernel's half of each request needs the CPU a polling server would take).
+    Variant(bench_report.NBD_VARIANT, "legacy", "legacy", "split", "interrupt", nbd=True),
 )
 # The workloads that tell the variants apart (per-request cost at QD1, batching at QD32,
 # bandwidth), on the raw images only: all of them everywhere would triple the run.
@@ -175,7 +190,7 @@ class Pair:
 
 # -- the two sides -----------------------------------------------------------------------
 
-def fio_argv(dev: str, w: Workload, amount: Amount) -> list[str]:
+def fio_argv(dev: str, w: Workload, amount: Amount, cap: int = FIO_CAP) -> list[str]:
     argv = ["fio", "--name=bench", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
             f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}",
             # fio's random map costs CPU per I/O, and CPU is what TCG measures; ours
@@ -185,9 +200,10 @@ def fio_argv(dev: str, w: Workload, amount: Amount) -> list[str]:
     if amount.runtime:
         # In milliseconds: fio takes no fractional seconds, our side does.
         return argv + [f"--runtime={round(amount.runtime * 1000)}ms", "--time_based"]
-    # io_size wraps around the device, so a count larger than the device still works.
+    # io_size wraps around the device, so a count larger than the device still works;
+    # a runtime without --time_based is only a cap.
     assert amount.ios is not None
-    return argv + [f"--io_size={amount.ios * w.bs}"]
+    return argv + [f"--io_size={amount.ios * w.bs}", f"--runtime={cap}s"]
 
 
 def ours_argv(bdf: str, backend: str, w: Workload, amount: Amount,
@@ -197,6 +213,26 @@ def ours_argv(bdf: str, backend: str, w: Workload, amount: Amount,
     if amount.runtime:
         return argv + ["--runtime", f"{amount.runtime:g}"]
     return argv + ["--ios", str(amount.ios)]
+
+
+def nbd_argv(bdf: str, backend: str, variant: Variant) -> list[str]:
+    """Connect /dev/nbd0 to our driver on ``bdf``; the server runs on in the background."""
+    return ["virtio-user", "--backend", backend, *variant.opts, "--device", bdf, "nbd",
+            "--kernel-timeout", str(NBD_KERNEL_TIMEOUT), "--log", NBD_LOG, NBD_DEVICE]
+
+
+# Until the process has ended (gone, or a zombie: its parent reaps it later). Field 3 of
+# /proc/PID/stat is the state.
+WAIT_ENDED = ('while s=$(cut -d" " -f3 "/proc/$0/stat" 2>/dev/null) && [ "$s" != Z ]; do '
+              'sleep 0.05; done')
+WAIT_ENDED_S = 60
+CPU_TICKS_PER_S = os.sysconf("SC_CLK_TCK")  # USER_HZ, 100 on x86 in the guest too
+
+
+def server_cpu_s(stat: str) -> float:
+    """User + system CPU of a process from its /proc/PID/stat (after the comm field)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CPU_TICKS_PER_S  # utime, stime
 
 
 class OursServer:
@@ -265,6 +301,8 @@ class Runner:
     def ours(self, pair: Pair, w: Workload, variant: Variant = BASE) -> Sample:
         if self.server is None:
             return self._fio(pair.blockdevs[pair.ours_bdf], w)
+        if variant.nbd:
+            return self.nbd(pair, w, variant)
         argv = ours_argv(pair.ours_bdf, self.backend, w, self.amount, variant)
         data = json.loads(self._check(self.server.run(argv)))
         used = (data.get("ring"), data.get("wait"))
@@ -273,15 +311,66 @@ class Runner:
                                f"{variant.ring}, {variant.wait}")
         return Sample.from_ours(data)
 
+    def nbd(self, pair: Pair, w: Workload, variant: Variant) -> Sample:
+        """fio on /dev/nbd0 served by our driver on the pair's device. Connected for this
+        run only (no server beside the other runs), and disconnected whatever fio did,
+        so the next run can bind the device. CPU per I/O: fio's plus the server's."""
+        assert self.server is not None
+        argv = nbd_argv(pair.ours_bdf, self.backend, variant)
+        said = self._check(self.server.run(argv), NBD_LOG)
+        found = re.search(r"server pid (\d+)", said)
+        if found is None:
+            raise HarnessError(f"{' '.join(argv)} printed no server pid: {said!r}")
+        pid = int(found.group(1))
+        try:
+            before = self._cpu_s(pid)
+            r = self.vm.run(fio_argv(NBD_DEVICE, w, self.amount, NBD_IOS_CAP),
+                            timeout=self.amount.timeout())
+            server_s = self._cpu_s(pid) - before
+        except BaseException:
+            self._disconnect(pid, quiet=True)
+            raise
+        self._disconnect(pid)
+        data = json.loads(self._check(r, NBD_LOG))
+        sample = Sample.from_fio(data, w.direction)
+        ios = data["jobs"][0][w.direction].get("total_ios")
+        if sample.cpu_us_per_io is None or not ios:
+            return sample
+        return dataclasses.replace(sample, cpu_us_per_io=sample.cpu_us_per_io
+                                   + server_s / float(ios) * 1e6)
+
+    def _cpu_s(self, pid: int) -> float:
+        return server_cpu_s(self._check(self.vm.run(["cat", f"/proc/{pid}/stat"], timeout=60)))
+
+    def _disconnect(self, pid: int, quiet: bool = False) -> None:
+        """``nbd -d``, then wait for the server to end: it resets and releases the
+        device after the kernel's NBD_DO_IT has returned. ``quiet``: best effort, for
+        when an error is already on its way."""
+        argv = ["virtio-user", "nbd", "-d", NBD_DEVICE]
+        try:
+            # A new process when quiet: the long-lived one may be what failed.
+            if quiet or self.server is None:
+                self.vm.run(argv, timeout=COMMAND_SLACK)
+            else:
+                self._check(self.server.run(argv), NBD_LOG)
+            self._check(self.vm.run(["timeout", str(WAIT_ENDED_S), "sh", "-c", WAIT_ENDED,
+                                     str(pid)], timeout=WAIT_ENDED_S + 30))
+        except HarnessError:
+            if not quiet:
+                raise
+
     def _fio(self, dev: str, w: Workload) -> Sample:
         r = self.vm.run(fio_argv(dev, w, self.amount), timeout=self.amount.timeout())
         return Sample.from_fio(json.loads(self._check(r)), w.direction)
 
-    @staticmethod
-    def _check(r: CommandResult) -> str:
-        if r.status != 0:
-            raise HarnessError(f"{' '.join(r.argv)}: exit status {r.status}\n{r.err[-2000:]}")
-        return r.out
+    def _check(self, r: CommandResult, log: str | None = None) -> str:
+        if r.status == 0:
+            return r.out
+        message = f"{' '.join(r.argv)}: exit status {r.status}\n{r.err[-2000:]}"
+        if log is not None:
+            tail = self.vm.run(["tail", "-n", "20", log], timeout=60)
+            message += f"\n{log}:\n{tail.out}"
+        raise HarnessError(message)
 
 
 # -- the guest and its devices -----------------------------------------------------------
@@ -437,7 +526,8 @@ def run_all(runner: Runner, all_pairs: list[Pair], workloads: Sequence[Workload]
         for variant, samples in zip(job_variants, ours):
             rows.append(bench_report.Row(
                 workload=w.name, rw=w.rw, bs=w.bs, iodepth=w.iodepth,
-                backend_file=pair.backend_file, target=w.target,
+                backend_file=pair.backend_file,
+                target=None if variant.nbd else w.target,  # the targets are the driver's
                 ours=median_sample(samples), kernel=median_sample(kernel),
                 ours_rounds=samples, kernel_rounds=kernel, variant=variant.name,
                 transport=variant.transport, ring=variant.ring, wait=variant.wait))

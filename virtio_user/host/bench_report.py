@@ -20,6 +20,7 @@ from typing import Any, Protocol, Sequence
 PERCENTILES = ("p50", "p99", "p99.9")
 BACKENDS = ("raw", "null-co")
 BASE_VARIANT = "legacy"
+NBD_VARIANT = "nbd"  # "ours" is fio on /dev/nbd0, served by our driver
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -126,8 +127,9 @@ def _figures(s: Figures) -> dict[str, Any]:
 
 def variant_label(obj: dict[str, Any]) -> str:
     """How a row's devices and our driver were set up, e.g. "modern packed poll"."""
-    return (f"{obj.get('transport', 'legacy')} {obj.get('ring', 'split')} "
-            f"{obj.get('wait', 'poll')}")
+    setup = (f"{obj.get('transport', 'legacy')} {obj.get('ring', 'split')} "
+             f"{obj.get('wait', 'poll')}")
+    return f"fio on NBD, {setup}" if obj.get("variant") == NBD_VARIANT else setup
 
 
 def is_base(obj: dict[str, Any]) -> bool:
@@ -215,6 +217,17 @@ def to_markdown(objs: Sequence[dict[str, Any]]) -> str:
         "kernel's (fio's usr + sys; interrupt work done outside fio's process is not "
         "counted).",
         "",
+    ]
+    nbd = [o for o in objs if o.get("variant") == NBD_VARIANT]
+    if nbd:
+        lines += [
+            f"fio on NBD: the same fio on `/dev/nbd0`, served by `virtio-user --wait "
+            f"{nbd[0]['wait']} nbd /dev/nbd0` on our device of the legacy raw pair (the "
+            "kernel's block layer and nbd driver, a socketpair, then our driver); its CPU "
+            "is fio's plus the server process's.",
+            "",
+        ]
+    lines += [
         f"Accel **{first['accel']}**; {machine_line(first['machine'])}; guest "
         f"{first['machine']['guest']}; commit {first['machine']['commit']}; {first['date']}.",
         "",
@@ -233,6 +246,7 @@ def to_markdown(objs: Sequence[dict[str, Any]]) -> str:
             f"| {o['python_iops']:.0f} | {o['kernel_iops']:.0f} | {o['ratio']:.2f}x "
             f"| {_target(o)} | {o['python_mbps']:.1f} | {o['kernel_mbps']:.1f} "
             f"| {_lat(o['python_lat_us'])} | {_lat(o['kernel_lat_us'])} | {_cpu_cell(o)} |")
+    lines += _nbd_table(objs)
     shares = [o for o in objs if "python_share_of_null_co" in o]
     if shares:
         lines += ["", "How close each driver gets to the device emulation's ceiling "
@@ -243,11 +257,30 @@ def to_markdown(objs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _nbd_table(objs: Sequence[dict[str, Any]]) -> list[str]:
+    """The NBD rows beside both drivers on the same raw pair: three columns of IOPS."""
+    bench = {o["workload"]: o for o in objs if is_base(o) and o["backend_file"] == "raw"}
+    nbd = [o for o in objs if o.get("variant") == NBD_VARIANT]
+    if not nbd:
+        return []
+    lines = ["", "The same raw pair three ways (IOPS, MB/s; ratio to the kernel's virtio_blk):",
+             "", "| workload | fio on `/dev/nbd0` (our driver) | fio on the kernel's virtio_blk "
+             "| `virtio-user bench` |", "|---|--:|--:|--:|"]
+    for o in nbd:
+        b = bench.get(o["workload"])
+        ours = ("" if b is None else f"{b['python_iops']:.0f}, {b['python_mbps']:.1f} "
+                f"({b['ratio']:.2f}x)")
+        lines.append(f"| {o['workload']} | {o['python_iops']:.0f}, {o['python_mbps']:.1f} "
+                     f"({o['ratio']:.3f}x) | {o['kernel_iops']:.0f}, {o['kernel_mbps']:.1f} "
+                     f"| {ours} |")
+    return lines
+
+
 # -- the chart ---------------------------------------------------------------------------
 
 COLOURS = {"raw": "#3b75af", "null-co": "#9fc2e0", "ours": "#3b75af", "kernel": "#e1812c",
            "raw modern": "#2ca02c", "raw packed": "#98df8a", "raw interrupt": "#9467bd",
-           "raw hybrid": "#c5b0d5"}
+           "raw hybrid": "#c5b0d5", "raw nbd": "#8c564b"}
 
 
 def _bars(ax: Any, names: list[str], series: dict[str, list[float | None]], fmt: str,

@@ -94,7 +94,8 @@ class GuestSession:
                  backend: str = "uio", memory_mib: int = 1024,
                  qemu_args: Sequence[str] = (), cwd: Path | None = None,
                  boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
-                 vhost_user_disks: Sequence[VhostUserDisk | str | Path] = ()) -> None:
+                 vhost_user_disks: Sequence[VhostUserDisk | str | Path] = (),
+                 warm_start: bool = False) -> None:
         kernel = assets.find_kernel()
         self.config = MachineConfig(
             disks=[d if isinstance(d, Disk) else Disk.parse(str(d)) for d in disks],
@@ -103,6 +104,10 @@ class GuestSession:
             accel=accel_mod.choose(accel, kernel.vmlinuz), backend=backend,
             memory_mib=memory_mib, qemu_args=list(qemu_args), cwd=cwd or Path.cwd())
         self.boot_timeout = boot_timeout
+        # virtio-user commands fork from a guest interpreter that has imported the driver
+        # already (qemu/warm.py): for test suites; commands whose start-up is under test
+        # must run cold (spawn(warm=False)).
+        self.warm_start = warm_start
         self.machine = Machine(self.config)
         self.cond = threading.Condition()
         self.commands: dict[int, Command] = {}
@@ -162,22 +167,25 @@ class GuestSession:
     # -- commands ---------------------------------------------------------------------
 
     def spawn(self, argv: Sequence[str] | str, *, cwd: Path | str | None = None,
-              env: dict[str, str] | None = None, sink: OutputSink | None = None) -> Command:
-        """Start ``argv`` in the guest (a string runs through ``sh -c``)."""
+              env: dict[str, str] | None = None, sink: OutputSink | None = None,
+              warm: bool | None = None) -> Command:
+        """Start ``argv`` in the guest (a string runs through ``sh -c``); ``warm``
+        overrides the session's ``warm_start`` for this command."""
         args = ["sh", "-c", argv] if isinstance(argv, str) else [str(a) for a in argv]
         with self.cond:
             cmd = Command(self, self.next_id, args, sink)
             self.commands[cmd.id] = cmd
             self.next_id += 1
         self._send({"op": "run", "id": cmd.id, "argv": args,
-                    "cwd": str(cwd or self.config.cwd.resolve()), "env": env or {}})
+                    "cwd": str(cwd or self.config.cwd.resolve()), "env": env or {},
+                    "warm": self.warm_start if warm is None else warm})
         return cmd
 
     def run(self, argv: Sequence[str] | str, *, timeout: float = DEFAULT_COMMAND_TIMEOUT,
             cwd: Path | str | None = None, env: dict[str, str] | None = None,
-            sink: OutputSink | None = None) -> CommandResult:
+            sink: OutputSink | None = None, warm: bool | None = None) -> CommandResult:
         """Run ``argv`` in the guest and return its status and output."""
-        return self.spawn(argv, cwd=cwd, env=env, sink=sink).wait(timeout)
+        return self.spawn(argv, cwd=cwd, env=env, sink=sink, warm=warm).wait(timeout)
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -219,10 +219,12 @@ def test_wait_modes_alternate_with_one_shared_kernel_run_per_round() -> None:
 class FakeGuest:
     """The guest's side of an NBD run: what each command prints, and the order they ran."""
 
-    def __init__(self, fio_status: int = 0, fio_hangs: bool = False) -> None:
+    def __init__(self, fio_status: int = 0, fio_hangs: bool = False,
+                 server_stays: bool = False) -> None:
         self.calls: list[str] = []
         self.fio_status = fio_status
         self.fio_hangs = fio_hangs
+        self.server_stays = server_stays
         self.ticks = 0
 
     def run(self, argv: list[str], timeout: float = 0.0) -> CommandResult:
@@ -239,6 +241,8 @@ class FakeGuest:
             assert argv[1] == "/proc/4242/stat"
             stat = f"4242 (virtio user) S {' '.join(['0'] * 10)} {self.ticks} 100 0"
             return CommandResult(argv, 0, stat.encode(), b"")
+        if argv[0] == "timeout" and self.server_stays:
+            return CommandResult(argv, 124, b"", b"")
         return CommandResult(argv, 0, b"", b"")
 
     class Server:
@@ -282,6 +286,13 @@ def test_a_fio_past_its_timeout_on_nbd_still_disconnects() -> None:
     with pytest.raises(bench_harness.HarnessError, match="timed out"):
         nbd_run(guest)
     assert guest.calls[-3:] == ["fio", "-d /dev/nbd0", "timeout"]
+
+
+def test_a_server_that_outlives_its_disconnect_is_killed_and_the_run_fails() -> None:
+    guest = FakeGuest(server_stays=True)
+    with pytest.raises(bench_harness.HarnessError, match="pid 4242.*killed"):
+        nbd_run(guest)
+    assert guest.calls[-4:] == ["-d /dev/nbd0", "timeout", "kill", "tail"]
 
 
 def test_fio_runs_of_n_ios_are_capped_in_time() -> None:

@@ -343,21 +343,29 @@ class Runner:
         return server_cpu_s(self._check(self.vm.run(["cat", f"/proc/{pid}/stat"], timeout=60)))
 
     def _disconnect(self, pid: int, quiet: bool = False) -> None:
-        """``nbd -d``, then wait for the server to end: it resets and releases the
-        device after the kernel's NBD_DO_IT has returned. ``quiet``: best effort, for
-        when an error is already on its way."""
+        """``nbd -d``, then wait for the server to end (it resets and releases the device
+        after the kernel's NBD_DO_IT has returned); one that does not end is killed, which
+        releases the device too. ``quiet``: no error of its own, for when one is already
+        on its way."""
         argv = ["virtio-user", "nbd", "-d", NBD_DEVICE]
+        problems = []
         try:
             # A new process when quiet: the long-lived one may be what failed.
-            if quiet or self.server is None:
-                self.vm.run(argv, timeout=COMMAND_SLACK)
-            else:
-                self._check(self.server.run(argv), NBD_LOG)
-            self._check(self.vm.run(["timeout", str(WAIT_ENDED_S), "sh", "-c", WAIT_ENDED,
-                                     str(pid)], timeout=WAIT_ENDED_S + 30))
-        except HarnessError:
-            if not quiet:
-                raise
+            r = (self.vm.run(argv, timeout=COMMAND_SLACK) if quiet or self.server is None
+                 else self.server.run(argv))
+            if r.status != 0:
+                problems.append(f"{' '.join(argv)}: exit status {r.status}\n{r.err[-2000:]}")
+            ended = self.vm.run(["timeout", str(WAIT_ENDED_S), "sh", "-c", WAIT_ENDED,
+                                 str(pid)], timeout=WAIT_ENDED_S + 30)
+            if ended.status != 0:
+                self.vm.run(["kill", "-9", str(pid)], timeout=60)
+                problems.append(f"the NBD server (pid {pid}) had not ended {WAIT_ENDED_S} s "
+                                "after nbd -d: killed")
+        except HarnessError as exc:
+            problems.append(str(exc))
+        if problems and not quiet:
+            tail = self.vm.run(["tail", "-n", "20", NBD_LOG], timeout=60)
+            raise HarnessError("\n".join(problems) + f"\n{NBD_LOG}:\n{tail.out}")
 
     def _fio(self, dev: str, w: Workload) -> Sample:
         r = self.vm.run(fio_argv(dev, w, self.amount), timeout=self.amount.timeout())

@@ -21,7 +21,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, NoReturn, Sequence, TypeVar
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .errors import DeviceTimeout, DmaError
 from .memory import PAGE, DmaAllocator
 from .spec import (MAX_QUEUE_SIZE, VIRTQ_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
                    RingEventFlags)
-from .virtqueue import QueueFaults, QueueFull, fence_acquire, fence_release
+from .virtqueue import QueueFaults, QueueFull, fence_acquire, fence_release, indirect_tables
 
 if TYPE_CHECKING:
     from .interrupts import Waiter
@@ -136,14 +136,9 @@ class PackedQueue(QueueFaults, Generic[T]):
         self._driver_flags = (base + lay.driver) // 2 + 1
         self._u16[self._driver_flags] = _DISABLE
         if indirect:
-            self._table_bytes = 1 << (PACKED_DESC_DTYPE.itemsize * max_chain - 1).bit_length()
-            if self._table_bytes > PAGE:
-                raise ValueError(f"indirect tables of {max_chain} entries exceed a page")
-            # Aligned to its own power-of-two size, no table straddles a page boundary.
-            self.tables = alloc.alloc(size * self._table_bytes, self._table_bytes)
+            self.tables, self._table_bytes, self._table_bus = indirect_tables(
+                alloc, size, max_chain)
             self._table_off = self.tables.offset
-            self._table_bus = [region.bus(self._table_off + i * self._table_bytes)
-                               for i in range(size)]
             self._table_segs: list[Sequence[tuple[int, int, bool]] | None] = [None] * size
         # Framed tables (``frame``/``add_framed``), per buffer ID as SplitQueue's per head.
         self._framed: list[bytes | None] = [None] * size
@@ -168,6 +163,8 @@ class PackedQueue(QueueFaults, Generic[T]):
         # Wrap Counter" as the driver tracks it (1 at first: AVAIL set).
         self._used_at = self._desc_off // 2 + 7
         self._used_pending = _AVAIL
+        self._used_end = (self._ring_end >> 1) + 7  # _used_at one slot past the ring
+        self._used_span = 8 * size  # u16 indices per lap of the ring
         # Publication: the first head added after a kick keeps its flags back (u16 index
         # and value here) until the kick; later heads are stored at once, which the
         # device cannot see past the held one ("the device ... in ring order").
@@ -413,23 +410,21 @@ class PackedQueue(QueueFaults, Generic[T]):
         flags = u16[self._device_flags] & 3
         if flags == _DISABLE:
             return
-        if flags == _DESC_EVENT and self.event_idx and not self._need_event(since):
-            return
+        if flags == _DESC_EVENT and self.event_idx:
+            # "Driver notifications" with RING_EVENT_FLAGS_DESC: notify only when the
+            # descriptor at off_wrap is among the slots just published, from ``since``
+            # (a whole ring when it equals the avail offset) (Linux's
+            # virtqueue_kick_prepare_packed, in 16-bit arithmetic).
+            off_wrap = u16[self._device_off_wrap]
+            event = off_wrap & 0x7FFF
+            if off_wrap >> _WRAP_BIT != self._avail_wrap:
+                event -= self.size
+            avail, first = self._avail_off, self._desc_off
+            added = ((avail - since) >> 4) % self.size or self.size
+            if (((avail - first) >> 4) - event - 1) & 0xFFFF >= added:
+                return
         self._notify()  # a register write into the device: also a full barrier
         self.kicks += 1
-
-    def _need_event(self, since: int) -> bool:
-        """"Driver notifications" with RING_EVENT_FLAGS_DESC: notify when the descriptor
-        at off_wrap is among the slots just published, from byte offset ``since`` (a
-        whole ring when it equals the avail offset) (Linux's
-        virtqueue_kick_prepare_packed, in 16-bit arithmetic)."""
-        off_wrap = self._u16[self._device_off_wrap]
-        event = off_wrap & 0x7FFF
-        if off_wrap >> _WRAP_BIT != self._avail_wrap:
-            event -= self.size
-        new = (self._avail_off - self._desc_off) >> 4  # avail_pos, without a property call
-        added = ((self._avail_off - since) >> 4) % self.size or self.size
-        return (new - event - 1) & 0xFFFF < added
 
     # -- complete -----------------------------------------------------------------
     def reap(self) -> list[tuple[T, int]]:
@@ -439,17 +434,15 @@ class PackedQueue(QueueFaults, Generic[T]):
         if self.broken:
             self._check_usable()
         left = self.in_flight
-        if not left:
-            return []
-        u16, u32, tokens, writable = self._u16, self._u32, self._token, self._writable
-        chains, free, size = self._chain, self._free, self.size
-        at, span = self._used_at, 8 * size  # u16 index of the used position's flags
-        end = (self._ring_end >> 1) + 7
-        pending = self._used_pending
+        u16, at, pending = self._u16, self._used_at, self._used_pending
+        bits = u16[at] & _BOTH  # at: the u16 index of the used position's flags
+        if bits == pending or not left:
+            return []  # still available: nothing used yet
+        u32, tokens, writable = self._u32, self._token, self._writable
+        chains, free = self._chain, self._free
         used_bits = pending ^ _USED  # AVAIL|USED in lap 1, neither in lap 0
         out: list[tuple[T, int]] = []
-        while left:
-            bits = u16[at] & _BOTH
+        while True:
             if bits != used_bits:
                 if bits == pending:
                     break  # still available: not used yet
@@ -457,14 +450,12 @@ class PackedQueue(QueueFaults, Generic[T]):
                             f"wrap bits {bits:#06x}, expected {used_bits:#06x} (used wrap "
                             f"counter {int(bool(used_bits))})")
             bid, length = u16[at - 1], u32[(at >> 1) - 1]  # id and len of that slot
-            token = tokens[bid] if bid < size else None
-            if token is None:
-                why = "out of range" if bid >= size else "not in flight"
-                self._fault(f"{self.name}: used buffer ID {bid} at slot {self._slot(at)} is "
-                            f"{why} (queue size {size})")
-            if length > writable[bid]:
-                self._fault(f"{self.name}: used len {length} for buffer ID {bid} exceeds "
-                            f"the chain's {writable[bid]} device-writable bytes")
+            try:
+                token = tokens[bid]
+            except IndexError:  # a buffer ID beyond the queue: _bad_used says so
+                token = None
+            if token is None or length > writable[bid]:
+                self._bad_used(bid, length, at)
             tokens[bid] = None
             chain = chains[bid]
             if chain is None:
@@ -474,16 +465,30 @@ class PackedQueue(QueueFaults, Generic[T]):
                 chains[bid] = None
                 free.extend(chain)
                 at += 8 * len(chain)
-            if at >= end:
-                at -= span
+            if at >= self._used_end:
+                at -= self._used_span
                 used_bits ^= _BOTH
                 pending ^= _BOTH
             out.append((token, length))
             left -= 1
+            if not left:
+                break
+            bits = u16[at] & _BOTH
         self._used_at, self._used_pending = at, pending
         self.in_flight = left
         self.completed += len(out)
         return out
+
+    def _bad_used(self, bid: int, length: int, at: int) -> NoReturn:
+        """The fault for a used descriptor whose buffer ID is not in flight, or which
+        claims more bytes than the chain let the device write."""
+        size = self.size
+        if bid >= size or self._token[bid] is None:
+            why = "out of range" if bid >= size else "not in flight"
+            self._fault(f"{self.name}: used buffer ID {bid} at slot {self._slot(at)} is "
+                        f"{why} (queue size {size})")
+        self._fault(f"{self.name}: used len {length} for buffer ID {bid} exceeds "
+                    f"the chain's {self._writable[bid]} device-writable bytes")
 
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout

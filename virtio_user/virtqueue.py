@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Generic, NoReturn, Sequence, TypeVar
 import numpy as np
 
 from .errors import DeviceError, DeviceTimeout, DmaError, VirtioError
-from .memory import PAGE, DmaAllocator
+from .memory import PAGE, Chunk, DmaAllocator
 from .spec import (VIRTQ_DESC, VIRTQ_DESC_DTYPE, LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE,
                    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, DescFlag)
 
@@ -104,6 +104,20 @@ def full_barrier() -> None:
     _fence_lock.release()
 
 
+def indirect_tables(alloc: DmaAllocator, count: int, entries: int) -> tuple[Chunk, int, list[int]]:
+    """``count`` indirect descriptor tables of ``entries`` 16-byte descriptors each (both
+    rings' descriptors are 16 bytes: "The Virtqueue Descriptor Table", "Packed
+    Virtqueues"): the chunk, each table's size in bytes and each table's bus address.
+    A table takes the next power of two of its size and is aligned to it, so none
+    straddles a page boundary (bus addresses are contiguous only within a page)."""
+    table_bytes = 1 << (DESC_BYTES * entries - 1).bit_length()
+    if table_bytes > PAGE:
+        raise ValueError(f"indirect tables of {entries} entries exceed a page")
+    chunk = alloc.alloc(count * table_bytes, table_bytes)
+    bus = alloc.region.bus
+    return chunk, table_bytes, [bus(chunk.offset + i * table_bytes) for i in range(count)]
+
+
 class QueueFaults:
     """What both rings do when the device misbehaves: remember why (``broken``), reset
     it through ``on_fault`` before raising, and refuse every later use."""
@@ -180,14 +194,9 @@ class SplitQueue(QueueFaults, Generic[T]):
         self._u16[self._avail_flags] = VIRTQ_AVAIL_F_NO_INTERRUPT
         self._u16[self._used_event] = 0xFFFF
         if indirect:
-            self._table_bytes = 1 << (DESC_DTYPE.itemsize * max_chain - 1).bit_length()
-            if self._table_bytes > PAGE:
-                raise ValueError(f"indirect tables of {max_chain} entries exceed a page")
-            # Aligned to its own power-of-two size, no table straddles a page boundary.
-            self.tables = alloc.alloc(size * self._table_bytes, self._table_bytes)
+            self.tables, self._table_bytes, self._table_bus = indirect_tables(
+                alloc, size, max_chain)
             self._table_off = self.tables.offset
-            self._table_bus = [region.bus(self._table_off + i * self._table_bytes)
-                               for i in range(size)]
             self._table_segs: list[Sequence[tuple[int, int, bool]] | None] = [None] * size
         # Framed tables (``frame``/``add_framed``): the data descriptor each head's table
         # holds between its fixed first and last entries, None when the table is not framed.
@@ -375,15 +384,11 @@ class SplitQueue(QueueFaults, Generic[T]):
         return head
 
     def kick(self) -> None:
-        """Publish every chain added since the last kick, and notify if needed."""
+        """Publish every chain added since the last kick: bump ``avail.idx`` over the
+        ring entries ``add`` stored, then notify unless the device said it need not be
+        ("Driver Requirements: Available Buffer Notification Suppression")."""
         if self.broken:
             self._check_usable()
-        self._publish()
-
-    def _publish(self) -> None:
-        """Bump ``avail.idx`` over the ring entries ``add`` stored, then notify unless
-        the device said it need not be ("Driver Requirements: Available Buffer
-        Notification Suppression")."""
         new = self._next_avail & 0xFFFF
         old = self._published
         if new == old:
@@ -392,22 +397,23 @@ class SplitQueue(QueueFaults, Generic[T]):
         # idx store. x86 is TSO, stores become visible in program order, so the device
         # cannot see the new idx before the entries it covers; a weaker CPU would need
         # a write barrier here.
-        self._u16[self._avail_idx] = new
+        u16 = self._u16
+        u16[self._avail_idx] = new
         self._published = new
-        self.in_flight += (new - old) & 0xFFFF
+        added = (new - old) & 0xFFFF
+        self.in_flight += added
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read
         # a stale avail_event/flags while the device, having re-enabled notifications,
         # reads our old idx: a lost kick.
-        fence_acquire()  # full_barrier(), inlined: one call less per kick
+        fence_acquire()  # full_barrier(), inlined: this runs per batch
         fence_release()
-        if self.event_idx:
-            event = self._u16[self._avail_event]
-            need = (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF  # vring_need_event
-        else:
-            need = not self._u16[self._used_flags] & VIRTQ_USED_F_NO_NOTIFY
-        if need:
-            self._notify()  # a pwrite syscall into the device: also a full barrier
-            self.kicks += 1
+        if self.event_idx:  # vring_need_event
+            if (new - u16[self._avail_event] - 1) & 0xFFFF >= added:
+                return
+        elif u16[self._used_flags] & VIRTQ_USED_F_NO_NOTIFY:
+            return
+        self._notify()  # a register write into the device: also a full barrier
+        self.kicks += 1
 
     # -- complete -----------------------------------------------------------------
     def reap(self) -> list[tuple[T, int]]:
@@ -418,27 +424,27 @@ class SplitQueue(QueueFaults, Generic[T]):
         used.idx are at least as new as it."""
         if self.broken:
             self._check_usable()
-        used = self._u16[self._used_idx]
-        n = (used - self._last_used) & 0xFFFF
+        u16 = self._u16
+        used = u16[self._used_idx]
+        last = self._last_used
+        n = (used - last) & 0xFFFF
         if not n:
             return []
         if n > self.in_flight:
-            self._fault(f"used.idx moved from {self._last_used} to {used}: {n} completions "
+            self._fault(f"used.idx moved from {last} to {used}: {n} completions "
                         f"with only {self.in_flight} requests in flight")
         out: list[tuple[T, int]] = []
-        u32, ring, mask, last = self._u32, self._used_ring, self._mask, self._last_used
+        u32, ring, mask = self._u32, self._used_ring, self._mask
         tokens, writable, chains, free = self._token, self._writable, self._chain, self._free
-        size = self.size
         for i in range(n):
             slot = ring + 2 * ((last + i) & mask)
             head, length = u32[slot], u32[slot + 1]
-            token = tokens[head] if head < size else None
-            if token is None:
-                why = "out of range" if head >= size else "not the head of a chain in flight"
-                self._fault(f"used id {head} is {why} (queue size {size})")
-            if length > writable[head]:
-                self._fault(f"used len {length} for id {head} exceeds the chain's "
-                            f"{writable[head]} device-writable bytes")
+            try:
+                token = tokens[head]
+            except IndexError:  # an id beyond the queue: _bad_used says so
+                token = None
+            if token is None or length > writable[head]:
+                self._bad_used(head, length)
             # Release the chain to the free list (inline: this loop runs per completion).
             tokens[head] = None
             chain = chains[head]
@@ -452,8 +458,18 @@ class SplitQueue(QueueFaults, Generic[T]):
         self.in_flight -= n
         self.completed += n
         # Keep used_event one behind: the device would interrupt only after wrapping.
-        self._u16[self._used_event] = (used - 1) & 0xFFFF
+        u16[self._used_event] = (used - 1) & 0xFFFF
         return out
+
+    def _bad_used(self, head: int, length: int) -> NoReturn:
+        """The fault for a used element that names no chain in flight, or claims more
+        bytes than the chain let the device write."""
+        size = self.size
+        if head >= size or self._token[head] is None:
+            why = "out of range" if head >= size else "not the head of a chain in flight"
+            self._fault(f"used id {head} is {why} (queue size {size})")
+        self._fault(f"used len {length} for id {head} exceeds the chain's "
+                    f"{self._writable[head]} device-writable bytes")
 
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout

@@ -73,3 +73,77 @@ def test_raw_register_and_memory_access_stay_in_their_modules() -> None:
         assert modules <= RAW_OWNERS[use], f"{use} used in {sorted(modules - RAW_OWNERS[use])}"
     assert {"os.pread", "os.pwrite", "mmap.mmap", "/proc/self/pagemap"} <= found.keys(), \
         "the check found no use at all: it is not looking where the code is"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Which package modules each module imports, wherever the import stands (lazy ones
+    in functions too: they are layering all the same), except what a package's
+    ``__init__`` re-exports lazily (its ``__getattr__`` and the TYPE_CHECKING imports
+    that name those attributes for type checkers)."""
+    root = REPO / "virtio_user"
+    paths = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        faces = [n for n in tree.body if path.name == "__init__.py" and (
+            isinstance(n, ast.FunctionDef) and n.name == "__getattr__"
+            or isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")]
+        hidden = {id(n) for face in faces for n in ast.walk(face)}
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in hidden:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base
+                            for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while (w := stack.pop()) != v:
+                group.add(w)
+            if group:
+                found.append(group | {v})
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycles_are_found() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    graph = import_graph()
+    assert "virtio_user.errors" in graph["virtio_user.blk"], "the graph misses imports"
+    assert "virtio_user.shell" in graph["virtio_user.cli"], "the graph misses lazy imports"
+    assert cycles(graph) == []

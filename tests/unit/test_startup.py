@@ -36,7 +36,8 @@ def loaded(*argv: str) -> tuple[object, set[str]]:
 def heavy(modules: set[str]) -> set[str]:
     return {m for m in modules
             if m.split(".")[0] in ("numpy", "pyudev", "qemu")
-            or m.startswith(("virtio_user.host", "virtio_user.blk", "virtio_user.bench"))}
+            or m.startswith(("virtio_user.host", "virtio_user.blk", "virtio_user.bench",
+                             "virtio_user.shell", "virtio_user.nbd", "virtio_user.transport"))}
 
 
 @pytest.mark.parametrize("argv,status", [

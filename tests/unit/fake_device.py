@@ -41,6 +41,19 @@ _DESC = VIRTQ_DESC
 OK, IOERR, UNSUPP = (int(s) for s in BlkStatus)
 
 
+def dma_view(regions: list[DmaRegion], bus: int, length: int) -> memoryview:
+    """What the device reaches at bus address ``bus``: it must lie inside one region
+    the driver allocated, or the driver gave the device an address it does not own."""
+    for region in regions:
+        try:
+            off = region.offset_of(bus)
+        except KeyError:
+            continue
+        assert off + length <= region.size, f"DMA at {bus:#x}+{length} runs off"
+        return memoryview(region.mm)[off:off + length]
+    raise AssertionError(f"device DMA to {bus:#x}, outside any region")
+
+
 class FakeBlkDevice:
     """The device side of a legacy virtio-blk over one queue."""
 
@@ -151,14 +164,7 @@ class FakeBlkDevice:
 
     # -- memory ---------------------------------------------------------------------
     def _mem(self, bus: int, length: int) -> memoryview:
-        for region in self.regions:
-            try:
-                off = region.offset_of(bus)
-            except KeyError:
-                continue
-            assert off + length <= region.size, f"DMA at {bus:#x}+{length} runs off"
-            return memoryview(region.mm)[off:off + length]
-        raise AssertionError(f"device DMA to {bus:#x}, outside any region")
+        return dma_view(self.regions, bus, length)
 
     def _u16(self, bus: int) -> int:
         return int.from_bytes(self._mem(bus, 2), "little")

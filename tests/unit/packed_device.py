@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from virtio_user.memory import DmaRegion
 from virtio_user.spec import BLK_OUTHDR, VIRTQ_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag, Feature
-from fake_device import FakeBackend, FakeBlkDevice
+from fake_device import FakeBackend, FakeBlkDevice, dma_view
 
 _DESC = VIRTQ_DESC
 NEXT, WRITE, INDIRECT = (int(DescFlag.VIRTQ_DESC_F_NEXT), int(DescFlag.VIRTQ_DESC_F_WRITE),
@@ -54,14 +54,7 @@ class PackedDevice:
 
     # -- memory -----------------------------------------------------------------------
     def mem(self, bus: int, length: int) -> memoryview:
-        for region in self.regions:
-            try:
-                off = region.offset_of(bus)
-            except KeyError:
-                continue
-            assert off + length <= region.size, f"DMA at {bus:#x}+{length} runs off"
-            return memoryview(region.mm)[off:off + length]
-        raise AssertionError(f"device DMA to {bus:#x}, outside any region")
+        return dma_view(self.regions, bus, length)
 
     def read_desc(self, bus: int) -> tuple[int, int, int, int]:
         addr, length, bid, flags = _DESC.unpack(self.mem(bus, 16))

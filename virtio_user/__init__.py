@@ -1,4 +1,4 @@
-"""virtio_user: a user-space driver for legacy virtio-blk PCI devices.
+"""virtio_user: a user-space driver for virtio-blk PCI devices (legacy and modern).
 
 ``with VirtioBlk.open("0000:00:10.0") as dev: data = dev.read(0, 8)``
 """

@@ -28,12 +28,10 @@ VFIO_CHECK_EXTENSION = _io(1)
 VFIO_SET_IOMMU = _io(2)
 VFIO_GROUP_GET_STATUS = _io(3)
 VFIO_GROUP_SET_CONTAINER = _io(4)
-VFIO_GROUP_UNSET_CONTAINER = _io(5)
 VFIO_GROUP_GET_DEVICE_FD = _io(6)
 VFIO_DEVICE_GET_REGION_INFO = _io(8)
 VFIO_DEVICE_GET_IRQ_INFO = _io(9)
 VFIO_DEVICE_SET_IRQS = _io(10)
-VFIO_DEVICE_RESET = _io(11)
 VFIO_IOMMU_MAP_DMA = _io(13)
 VFIO_IOMMU_UNMAP_DMA = _io(14)
 
@@ -42,14 +40,12 @@ VFIO_TYPE1_IOMMU = 1
 VFIO_GROUP_FLAGS_VIABLE = 1 << 0
 VFIO_DMA_MAP_FLAG_READ = 1 << 0
 VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
-VFIO_PCI_BAR0_REGION_INDEX = 0
 VFIO_PCI_CONFIG_REGION_INDEX = 7
 VFIO_REGION_INFO_FLAG_READ = 1 << 0
 VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
 VFIO_REGION_INFO_FLAG_MMAP = 1 << 2
 VFIO_PCI_INTX_IRQ_INDEX = 0
 VFIO_PCI_MSIX_IRQ_INDEX = 2
-VFIO_IRQ_INFO_EVENTFD = 1 << 0
 VFIO_IRQ_SET_DATA_NONE = 1 << 0
 VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
 VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
@@ -94,7 +90,7 @@ IoctlArg = ctypes.Structure | ctypes.Array[ctypes.c_char] | ctypes.c_int | int
 
 def _ioctl(fd: int, request: int, arg: IoctlArg) -> int:
     """ioctl through libc: VFIO returns new fds as the call's value, which
-    ``fcntl.ioctl`` hides when given a buffer (../shared/NOTES.md)."""
+    ``fcntl.ioctl`` hides when given a buffer."""
     ptr = ctypes.c_void_p(arg) if isinstance(arg, int) else ctypes.cast(
         ctypes.pointer(arg), ctypes.c_void_p)
     ret: int = _libc.ioctl(fd, request, ptr)

@@ -56,7 +56,7 @@ COMMAND_SLACK = 180.0  # seconds a run may take beyond its runtime (start-up und
 FIO_CAP = 120  # seconds: a run of N I/Os ends by then at the latest
 # NBD runs 10-50x slower than either driver: N I/Os that take them a second would take it
 # a minute (256 MiB at QD8 in the smoke), so an NBD run of N I/Os stops after this long.
-NBD_IOS_CAP = 5
+NBD_IOS_CAP = 2
 NBD_DEVICE = "/dev/nbd0"
 NBD_LOG = "/tmp/virtio-user-bench-nbd.log"  # the guest's; quoted when an NBD run fails
 NBD_KERNEL_TIMEOUT = 30  # s: a request the server leaves unanswered fails fio, not hangs it

@@ -18,7 +18,7 @@ import pytest
 
 from virtio_user.host.bench_harness import (README_ENV, REPO, VARIANT_WORKLOADS, VARIANTS,
                                             WORKLOADS)
-from virtio_user.host.bench_report import README_BEGIN, README_END
+from virtio_user.host.bench_report import NBD_VARIANT, README_BEGIN, README_END
 
 pytestmark = pytest.mark.qemu
 
@@ -125,6 +125,28 @@ def test_bench_report_redraws_from_the_json(results: Path, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "latest.md").read_text() == (results / "latest.md").read_text()
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nbd_rows_beside_both_drivers(results: Path) -> None:
+    """fio on /dev/nbd0 through our driver, on the legacy raw pair: a row per variant
+    workload, the kernel's runs shared with the legacy row. Each NBD run disconnected and
+    released the device, or the next workload's ``bench`` on it could not have run."""
+    rows = json.loads((results / "latest.json").read_text())
+    legacy = {r["workload"]: r for r in rows
+              if r["variant"] == "legacy" and r["backend_file"] == "raw"}
+    nbd = [r for r in rows if r["variant"] == NBD_VARIANT]
+    assert sorted(r["workload"] for r in nbd) == sorted(VARIANT_WORKLOADS)
+    for r in nbd:
+        assert (r["transport"], r["ring"], r["wait"]) == ("legacy", "split", "interrupt")
+        assert r["kernel_per_round"] == legacy[r["workload"]]["kernel_per_round"]
+        assert r["target"] is None and r["ratio"] > 0
+        # fio's CPU plus the server's, against fio's alone on the kernel's driver.
+        assert r["python_cpu_us_per_io"] > r["kernel_cpu_us_per_io"], r
+    text = (results / "latest.md").read_text()
+    assert "virtio-user --wait interrupt nbd /dev/nbd0" in text
+    for r in nbd:
+        assert f"| {r['workload']} | raw | fio on NBD, legacy split interrupt |" in text
+        assert f"| {r['workload']} | {r['python_iops']:.0f}, " in text  # the three-way table
 
 
 def test_no_variants_measures_the_legacy_rows_only(tmp_path: Path) -> None:

@@ -427,3 +427,46 @@ def test_a_device_dropped_without_close_stays_mapped_until_the_exit_hook() -> No
     assert not any(e.startswith("unmap") for e in dev.log)
     blk_module._close_all()  # what atexit runs
     assert dev.status == 0 and dev.log[-1] == "backend closed"
+
+
+def test_data_segments_follow_seg_max_the_table_and_the_ring() -> None:
+    from virtio_user.blk_setup import MAX_DATA_SEGS, Limits, data_segments
+    lim = Limits(2048, SECTOR, None, 6, 1, 1)
+    assert data_segments(lim, 256, True, "t") == 6
+    assert data_segments(Limits(2048, SECTOR, None, None, 1, 1), 256, True, "t") == MAX_DATA_SEGS
+    # Without indirect tables a chain lives in the ring: header and status take two.
+    assert data_segments(lim, 4, False, "t") == 2
+    assert data_segments(lim, 2, False, "t") == 1
+    with pytest.raises(DeviceError, match="size_max 100 and seg_max 4 leave no room for a "
+                                          "4096-byte block"):
+        data_segments(Limits(2048, 4096, 100, 4, 1, 1), 256, True, "t")
+
+
+def test_the_ring_asked_for_decides_the_feature_and_packed_must_be_offered() -> None:
+    from virtio_user.blk_setup import check_ring, ring_features, use_packed
+    packed = int(Feature.VIRTIO_F_RING_PACKED)
+    assert ring_features("split") == 0
+    assert ring_features("auto") == ring_features("packed") == packed
+    assert use_packed("auto", packed, "t", "modern") is True
+    assert use_packed("auto", 0, "t", "legacy") is False
+    with pytest.raises(Unsupported, match=r"t: the device does not offer "
+                                          r"VIRTIO_F_RING_PACKED \(legacy transport\)"):
+        use_packed("packed", 0, "t", "legacy")
+    with pytest.raises(InvalidArgument, match="unknown ring 'both': choose auto, split, packed"):
+        check_ring("both")
+
+
+def test_a_block_size_that_is_no_power_of_two_is_ignored(make_blk, caplog: Any) -> None:
+    feats = DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_BLK_SIZE
+    blk, _ = make_blk(features=feats, blk_size=1000)
+    assert blk.block_size == SECTOR
+    assert "ignoring block size 1000" in caplog.text
+
+
+def test_an_unknown_wait_mode_is_refused_and_the_device_reset(make_blk) -> None:
+    from virtio_user.blk import VirtioBlk
+    from fake_device import FakeBackend, FakeBlkDevice
+    dev = FakeBlkDevice()
+    with pytest.raises(InvalidArgument, match="unknown wait mode 'nap': choose poll, "):
+        VirtioBlk(FakeBackend(dev), wait="nap")
+    assert dev.status == 0

@@ -303,3 +303,26 @@ def test_fio_runs_of_n_ios_are_capped_in_time() -> None:
     capped = bench_harness.fio_argv("/dev/nbd0", bench_harness.WORKLOADS[0],
                                     bench_harness.Amount(ios=256), bench_harness.NBD_IOS_CAP)
     assert "--runtime=2s" in capped
+
+
+def test_nbd_rows_and_the_three_way_table_in_the_outputs(tmp_path: Path) -> None:
+    qd1 = bench_harness.WORKLOADS[0]
+    rows = [bench_report.Row(qd1.name, qd1.rw, qd1.bs, qd1.iodepth, "raw", qd1.target,
+                             ours=sample(3000), kernel=sample(2000)),
+            bench_report.Row(qd1.name, qd1.rw, qd1.bs, qd1.iodepth, "raw", None,
+                             ours=sample(100, cpu=900.0), kernel=sample(2000, cpu=60.0),
+                             variant="nbd", wait="interrupt")]
+    meta = bench_report.Meta("tcg", {"cpu": "CPU", "cores": 2, "host_kernel": "6.1",
+                                     "qemu": "7.2", "guest": "q35", "commit": "abc"},
+                             "uio", rounds=1, runtime=3.0, ios=None, cache="writeback",
+                             image_mib=64)
+    paths = bench_report.write_all(rows, meta, tmp_path)
+    nbd = json.loads(paths[0].read_text())[1]
+    assert (nbd["variant"], nbd["ratio"], nbd["target"], nbd["target_met"]) == \
+        ("nbd", 0.05, None, None)
+    md = paths[1].read_text()
+    assert "served by `virtio-user --wait interrupt nbd /dev/nbd0`" in md
+    assert "| randread-4k-qd1 | raw | fio on NBD, legacy split interrupt | 100 | 2000 | " \
+        "0.05x |  |" in md
+    assert "| randread-4k-qd1 | 100, 0.4 (0.050x) | 2000, 8.2 | 3000, 12.3 (1.50x) |" in md
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"

@@ -280,7 +280,7 @@ def _nbd_table(objs: Sequence[dict[str, Any]]) -> list[str]:
 
 COLOURS = {"raw": "#3b75af", "null-co": "#9fc2e0", "ours": "#3b75af", "kernel": "#e1812c",
            "raw modern": "#2ca02c", "raw packed": "#98df8a", "raw interrupt": "#9467bd",
-           "raw hybrid": "#c5b0d5", "raw nbd": "#8c564b"}
+           "raw hybrid": "#c5b0d5", "raw nbd (fio on /dev/nbd0)": "#8c564b"}
 
 
 def _bars(ax: Any, names: list[str], series: dict[str, list[float | None]], fmt: str,
@@ -310,7 +310,8 @@ def _ratio_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> N
         for b in BACKENDS if any(o["backend_file"] == b and is_base(o) for o in objs)}
     variants = {(o["workload"], o["variant"]): o for o in objs if not is_base(o)}
     for v in dict.fromkeys(o["variant"] for o in objs if not is_base(o)):
-        series[f"raw {v}"] = [variants[(n, v)]["ratio"] if (n, v) in variants else None
+        label = f"raw {v} (fio on /dev/nbd0)" if v == NBD_VARIANT else f"raw {v}"
+        series[label] = [variants[(n, v)]["ratio"] if (n, v) in variants else None
                               for n in names]
     ax.set_yscale("log", base=2)
     low, high = _bars(ax, names, series, "{:.2f}x", base=1.0)
@@ -332,7 +333,7 @@ def _ratio_panel(ax: Any, objs: Sequence[dict[str, Any]], names: list[str]) -> N
     ax.legend(unique.values(), unique.keys(), loc="upper center", ncol=5, fontsize=8)
     ax.set_ylim(min(0.5, max(low, 1e-3) / 1.3), max(2.0, high) * 2.0)
     ticks = [2.0 ** k for k in range(-10, 11) if ax.get_ylim()[0] <= 2.0 ** k <= ax.get_ylim()[1]]
-    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.set_yticks(ticks, [f"{t:g}x" if t >= 1 else f"1/{1 / t:g}x" for t in ticks])
     ax.set_ylabel("ours / kernel, IOPS (log scale; above 1 = ours faster)")
 
 

@@ -32,8 +32,8 @@ from .spec import (BLK_DWZ_DTYPE, BLK_OUTHDR, DRIVER_FEATURES, SECTOR_SIZE, VIRT
                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus, Feature, IsrBit, ReqType,
                    feature_names)
 from .request import DmaBuffer as DmaBuffer, Request as Request  # re-exported: public API
-from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, check_ring, chunk_limit, open_waiter,
-                        read_limits, ring_features, set_up_queue)
+from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, Limits, check_ring, chunk_limit,
+                        open_waiter, read_limits, ring_features, set_up_queue)
 from .transport import Backend, Transport, initialize, open_transport
 from .packed import PackedQueue
 from .virtqueue import QueueFull, SplitQueue
@@ -463,36 +463,11 @@ class VirtioBlk:
         self.check_range(sector, count)
         buf = self._pool[0]
         entry = np.ndarray((), BLK_DWZ_DTYPE, buf.mv)
-        for start, n in self._range_pieces(rtype, sector, count, max_sectors):
+        for start, n in range_pieces(self.limits, rtype, sector, count, max_sectors,
+                                     self.bdf):
             entry["sector"], entry["num_sectors"], entry["flags"] = start, n, flags
             self._run_one(Request(rtype, start, n, buf, BLK_DWZ_DTYPE.itemsize))
         del entry
-
-    def _range_pieces(self, rtype: ReqType, sector: int, count: int,
-                      max_sectors: int) -> Iterator[tuple[int, int]]:
-        """(start, sectors) pieces of at most ``max_sectors``, whole blocks, and for a
-        discard ending on multiples of discard_sector_alignment where the range goes on
-        (as Linux splits at discard_granularity). A limit below one block is refused:
-        rounding it up would exceed what the device accepts."""
-        block = self.limits.block_size
-        per_block = block // SECTOR_SIZE
-        limit = min(max_sectors, DWZ_MAX_SECTORS)
-        if limit < per_block:
-            name = ("max_discard_sectors" if rtype == ReqType.VIRTIO_BLK_T_DISCARD
-                    else "max_write_zeroes_sectors")
-            raise Unsupported(f"{self.bdf}: the device's {name} {limit} is below one "
-                              f"{block}-byte block")
-        unit = per_block
-        if rtype == ReqType.VIRTIO_BLK_T_DISCARD:
-            unit = math.lcm(per_block, self.limits.discard_sector_alignment or 1)
-        step = limit // unit * unit if limit >= unit else limit // per_block * per_block
-        start, end = sector, sector + count
-        while start < end:
-            stop = min(end, start + step)
-            if stop < end and stop // unit * unit > start:
-                stop = stop // unit * unit
-            yield start, stop - start
-            start = stop
 
     def _run_one(self, req: Request) -> None:
         self._transfer_requests([req])
@@ -534,7 +509,7 @@ class VirtioBlk:
             self.submit(requests)
             while inflight:
                 for req in self._reap_own(inflight):
-                    error = error or self._status_error(req)
+                    error = error or status_error(req, self.bdf)
         if error is not None:
             if requests[0].count:
                 self._explain(error, requests[0].sector, requests[0].count)
@@ -558,15 +533,6 @@ class VirtioBlk:
             else:
                 mine.append(req)
         return mine
-
-    def _status_error(self, req: Request) -> BaseException | None:
-        if req.status == BlkStatus.VIRTIO_BLK_S_OK:
-            return None
-        if req.status == BlkStatus.VIRTIO_BLK_S_UNSUPP:
-            return Unsupported(f"{self.bdf}: the device does not support {req} "
-                               "(VIRTIO_BLK_S_UNSUPP)")
-        return BlkIOError(f"{self.bdf}: I/O error on {req} (VIRTIO_BLK_S_IOERR)",
-                          int(req.status or 0), req.sector, req.count)
 
     # -- failure and teardown -----------------------------------------------------
     def _reset_quietly(self) -> bool:
@@ -630,6 +596,44 @@ class VirtioBlk:
         self.close()
 
 
+def status_error(req: Request, bdf: str) -> BaseException | None:
+    """The error a completed request's status byte stands for (None: VIRTIO_BLK_S_OK)."""
+    if req.status == BlkStatus.VIRTIO_BLK_S_OK:
+        return None
+    if req.status == BlkStatus.VIRTIO_BLK_S_UNSUPP:
+        return Unsupported(f"{bdf}: the device does not support {req} "
+                           "(VIRTIO_BLK_S_UNSUPP)")
+    return BlkIOError(f"{bdf}: I/O error on {req} (VIRTIO_BLK_S_IOERR)",
+                      int(req.status or 0), req.sector, req.count)
+
+
+def range_pieces(limits: Limits, rtype: ReqType, sector: int, count: int,
+                 max_sectors: int, bdf: str) -> Iterator[tuple[int, int]]:
+    """(start, sectors) pieces of at most ``max_sectors``, whole blocks, and for a
+    discard ending on multiples of discard_sector_alignment where the range goes on
+    (as Linux splits at discard_granularity). A limit below one block is refused:
+    rounding it up would exceed what the device accepts."""
+    block = limits.block_size
+    per_block = block // SECTOR_SIZE
+    limit = min(max_sectors, DWZ_MAX_SECTORS)
+    if limit < per_block:
+        name = ("max_discard_sectors" if rtype == ReqType.VIRTIO_BLK_T_DISCARD
+                else "max_write_zeroes_sectors")
+        raise Unsupported(f"{bdf}: the device's {name} {limit} is below one "
+                          f"{block}-byte block")
+    unit = per_block
+    if rtype == ReqType.VIRTIO_BLK_T_DISCARD:
+        unit = math.lcm(per_block, limits.discard_sector_alignment or 1)
+    step = limit // unit * unit if limit >= unit else limit // per_block * per_block
+    start, end = sector, sector + count
+    while start < end:
+        stop = min(end, start + step)
+        if stop < end and stop // unit * unit > start:
+            stop = stop // unit * unit
+        yield start, stop - start
+        start = stop
+
+
 class _PipelinePort:
     """The device as the bounce-buffer pipeline sees it (``pipeline.Port``)."""
 
@@ -655,7 +659,7 @@ class _PipelinePort:
         return self.dev.queue.in_flight
 
     def error(self, req: Request) -> BaseException | None:
-        return self.dev._status_error(req)
+        return status_error(req, self.dev.bdf)
 
 
 def _block_signals() -> set[Any] | None:

@@ -470,3 +470,28 @@ def test_an_unknown_wait_mode_is_refused_and_the_device_reset(make_blk) -> None:
     with pytest.raises(InvalidArgument, match="unknown wait mode 'nap': choose poll, "):
         VirtioBlk(FakeBackend(dev), wait="nap")
     assert dev.status == 0
+
+
+def test_status_bytes_map_to_typed_errors() -> None:
+    from virtio_user.blk import status_error
+    from virtio_user.spec import BlkStatus
+    req = Request(IN, 8, 2)
+    req.status = BlkStatus.VIRTIO_BLK_S_OK
+    assert status_error(req, "t") is None
+    req.status = BlkStatus.VIRTIO_BLK_S_UNSUPP
+    assert isinstance(status_error(req, "t"), Unsupported)
+    req.status = BlkStatus.VIRTIO_BLK_S_IOERR
+    err = status_error(req, "t")
+    assert isinstance(err, BlkIOError)
+    assert (err.status, err.sector, err.count) == (1, 8, 2)
+    assert str(err) == f"t: I/O error on {req} (VIRTIO_BLK_S_IOERR)"
+
+
+def test_discard_pieces_end_on_the_alignment_where_the_range_goes_on() -> None:
+    from virtio_user.blk import range_pieces
+    from virtio_user.blk_setup import Limits
+    lim = Limits(1 << 20, 4096, None, None, 1 << 16, 1 << 16, discard_sector_alignment=24)
+    pieces = list(range_pieces(lim, ReqType.VIRTIO_BLK_T_DISCARD, 8, 100, 50, "t"))
+    assert pieces == [(8, 40), (48, 48), (96, 12)]
+    with pytest.raises(Unsupported, match="max_write_zeroes_sectors 4 is below one 4096-byte"):
+        list(range_pieces(lim, ReqType.VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 4, "t"))

@@ -1,8 +1,9 @@
 """The contract between the command line and the modules that implement a subcommand
-(``cli.py``'s own, ``bench.py``, ``nbd.py``, ``shell.py``): how one registers, and how
-a ``prepare`` says it already did the whole job. It sits below all of them, so none of
-them imports the command line back (and ``python -m virtio_user.cli``, where cli is
-``__main__``, sees the same classes as the modules it loads)."""
+(``commands.py``'s own, ``bench.py``, ``nbd``, ``cli.py``'s ``shell``): how one
+registers, and how a ``prepare`` says it already did the whole job. It sits below all
+of them, so none of them imports the command line back (and ``python -m
+virtio_user.cli``, where cli is ``__main__``, sees the same classes as the modules it
+loads)."""
 
 from __future__ import annotations
 

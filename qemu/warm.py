@@ -34,6 +34,7 @@ import virtio_user.packed  # noqa: F401
 import virtio_user.interrupts  # noqa: F401
 
 MAX_MESSAGE = 1 << 20
+PR_SET_NAME = 15  # prctl(2)
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
                  signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
@@ -53,6 +54,7 @@ def run_child(req: dict, fds: list[int]) -> None:
     status = 1
     try:
         os.setsid()
+        set_comm(os.path.basename(req["argv"][0]))
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in RESET_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -82,6 +84,14 @@ def run_child(req: dict, fds: list[int]) -> None:
     finally:
         flush()
         os._exit(status)
+
+
+def set_comm(name: str) -> None:
+    """The name ps, pgrep and /proc/PID/comm show, as exec of the entry point gives it
+    (the command line stays the warm interpreter's)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def flush() -> None:

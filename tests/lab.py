@@ -75,7 +75,15 @@ class Lab:
         if len(self.disks) > len(LAB_SLOTS):
             raise LabFull(f"the lab holds at most {len(LAB_SLOTS)} disks on its PCI bus; "
                           f"the selected modules ask for {len(self.disks)}")
-        for slot, disk in zip(LAB_SLOTS, self.disks):
+        # A module may pin a disk's slot (extra addr=0xNN) when a README example it runs
+        # word for word names the address; the others take the free slots in order.
+        pinned = [int(d.extra["addr"], 16) for d in self.disks if "addr" in d.extra]
+        if len(set(pinned)) != len(pinned) or not set(pinned) <= set(LAB_SLOTS):
+            raise LabFull(f"pinned slots {pinned}: each at most once, within {LAB_SLOTS}")
+        free = iter(s for s in LAB_SLOTS if s not in pinned)
+        self.slots = [int(d.extra["addr"], 16) if "addr" in d.extra else next(free)
+                      for d in self.disks]
+        for slot, disk in zip(self.slots, self.disks):
             disk.extra = {**disk.extra, "addr": hex(slot)}  # modules share extra dicts
         self.vm = GuestSession(self.disks, backend="vfio", cwd=root,
                                memory_mib=LAB_MEMORY_MIB, warm_start=True)
@@ -92,6 +100,6 @@ class Lab:
         return Bay(
             vm=self.vm, dir=self.root / module.__name__.rpartition(".")[2],
             disks={n: self.disks[i] for n, i in mine},
-            bdfs={n: f"0000:00:{LAB_SLOTS[i]:02x}.0" for n, i in mine},
+            bdfs={n: f"0000:00:{self.slots[i]:02x}.0" for n, i in mine},
             nodes={n: f"disk{i}" for n, i in mine},
             ids={n: f"vblk{i}" for n, i in mine})

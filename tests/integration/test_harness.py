@@ -14,6 +14,7 @@ import numpy
 import pytest
 
 from images import REPO, RUN_IN_QEMU, make_image
+from lab import Bay
 from virtio_user.host import Disk, GuestSession, GuestTimeout
 from virtio_user.host import accel
 
@@ -48,56 +49,55 @@ MODERN_FORMS = [  # (options after PATH, PCI device id, {feature bit: negotiated
 ]
 
 
-@pytest.fixture(scope="module")
-def disks(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    d = tmp_path_factory.mktemp("harness-disks")
-    specs = [str(make_image(d / "plain.raw", 8)),
-             str(make_image(d / "layered.qcow2", 8, "qcow2"))]
+def lab_disks(d: Path) -> dict[str, Disk]:
+    """The session-mode tests run in the lab guest (tests/lab.py); its disks are given
+    in the ``--disk`` spec form, parsed as run-in-qemu.sh parses them."""
+    specs = {"plain": str(make_image(d / "plain.raw", 8)),
+             "qcow2": str(make_image(d / "layered.qcow2", 8, "qcow2"))}
     for i, (options, _, _) in enumerate(MODERN_FORMS):
-        specs.append(f"{make_image(d / f'form{i}.raw', 1)},{options}")
-    return specs
+        specs[f"form{i}"] = f"{make_image(d / f'form{i}.raw', 1)},{options}"
+    return {name: Disk.parse(spec) for name, spec in specs.items()}
 
 
 @pytest.fixture(scope="module")
-def vm(disks: list[str], tmp_path_factory: pytest.TempPathFactory):
-    cwd = tmp_path_factory.mktemp("harness-cwd")
-    with GuestSession(disks, cwd=cwd) as session:
-        yield session
+def vm(bay: Bay) -> Bay:
+    return bay
 
 
-def test_command_status_and_output_come_back(vm: GuestSession) -> None:
+def test_command_status_and_output_come_back(vm: Bay) -> None:
     r = vm.run("echo to-stdout; echo to-stderr >&2; exit 42")
     assert (r.status, r.out, r.err) == (42, "to-stdout\n", "to-stderr\n")
 
 
-def test_many_commands_in_one_session(vm: GuestSession) -> None:
+def test_many_commands_in_one_session(vm: Bay) -> None:
     outs = [vm.run(["echo", str(i)]).out for i in range(20)]
     assert outs == [f"{i}\n" for i in range(20)]
 
 
-def test_relative_output_path_lands_in_host_directory(vm: GuestSession) -> None:
+def test_relative_output_path_lands_in_host_directory(vm: Bay) -> None:
     r = vm.run("mkdir -p sub && echo written-in-guest > sub/out.txt")
     assert r.status == 0, r.err
-    assert (vm.config.cwd / "sub" / "out.txt").read_text() == "written-in-guest\n"
+    assert (vm.dir / "sub" / "out.txt").read_text() == "written-in-guest\n"
 
 
-def test_guest_runs_the_hosts_python_environment(vm: GuestSession) -> None:
+def test_guest_runs_the_hosts_python_environment(vm: Bay) -> None:
     r = vm.run(["python", "-c", "import sys, numpy, pyudev; print(sys.prefix)"])
     assert r.status == 0, r.err
     assert r.out.strip() == os.path.realpath(__import__("sys").prefix)
 
 
-def test_raw_and_qcow2_disks_are_legacy_virtio_blk(vm: GuestSession) -> None:
-    r = vm.run("cd /sys/bus/pci/devices && cat 0000:00:10.0/device 0000:00:11.0/device")
+def test_raw_and_qcow2_disks_are_legacy_virtio_blk(vm: Bay) -> None:
+    r = vm.run(f"cd /sys/bus/pci/devices && cat {vm.bdfs['plain']}/device "
+               f"{vm.bdfs['qcow2']}/device")
     assert r.status == 0, r.err
     assert r.out.split() == ["0x1001", "0x1001"]
 
 
 @pytest.mark.parametrize("index", range(len(MODERN_FORMS)))
-def test_disk_transport_and_feature_options_reach_the_device(vm: GuestSession,
+def test_disk_transport_and_feature_options_reach_the_device(vm: Bay,
                                                              index: int) -> None:
     options, device, bits = MODERN_FORMS[index]
-    pci = f"/sys/bus/pci/devices/0000:00:{0x12 + index:02x}.0"
+    pci = f"/sys/bus/pci/devices/{vm.bdfs[f'form{index}']}"
     r = vm.run(f"cat {pci}/device {pci}/virtio*/features")
     assert r.status == 0, r.err
     got_device, features = r.out.split()
@@ -105,7 +105,7 @@ def test_disk_transport_and_feature_options_reach_the_device(vm: GuestSession,
     assert {bit: int(features[bit]) for bit in bits} == bits, options
 
 
-def test_guest_has_nbd_and_ext4_at_boot(vm: GuestSession) -> None:
+def test_guest_has_nbd_and_ext4_at_boot(vm: Bay) -> None:
     r = vm.run("ls -d /sys/module/nbd /sys/module/ext4 /dev/nbd0 && grep -w ext4 "
                "/proc/filesystems")
     assert r.status == 0, r.err
@@ -119,18 +119,43 @@ def test_disk_serial_is_file_base_name_cut_to_20_bytes(tmp_path: Path) -> None:
     assert len(disk.default_serial().encode()) == 20
 
 
-def test_qmp_is_reachable(vm: GuestSession) -> None:
-    blocks = vm.qmp.cmd("query-block")
-    assert {b["inserted"]["node-name"] for b in blocks} >= {"disk0", "disk1"}
-    assert {b["qdev"].split("/")[3] for b in blocks} >= {"vblk0", "vblk1"}
+def test_qmp_is_reachable(vm: Bay) -> None:
+    blocks = vm.vm.qmp.cmd("query-block")
+    assert {b["inserted"]["node-name"] for b in blocks} >= {vm.nodes["plain"],
+                                                            vm.nodes["qcow2"]}
+    assert {b["qdev"].split("/")[3] for b in blocks} >= {vm.ids["plain"], vm.ids["qcow2"]}
 
 
-def test_session_command_timeout_is_reported(vm: GuestSession) -> None:
+def test_session_command_timeout_is_reported(vm: Bay) -> None:
     cmd = vm.spawn(["sleep", "30"])
     with pytest.raises(GuestTimeout):
         cmd.wait(timeout=1)
     cmd.signal(signal.SIGKILL)
     assert cmd.wait(timeout=30).status == 128 + signal.SIGKILL
+
+
+WARM_PARENT = ("for p in /proc/[0-9]*; do grep -qa warm.py $p/cmdline 2>/dev/null && "
+               "cat $p/task/*/children; done")
+
+
+def test_warm_and_cold_commands_agree(vm: Bay) -> None:
+    """The lab runs virtio-user warm (GuestSession(warm_start=True)): the same status,
+    stdout and stderr as a cold start, for output, data and a refused input."""
+    plain = vm.bdfs["plain"]
+    for args in (["info", "--json"], ["read", "0", "3"], ["read", "0", "x"],
+                 ["write", "0", "--pattern", "300"], ["--no-such-option"]):
+        argv = ["virtio-user", "--device", plain, *args]
+        warm, cold = vm.run(argv), vm.run(argv, warm=False)
+        assert (warm.status, warm.stdout, warm.stderr) == \
+            (cold.status, cold.stdout, cold.stderr), args
+    # ... and a warm command is a child of the warm interpreter, and a signal reaches it.
+    cmd = vm.spawn(["virtio-user", "--device", plain, "bench", "--runtime", "60"])
+    deadline = time.monotonic() + 60
+    while not vm.run(WARM_PARENT).out.split():
+        assert time.monotonic() < deadline, "no child of the warm interpreter"
+    cmd.signal(signal.SIGINT)
+    r = cmd.wait(timeout=60)
+    assert r.status == 130 and "interrupted by SIGINT" in r.err, r.err
 
 
 def test_options_in_space_form_and_commas_in_paths(tmp_path: Path) -> None:

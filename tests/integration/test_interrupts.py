@@ -1,5 +1,5 @@
 """Interrupt-driven completions against QEMU's virtio-blk: uio INTx on legacy devices,
-vfio MSI-X on modern ones; one guest per backend, three devices each.
+vfio MSI-X on modern ones; four devices per backend in the lab guest (tests/lab.py).
 
 What the tests show: tens of thousands of I/Os complete with ``--wait interrupt`` (none
 lost, none timed out, the bytes checked on the host image); the guest kernel's
@@ -21,31 +21,58 @@ from pathlib import Path
 import pytest
 
 from images import REPO, make_image
-from virtio_user.host import CommandResult, Disk, GuestSession
+from lab import Bay
+from virtio_user.host import CommandResult, Disk
 
 pytestmark = pytest.mark.qemu
 
 SECTOR = 512
-DATA, RESIZE, SLOW, NO_MSIX = (f"0000:00:{0x10 + i:02x}.0" for i in range(4))
+DATA, RESIZE, SLOW, NO_MSIX = "data", "resize", "slow", "no_msix"
 MODERN = {"disable-legacy": "on", "disable-modern": "off"}  # 1af4:1042
+README_DEVICE = "0000:00:10.0"  # where the README's example has its disk
+
+
+def lab_disks(d: Path) -> dict[str, Disk]:
+    """Legacy devices for uio, modern ones for vfio; the fourth has no MSI-X."""
+    disks = {}
+    for backend, extra in (("uio", {}), ("vfio", MODERN)):
+        for name, pattern in ((DATA, b"interrupts"), (RESIZE, b"resize"), (SLOW, b"slow"),
+                              (NO_MSIX, b"intx")):
+            image = make_image(d / f"{backend}-{name}.raw", 16 if name == DATA else 8,
+                               pattern=pattern)
+            more = {"vectors": "0"} if name == NO_MSIX else {}
+            disks[f"{backend}-{name}"] = Disk(image, extra={**extra, **more})
+    return disks
 
 
 class Guest:
-    def __init__(self, vm: GuestSession, images: dict[str, Path], backend: str) -> None:
-        self.vm = vm
-        self.images = images
-        self.backend = backend
+    """One backend's four disks; methods take the disk's short name (DATA, ...)."""
 
-    def argv(self, bdf: str, *args: object) -> list[str]:
-        return ["virtio-user", "--backend", self.backend, "--device", bdf,
+    def __init__(self, bay: Bay, backend: str) -> None:
+        self.bay = bay
+        self.vm = bay.vm
+        self.backend = backend
+        self.cwd = bay.dir
+        self.images = {name.partition("-")[2]: path for name, path in bay.images.items()
+                       if name.startswith(backend + "-")}
+
+    def bdf(self, disk: str) -> str:
+        return self.bay.bdfs[f"{self.backend}-{disk}"]
+
+    def argv(self, disk: str, *args: object) -> list[str]:
+        return ["virtio-user", "--backend", self.backend, "--device", self.bdf(disk),
                 *map(str, args)]
 
-    def vu(self, bdf: str, *args: object, timeout: float = 300) -> CommandResult:
-        return self.vm.run(self.argv(bdf, *args), timeout=timeout)
+    def spawn(self, argv: list[str]):  # type: ignore[no-untyped-def]
+        return self.bay.spawn(argv)
 
-    def irq_count(self, bdf: str) -> int | None:
+    def vu(self, disk: str, *args: object, timeout: float = 300) -> CommandResult:
+        return self.bay.run(self.argv(disk, *args), timeout=timeout)
+
+    def irq_count(self, disk: str) -> int | None:
         """The guest kernel's count for the device's queue interrupt: uio's INTx line,
         or vfio's MSI-X vector 1 (which exists only while a process holds it)."""
+        bdf = self.bdf(disk)
         if self.backend == "uio":
             irq = self.vm.run(["cat", f"/sys/bus/pci/devices/{bdf}/irq"]).out.strip()
             label = re.compile(rf"^\s*{irq}:")
@@ -56,31 +83,21 @@ class Guest:
                 return sum(int(f) for f in line.split(":", 1)[1].split() if f.isdigit())
         return None
 
-    def wait_interrupts(self, bdf: str, above: int = 0, timeout: float = 120) -> int:
+    def wait_interrupts(self, disk: str, above: int = 0, timeout: float = 120) -> int:
         """Until the device's interrupt count exceeds ``above`` (a process is running
         and the device interrupts it)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            count = self.irq_count(bdf)
+            count = self.irq_count(disk)
             if count is not None and count > above:
                 return count
             time.sleep(0.5)
-        raise AssertionError(f"{bdf}: no interrupts counted within {timeout:g} s")
+        raise AssertionError(f"{self.bdf(disk)}: no interrupts counted within {timeout:g} s")
 
 
 @pytest.fixture(scope="module", params=["uio", "vfio"])
-def guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    backend = request.param
-    d = tmp_path_factory.mktemp(f"interrupts-{backend}")
-    images = {"data": make_image(d / "data.raw", 16, pattern=b"interrupts"),
-              "resize": make_image(d / "resize.raw", 8, pattern=b"resize"),
-              "slow": make_image(d / "slow.raw", 8, pattern=b"slow"),
-              "no_msix": make_image(d / "no_msix.raw", 8, pattern=b"intx")}
-    extra = MODERN if backend == "vfio" else {}
-    disks = [Disk(images[name], extra=dict(extra)) for name in ("data", "resize", "slow")]
-    disks.append(Disk(images["no_msix"], extra={**extra, "vectors": "0"}))  # no MSI-X
-    with GuestSession(disks, backend=backend, cwd=d) as vm:
-        yield Guest(vm, images, backend)
+def guest(request: pytest.FixtureRequest, bay: Bay) -> Guest:
+    return Guest(bay, request.param)
 
 
 def readme_example() -> list[str]:
@@ -91,13 +108,15 @@ def readme_example() -> list[str]:
 
 
 def test_tens_of_thousands_of_ios_driven_by_interrupts(guest: Guest) -> None:
-    """The README's example, word for word on vfio (uio: its --backend changed)."""
+    """The README's example, word for word on vfio but for the lab's address of the disk
+    (uio: its --backend changed too)."""
     before = guest.irq_count(DATA) or 0  # uio: the line's count; vfio: no vector yet
     original = guest.images["data"].read_bytes()
     argv = readme_example()
-    assert argv[argv.index("--device") + 1] == DATA and "20000" in argv
+    assert argv[argv.index("--device") + 1] == README_DEVICE and "20000" in argv
     argv[argv.index("--backend") + 1] = guest.backend
-    cmd = guest.vm.spawn(argv)
+    argv[argv.index("--device") + 1] = guest.bdf(DATA)
+    cmd = guest.spawn(argv)
     during = guest.wait_interrupts(DATA, above=before)
     r = cmd.wait(timeout=900)
     assert r.status == 0, r.err
@@ -112,7 +131,7 @@ def test_tens_of_thousands_of_ios_driven_by_interrupts(guest: Guest) -> None:
     else:  # the vector was counting while the bench ran, and is freed now
         assert during > 0 and guest.irq_count(DATA) is None
     # The host image is the oracle: what the guest reads back in interrupt mode is it.
-    back = guest.vm.config.cwd / "back.bin"
+    back = guest.cwd / "back.bin"
     r = guest.vu(DATA, "--wait", "interrupt", "read", 0, 32768, "-o", back)
     assert r.status == 0, r.err
     image = guest.images["data"].read_bytes()
@@ -128,39 +147,42 @@ def test_hybrid_reads_match_the_host_image(guest: Guest) -> None:
     assert result["ios"] == 5000 and result["wait"] == "hybrid"
     assert result["irq"] in ("uio-intx", "vfio-msix") and result["verified_blocks"] >= 256
     r = guest.vu(DATA, "--wait", "hybrid", "read", 1000, 8, "-o",
-                 guest.vm.config.cwd / "hybrid.bin")
+                 guest.cwd / "hybrid.bin")
     assert r.status == 0, r.err
     image = guest.images["data"].read_bytes()
-    assert (guest.vm.config.cwd / "hybrid.bin").read_bytes() == \
+    assert (guest.cwd / "hybrid.bin").read_bytes() == \
         image[1000 * SECTOR:1008 * SECTOR]
 
 
 def test_resize_during_a_bench_arrives_by_the_config_interrupt(guest: Guest) -> None:
     """bench uses only submit/reap, which never look at the config: the new capacity
     can only come from the configuration-change interrupt."""
-    cmd = guest.vm.spawn(guest.argv(RESIZE, "--wait", "interrupt", "bench", "--rw",
+    cmd = guest.spawn(guest.argv(RESIZE, "--wait", "interrupt", "bench", "--rw",
                                     "randread", "--runtime", 20))
     guest.wait_interrupts(RESIZE, above=guest.irq_count(RESIZE) or 0)
-    guest.vm.qmp.cmd("block_resize", **{"node-name": "disk1", "size": 16 << 20})
+    node = guest.bay.nodes[f"{guest.backend}-{RESIZE}"]
+    guest.vm.qmp.cmd("block_resize", **{"node-name": node, "size": 16 << 20})
     r = cmd.wait(timeout=300)
     assert r.status == 0, r.err
     assert "config change: capacity 16384 -> 32768 sectors" in r.out
-    assert f"{RESIZE}: capacity changed from 16384 to 32768 sectors" in r.err
+    assert f"{guest.bdf(RESIZE)}: capacity changed from 16384 to 32768 sectors" in r.err
 
 
 def sleeping_in_poll(guest: Guest) -> bool:
     """Whether the virtio-user process is asleep in poll(2) right now."""
+    # comm, not cmdline: a warm-started command runs in the warm interpreter's argv.
     r = guest.vm.run("for p in /proc/[0-9]*; do "
-                     "grep -qa 'virtio-user' $p/cmdline 2>/dev/null && cat $p/wchan; done")
+                     "grep -qx 'virtio-user' $p/comm 2>/dev/null && cat $p/wchan; done")
     return "poll" in r.out
 
 
 def test_sigint_while_asleep_ends_cleanly_and_the_next_run_works(guest: Guest) -> None:
-    throttle = {"id": "/machine/peripheral/vblk2/virtio-backend", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops_rd": 0,
+    qdev = guest.bay.ids[f"{guest.backend}-{SLOW}"]
+    throttle = {"id": f"/machine/peripheral/{qdev}/virtio-backend", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops_rd": 0,
                 "iops_wr": 0}
     guest.vm.qmp.cmd("block_set_io_throttle", iops=2, **throttle)  # a request: ~0.5 s
     try:
-        cmd = guest.vm.spawn(guest.argv(SLOW, "--wait", "interrupt", "--timeout", 60,
+        cmd = guest.spawn(guest.argv(SLOW, "--wait", "interrupt", "--timeout", 60,
                                         "bench", "--runtime", 120))
         guest.wait_interrupts(SLOW, above=guest.irq_count(SLOW) or 0)
         deadline = time.monotonic() + 60
@@ -178,9 +200,9 @@ def test_sigint_while_asleep_ends_cleanly_and_the_next_run_works(guest: Guest) -
     assert r.status == 0, r.err
     assert json.loads(r.out)["ios"] == 500
     r = guest.vu(SLOW, "--wait", "interrupt", "read", 0, 16, "-o",
-                 guest.vm.config.cwd / "slow.bin")
+                 guest.cwd / "slow.bin")
     assert r.status == 0, r.err
-    assert (guest.vm.config.cwd / "slow.bin").read_bytes() == \
+    assert (guest.cwd / "slow.bin").read_bytes() == \
         guest.images["slow"].read_bytes()[:16 * SECTOR]
 
 
@@ -193,7 +215,7 @@ def test_without_msix_the_device_interrupts_through_intx(guest: Guest) -> None:
     result = json.loads(r.out)
     assert result["irq"] == ("uio-intx" if guest.backend == "uio" else "vfio-intx")
     assert result["ios"] == 3000 and result["interrupts"] > 0
-    back = guest.vm.config.cwd / "no_msix.bin"
+    back = guest.cwd / "no_msix.bin"
     r = guest.vu(NO_MSIX, "--wait", "interrupt", "read", 0, 16384, "-o", back)
     assert r.status == 0, r.err
     assert back.read_bytes() == guest.images["no_msix"].read_bytes()

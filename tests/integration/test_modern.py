@@ -2,7 +2,8 @@
 transitional devices, on uio and on vfio, and real DMA isolation through the emulated
 IOMMU with VIRTIO_F_ACCESS_PLATFORM (``iommu_platform=on``).
 
-One guest per backend holds every device. The image files on the host are the oracle.
+The lab guest (tests/lab.py) holds the devices; both backends drive them. The image files
+on the host are the oracle.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from images import make_image
+from lab import Bay
 from virtio_user.host import CommandResult, Disk, GuestSession
 
 pytestmark = pytest.mark.qemu
@@ -106,39 +108,27 @@ class Guest:
     def read_digest(self, disk: str, sector: int, count: int,
                     transport: str | None = None) -> str:
         """What the guest reads, as a SHA-256 (the data stays in the guest)."""
-        opts = f"--transport {transport} " if transport else ""
-        r = self.vm.run(f"virtio-user --backend {self.backend} {opts}--device "
-                        f"{self.bdfs[disk]} read {sector} {count} -o /tmp/r.bin && "
-                        "sha256sum /tmp/r.bin", timeout=300)
+        self.ok(disk, "read", sector, count, "-o", "/tmp/r.bin", transport=transport)
+        r = self.vm.run(["sha256sum", "/tmp/r.bin"])
         assert r.status == 0, r.err
         return r.out.split()[0]
 
 
-def boot(tmp: Path, backend: str, disks: dict[str, dict[str, str]]) -> GuestSession:
-    images = {name: make_image(tmp / f"{name}.raw", 8, pattern=PATTERN + name.encode())
-              for name in disks}
-    return GuestSession([Disk(images[n], extra=extra) for n, extra in disks.items()],
-                        backend=backend, cwd=tmp), images
-
-
-def bdfs_of(disks: dict[str, dict[str, str]]) -> dict[str, str]:
-    return {name: f"0000:00:{0x10 + i:02x}.0" for i, name in enumerate(disks)}
-
-
-@pytest.fixture(scope="module")
-def uio(tmp_path_factory: pytest.TempPathFactory):
+def lab_disks(d: Path) -> dict[str, Disk]:
+    """This module's disks in the lab guest (tests/lab.py)."""
     disks = {"modern": MODERN, "transitional": TRANSITIONAL, "isolated": ISOLATED}
-    session, images = boot(tmp_path_factory.mktemp("modern-uio"), "uio", disks)
-    with session as vm:
-        yield Guest(vm, "uio", images, bdfs_of(disks))
+    return {name: Disk(make_image(d / f"{name}.raw", 8, pattern=PATTERN + name.encode()),
+                       extra=extra) for name, extra in disks.items()}
 
 
 @pytest.fixture(scope="module")
-def vfio(tmp_path_factory: pytest.TempPathFactory):
-    disks = {"modern": MODERN, "isolated": ISOLATED}
-    session, images = boot(tmp_path_factory.mktemp("modern-vfio"), "vfio", disks)
-    with session as vm:
-        yield Guest(vm, "vfio", images, bdfs_of(disks))
+def uio(bay: Bay) -> Guest:
+    return Guest(bay.vm, "uio", bay.images, bay.bdfs)
+
+
+@pytest.fixture(scope="module")
+def vfio(bay: Bay) -> Guest:
+    return Guest(bay.vm, "vfio", bay.images, bay.bdfs)
 
 
 def sha(data: bytes) -> str:

@@ -1,6 +1,6 @@
 """virtio-user shell against QEMU's virtio-blk: the README's session, fed from a file.
 
-One small guest for the module. The image on the host is the oracle: what ``reap`` shows
+One disk in the lab guest (tests/lab.py), at the README's address. The image on the host is the oracle: what ``reap`` shows
 of a read is the host's bytes, and a submitted write is on the host afterwards.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from images import REPO, make_image
 from virtio_user.cli import HexDump
-from virtio_user.host import CommandResult, Disk, GuestSession
+from lab import Bay
+from virtio_user.host import CommandResult, Disk
 
 pytestmark = pytest.mark.qemu
 
@@ -34,14 +34,25 @@ def readme_session() -> list[str]:
     return [line[len(PROMPT):] for line in block.splitlines() if line.startswith(PROMPT)]
 
 
+def lab_disks(d: Path) -> dict[str, Disk]:
+    """The README's transcript names the address, so the disk is pinned there."""
+    image = make_image(d / "disk.img", 16)
+    with image.open("r+b") as f:
+        f.write(SECTOR0)
+        f.seek(100 * SECTOR)
+        f.write(bytes(range(256)) * 4)
+    return {"disk": Disk(image, extra={"addr": "0x" + BDF[8:10]})}
+
+
 class Guest:
-    def __init__(self, vm: GuestSession, image: Path) -> None:
-        self.vm, self.image = vm, image
+    def __init__(self, bay: Bay) -> None:
+        self.bay, self.image = bay, bay.images["disk"]
+        assert bay.bdfs["disk"] == BDF
 
     def shell(self, lines: list[str]) -> CommandResult:
         """``virtio-user shell`` with ``lines`` on its standard input (not a terminal)."""
-        (self.vm.config.cwd / "session.txt").write_text("".join(f"{x}\n" for x in lines))
-        return self.vm.run(["sh", "-c", REPLAY], timeout=300)
+        (self.bay.dir / "session.txt").write_text("".join(f"{x}\n" for x in lines))
+        return self.bay.run(["sh", "-c", REPLAY], timeout=300)
 
     def sectors(self, first: int, count: int) -> bytes:
         with self.image.open("rb") as f:
@@ -50,15 +61,8 @@ class Guest:
 
 
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    d = tmp_path_factory.mktemp("shell")
-    image = make_image(d / "disk.img", 16)
-    with image.open("r+b") as f:
-        f.write(SECTOR0)
-        f.seek(100 * SECTOR)
-        f.write(bytes(range(256)) * 4)
-    with GuestSession([Disk(image)], cwd=d) as vm:
-        yield Guest(vm, image)
+def guest(bay: Bay) -> Guest:
+    return Guest(bay)
 
 
 def hexdump(data: bytes) -> str:

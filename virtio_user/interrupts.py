@@ -37,7 +37,6 @@ from typing import Any, Callable, Protocol
 
 from . import pci
 from .errors import BackendUnavailable, CannotOpen, DeviceError
-from .regs import Registers
 from .spec import VIRTIO_MSI_NO_VECTOR, IsrBit
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ WAIT_MODES = ("poll", "interrupt", "hybrid")
 HYBRID_SPIN_SECONDS = 50e-6  # spin this long before sleeping (see README "Waiting")
 MAX_SLEEP = 1.0  # one poll(2) at most this long: deadlines are re-checked in between
 CONFIG_VECTOR, QUEUE_VECTOR = 0, 1  # MSI-X table entries we use
-PCI_COMMAND_INTX_DISABLE = 1 << 10  # PCI Command register bit 10, "Interrupt Disable"
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 
 
@@ -89,7 +87,7 @@ class UioIntx:
 
     kind = "uio-intx"
 
-    def __init__(self, bdf: str, isr: Callable[[], int], config: Registers) -> None:
+    def __init__(self, bdf: str, isr: Callable[[], int], config: pci.ConfigSpace) -> None:
         self.bdf = bdf
         self._isr = isr
         self._config = config
@@ -98,7 +96,7 @@ class UioIntx:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise CannotOpen(f"cannot open {self.path}: {exc.strerror}") from exc
-        self._unmask()  # a previous run may have left the line masked
+        pci.unmask_intx(config)  # a previous run may have left the line masked
 
     @staticmethod
     def find(bdf: str) -> Path:
@@ -108,20 +106,12 @@ class UioIntx:
                                      "uio_pci_generic?): no interrupts to wait for")
         return Path("/dev") / names[0].name
 
-    def _unmask(self) -> None:
-        """Clear Interrupt Disable. No race with the kernel's read-modify-write of the
-        same register: it only masks from the interrupt, which cannot fire while the
-        bit is still set."""
-        cmd = self._config.read_at(pci.COMMAND_REG, 2)
-        if cmd & PCI_COMMAND_INTX_DISABLE:
-            self._config.write_at(pci.COMMAND_REG, 2, cmd & ~PCI_COMMAND_INTX_DISABLE)
-
     def wait(self, timeout: float) -> IsrBit | None:
         if not _poll_fds([self.fd], timeout):
             return None
         os.read(self.fd, 4)  # the interrupt count; readable, so this does not block
         bits = IsrBit(self._isr())  # acknowledges: the device lowers the line
-        self._unmask()
+        pci.unmask_intx(self._config)
         return bits
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .errors import BindError, DeviceBusy, DeviceNotFound, InvalidArgument, WrongDevice
 from .spec import (VIRTIO_ID_BLOCK, VIRTIO_PCI_LEGACY_BLK, VIRTIO_PCI_MODERN_BLK,
@@ -20,9 +21,19 @@ from .spec import (VIRTIO_ID_BLOCK, VIRTIO_PCI_LEGACY_BLK, VIRTIO_PCI_MODERN_BLK
 
 SYSFS_PCI = Path("/sys/bus/pci")
 _BDF = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
-COMMAND_REG = 4  # PCI config space: command register (le16)
+# PCI configuration space header, "Command Register" (le16 at 4) and its bits.
+COMMAND_REG = 4
 COMMAND_IO = 1 << 0
 COMMAND_BUS_MASTER = 1 << 2
+PCI_COMMAND_INTX_DISABLE = 1 << 10  # "Interrupt Disable": the INTx line is masked
+
+
+class ConfigSpace(Protocol):
+    """PCI configuration space by offset: a sysfs ``config`` file or a VFIO region."""
+
+    def read_at(self, offset: int, width: int) -> int: ...
+
+    def write_at(self, offset: int, width: int, value: int) -> None: ...
 
 
 def parse_bdf(text: str) -> str:
@@ -101,6 +112,26 @@ def find(bdf: str | None) -> PciDevice:
                                   "(1af4:1001 with subsystem 0002, or 1af4:1042)")
             return d
     raise DeviceNotFound(f"no PCI device at {bdf}")
+
+
+def enable_command(config: ConfigSpace, bits: int) -> None:
+    """Set ``bits`` (e.g. COMMAND_IO | COMMAND_BUS_MASTER) in the Command register."""
+    cmd = config.read_at(COMMAND_REG, 2)
+    if cmd & bits != bits:
+        config.write_at(COMMAND_REG, 2, cmd | bits)
+
+
+def unmask_intx(config: ConfigSpace) -> None:
+    """Clear Interrupt Disable in the Command register (no write when it is clear).
+
+    uio_pci_generic sets the bit each time the INTx line fires, and only clears it
+    through a driver that writes it back; the transport clears it before DRIVER_OK and
+    the uio interrupt waiter after each interrupt. No race with the kernel's own
+    read-modify-write of the register: it only masks from the interrupt handler, which
+    cannot run while the bit is still set."""
+    cmd = config.read_at(COMMAND_REG, 2)
+    if cmd & PCI_COMMAND_INTX_DISABLE:
+        config.write_at(COMMAND_REG, 2, cmd & ~PCI_COMMAND_INTX_DISABLE)
 
 
 def block_devices(dev: PciDevice) -> list[str]:

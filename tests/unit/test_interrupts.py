@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from virtio_user import interrupts
+from virtio_user import interrupts, pci
 from virtio_user.errors import DeviceTimeout
 from virtio_user.interrupts import UioIntx, Waiter
 from virtio_user.memory import DmaAllocator, DmaRegion
@@ -238,7 +238,7 @@ def test_uio_source_acknowledges_through_the_isr_and_unmasks(tmp_path: Any,
     def isr() -> int:
         isr_reads.append(1)
         return 3
-    masked = 0x0006 | interrupts.PCI_COMMAND_INTX_DISABLE  # bus master, memory, masked
+    masked = 0x0006 | pci.PCI_COMMAND_INTX_DISABLE  # bus master, memory, masked
     config = Config(masked)
     src = object.__new__(UioIntx)
     src.fd, src.path, src._isr, src._config = r, interrupts.Path("/dev/uio3"), isr, config
@@ -246,7 +246,7 @@ def test_uio_source_acknowledges_through_the_isr_and_unmasks(tmp_path: Any,
     os.write(w, (7).to_bytes(4, "little"))  # the interrupt count
     assert src.wait(1.0) == IsrBit.QUEUE | IsrBit.CONFIG
     assert isr_reads == [1] and config.writes == [0x0006]  # only the bit cleared
-    src._unmask()
+    pci.unmask_intx(config)
     assert config.writes == [0x0006]  # already unmasked: no second write
     os.close(w)
     src.close()

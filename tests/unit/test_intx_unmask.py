@@ -2,7 +2,7 @@
 
 uio_pci_generic leaves it set after the line fired once; QEMU then starts a vhost-user
 back end without a call eventfd, which libvhost-user cannot survive (see
-transport.unmask_intx). Checked on both transports, at the moment of DRIVER_OK."""
+pci.unmask_intx). Checked on both transports, at the moment of DRIVER_OK."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 
 from virtio_user.blk import VirtioBlk
-from virtio_user.interrupts import PCI_COMMAND_INTX_DISABLE
-from virtio_user.pci import COMMAND_BUS_MASTER, COMMAND_REG
+from virtio_user.pci import (COMMAND_BUS_MASTER, COMMAND_IO, COMMAND_REG,
+                             PCI_COMMAND_INTX_DISABLE, enable_command, unmask_intx)
 from virtio_user.spec import Status
-from virtio_user.transport import unmask_intx
 from fake_device import FakeBackend, FakeConfigSpace
 from fake_modern import FakeModernBackend
 
@@ -55,4 +54,16 @@ def test_unmask_intx_leaves_the_other_command_bits_and_a_clear_bit_alone() -> No
     writes: list[int] = []
     config.write_at = lambda offset, width, value: writes.append(value)  # type: ignore[method-assign]
     unmask_intx(config)
+    assert writes == []
+
+
+def test_enable_command_sets_only_the_bits_asked_for_and_skips_a_needless_write() -> None:
+    config = FakeConfigSpace()
+    config.write_at(COMMAND_REG, 2, PCI_COMMAND_INTX_DISABLE)
+    enable_command(config, COMMAND_IO | COMMAND_BUS_MASTER)
+    assert config.read_at(COMMAND_REG, 2) == (PCI_COMMAND_INTX_DISABLE | COMMAND_IO
+                                              | COMMAND_BUS_MASTER)
+    writes: list[int] = []
+    config.write_at = lambda offset, width, value: writes.append(value)  # type: ignore[method-assign]
+    enable_command(config, COMMAND_BUS_MASTER)
     assert writes == []

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, Unsupported
-from .base import Backend, Transport, initialize, unmask_intx
+from .base import Backend, Transport, initialize
 
 if TYPE_CHECKING:
     from ..pci import PciDevice
@@ -71,5 +71,4 @@ def open_backend(name: str, bdf: str | None, *, rebind: bool = False,
     return VfioBackend(dev, rebind=rebind)
 
 
-__all__ = ["Backend", "Transport", "initialize", "open_backend", "open_transport",
-           "unmask_intx"]
+__all__ = ["Backend", "Transport", "initialize", "open_backend", "open_transport"]

@@ -10,15 +10,12 @@ from typing import Callable, Protocol
 import numpy as np
 
 from ..errors import DeviceError
-from ..interrupts import PCI_COMMAND_INTX_DISABLE
 from ..memory import DmaRegion
-from ..pci import COMMAND_REG
+from ..pci import ConfigSpace, unmask_intx
 from ..regs import Mmio, RegisterIO
 from ..spec import BLK_CONFIG_DTYPE, IsrBit, Reg, Status
 
 log = logging.getLogger(__name__)
-
-PCI_COMMAND = Reg("PCI_COMMAND", COMMAND_REG, 2, True)  # PCI config space, le16
 
 
 class Backend(Protocol):
@@ -36,7 +33,7 @@ class Backend(Protocol):
         ...
 
     @property
-    def config(self) -> RegisterIO:
+    def config(self) -> ConfigSpace:
         """PCI configuration space (where the capability list is)."""
         ...
 
@@ -184,26 +181,17 @@ def initialize(transport: Transport, wanted: int,
         t.set_driver_features(negotiated)
         t.features_ok()
         set_up(negotiated)
+        # Interrupt Disable must be clear at DRIVER_OK, even for a polling driver:
+        # uio_pci_generic set it if the line fired for an earlier run (a device signals
+        # its first used buffer after every start). QEMU takes MSI-X off plus Interrupt
+        # Disable set to mean the driver wants no interrupts (virtio-pci's
+        # query_guest_notifiers): at DRIVER_OK it gives a vhost-user back end no call
+        # eventfd (VHOST_USER_VRING_NOFD_MASK), and libvhost-user's next notification
+        # fails ("vu_panic: Error writing eventfd: Bad file descriptor"), which drops
+        # the device for every later driver.
         unmask_intx(t.backend.config)
         t.add_status(Status.DRIVER_OK)
     except BaseException:
         t.fail()
         raise
     return offered, negotiated
-
-
-def unmask_intx(config: RegisterIO) -> None:
-    """Clear Interrupt Disable in the PCI Command register; called between the reset
-    and DRIVER_OK, when the device raises no interrupt.
-
-    uio_pci_generic sets the bit each time the INTx line fires (a device signals its
-    first used buffer after every start, even to a polling driver), and only an
-    interrupt waiter clears it again. QEMU takes MSI-X off plus Interrupt Disable set
-    to mean the driver wants no interrupts (virtio-pci's query_guest_notifiers): at
-    DRIVER_OK it gives a vhost-user back end no call eventfd (vhost_virtqueue_start,
-    VHOST_USER_VRING_NOFD_MASK), and libvhost-user's next notification fails
-    ("vu_panic: Error writing eventfd: Bad file descriptor"), which drops the device
-    for every later driver."""
-    cmd = config.read(PCI_COMMAND)
-    if cmd & PCI_COMMAND_INTX_DISABLE:
-        config.write(PCI_COMMAND, cmd & ~PCI_COMMAND_INTX_DISABLE)

@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DeviceError, Unsupported
-from ..regs import RegisterIO, Window
+from ..pci import ConfigSpace
+from ..regs import Window
 from ..spec import (BLK_CONFIG_DTYPE, COMMON_CFG_MIN_LENGTH, MAX_QUEUE_SIZE,
                     PCI_CAP_ID_VNDR, PCI_CAPABILITY_LIST, PCI_CFG_SPACE_SIZE,
                     PCI_STATUS, PCI_STATUS_CAP_LIST, PCI_STD_HEADER_SIZEOF,
@@ -77,7 +78,7 @@ class Capabilities:
         return bool(self.common or self.notify or self.isr or self.device or self.ignored)
 
 
-def find_capabilities(config: RegisterIO, bdf: str) -> Capabilities:
+def find_capabilities(config: ConfigSpace, bdf: str) -> Capabilities:
     """Walk the PCI capability list from the capabilities pointer and parse the virtio
     vendor capabilities (0x09). A loop, a pointer into the standard header or past the
     config space, or a truncated capability is a DeviceError."""
@@ -109,7 +110,7 @@ def find_capabilities(config: RegisterIO, bdf: str) -> Capabilities:
     return Capabilities(**found, ignored=tuple(ignored))
 
 
-def _parse_vendor_cap(config: RegisterIO, ptr: int, bdf: str) -> VirtioCap | None:
+def _parse_vendor_cap(config: ConfigSpace, ptr: int, bdf: str) -> VirtioCap | None:
     """The record for a virtio structure capability at ``ptr`` (None: a type the driver
     does not use, such as PCI_CFG or shared memory)."""
     cfg_type = config.read_at(ptr + 3, 1)

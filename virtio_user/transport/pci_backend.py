@@ -19,9 +19,11 @@ from ..errors import DeviceBusy
 from ..memory import DmaRegion
 from ..errors import DeviceError
 from ..regs import Mmio, Registers
+from ..spec import PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST
 
 REBIND_DRIVER = "virtio-pci"
-_PCI_STATUS, _STATUS_CAP_LIST, _CAP_PTR, _CAP_MSIX = 6, 1 << 4, 0x34, 0x11
+PCI_CAP_ID_MSIX = 0x11
+PCI_MSIX_FLAGS_ENABLE = 1 << 15  # in the MSI-X capability's Message Control (le16 at +2)
 
 
 def _lock_dir() -> str:
@@ -52,9 +54,7 @@ class PciBackend:
                 pci.check_unused(dev)
                 pci.bind(dev, self.DRIVER)
             self.config = self._open_config()
-            cmd = self.config.read_at(pci.COMMAND_REG, 2)
-            self.config.write_at(pci.COMMAND_REG, 2,
-                                 cmd | pci.COMMAND_IO | pci.COMMAND_BUS_MASTER)
+            pci.enable_command(self.config, pci.COMMAND_IO | pci.COMMAND_BUS_MASTER)
             self.msix_enabled = self._msix_enabled()
         except BaseException:
             self.close()
@@ -123,13 +123,13 @@ class PciBackend:
 
     def _msix_enabled(self) -> bool:
         """Whether MSI-X is on (then the legacy device config moves from 20 to 24)."""
-        if not self.config.read_at(_PCI_STATUS, 2) & _STATUS_CAP_LIST:
+        if not self.config.read_at(PCI_STATUS, 2) & PCI_STATUS_CAP_LIST:
             return False
-        ptr, seen = self.config.read_at(_CAP_PTR, 1) & ~3, set()
+        ptr, seen = self.config.read_at(PCI_CAPABILITY_LIST, 1) & ~3, set()
         while ptr and ptr not in seen:
             seen.add(ptr)
-            if self.config.read_at(ptr, 1) == _CAP_MSIX:
-                return bool(self.config.read_at(ptr + 2, 2) & 0x8000)
+            if self.config.read_at(ptr, 1) == PCI_CAP_ID_MSIX:
+                return bool(self.config.read_at(ptr + 2, 2) & PCI_MSIX_FLAGS_ENABLE)
             ptr = self.config.read_at(ptr + 1, 1) & ~3
         return False
 

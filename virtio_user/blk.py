@@ -156,8 +156,11 @@ class VirtioBlk:
             self.capacity_changes.append((old, new))
             log.warning("%s: capacity changed from %d to %d sectors", self.bdf, old, new)
 
-    def _chunk_limit(self, pool: Sequence[DmaBuffer]) -> int:
-        """The most bytes one request can carry from any buffer of ``pool``."""
+    def max_request_bytes(self, pool: Sequence[DmaBuffer]) -> int:
+        """The most bytes one request can carry from any buffer of ``pool`` (from
+        ``alloc_buffer``): within seg_max segments of at most size_max bytes, a whole
+        number of blocks. Callers that split their own I/O (the NBD server) split at
+        this, as the plain read/write API does."""
         return chunk_limit(pool, self.limits, self._data_segs, self.bdf)
 
     # -- properties ---------------------------------------------------------------
@@ -312,7 +315,7 @@ class VirtioBlk:
                 into = rtype in _DEVICE_WRITES
                 if framed:
                     try:
-                        data = buf._framed[nbytes * 2 + into]
+                        data = buf.framed_descs[nbytes * 2 + into]
                     except KeyError:
                         data = buf.framed(nbytes, into)
                 if data is None:

@@ -31,7 +31,9 @@ class DmaBuffer:
         self._chain: dict[tuple[int, bool], tuple[tuple[int, int, bool], ...]] = {}
         # nbytes * 2 + device_writes -> the packed data descriptor of a framed chain
         # (SplitQueue.framed_data), or None when the data takes more than one segment.
-        self._framed: dict[int, bytes | None] = {}
+        # Filled only by ``framed``; a plain attribute, not a property, because the block
+        # device reads it once per request on the submit path.
+        self.framed_descs: dict[int, bytes | None] = {}
 
     def segments(self, nbytes: int) -> list[tuple[int, int]]:
         segs = self._segs.get(nbytes)
@@ -54,7 +56,7 @@ class DmaBuffer:
         segment, use the plain chain)."""
         segs = self.segments(nbytes)
         desc = self._framed_data(segs[0][0], nbytes, writable) if len(segs) == 1 else None
-        self._framed[nbytes * 2 + writable] = desc
+        self.framed_descs[nbytes * 2 + writable] = desc
         return desc
 
 

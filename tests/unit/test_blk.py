@@ -54,6 +54,18 @@ def test_large_requests_are_split_by_size_max_and_seg_max(make_blk) -> None:
     assert max(sizes) <= 4 * 4096 and sum(sizes) == 2 * len(data)
 
 
+def test_max_request_bytes_is_what_one_request_from_the_pool_can_carry(make_blk) -> None:
+    feats = DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_SIZE_MAX
+    blk, dev = make_blk(capacity=8192, features=feats, size_max=4096, seg_max=4)
+    big, small = blk.alloc_buffer(64 << 10), blk.alloc_buffer(6 * SECTOR)
+    assert blk.max_request_bytes([big]) == 4 * 4096  # seg_max segments of size_max
+    assert blk.max_request_bytes([big, small]) == 6 * SECTOR  # the smallest buffer
+    req = Request(IN, 0, 32, big, blk.max_request_bytes([big]))
+    blk.submit([req])  # accepted as one request of seg_max segments
+    assert blk.reap(timeout=1.0) == [req]
+    assert req.status == 0 and dev.requests[-1] == (IN, 0, 4 * 4096)
+
+
 def test_buffers_split_where_physical_pages_are_not_contiguous(make_blk) -> None:
     blk, dev = make_blk(capacity=8192, contiguous=16384, seg_max=3)
     data = os.urandom(2048 * SECTOR)

@@ -125,9 +125,8 @@ class NbdServer:
         self.stats = _Stats()
         count = max(1, min(buffers, dev.queue_size))
         self._free: list[DmaBuffer] = [dev.alloc_buffer(buffer_bytes) for _ in range(count)]
-        # The same bound the plain API's pipeline uses: size_max and seg_max over these
-        # buffers, whole blocks.
-        self._piece_sectors = dev._chunk_limit(self._free) // SECTOR_SIZE
+        # The same bound the plain API's pipeline uses.
+        self._piece_sectors = dev.max_request_bytes(self._free) // SECTOR_SIZE
         self._capacity_bytes = dev.capacity * SECTOR_SIZE
         self._align = dev.block_size
         self._rx = bytearray(RX_BYTES)

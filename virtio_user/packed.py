@@ -29,7 +29,8 @@ from .errors import DeviceTimeout, DmaError
 from .memory import PAGE, DmaAllocator
 from .spec import (MAX_QUEUE_SIZE, VIRTQ_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
                    RingEventFlags)
-from .virtqueue import QueueFaults, QueueFull, fence_acquire, fence_release, indirect_tables
+from .virtqueue import (SPINS_PER_CLOCK, QueueFaults, QueueFull, fence_acquire, fence_release,
+                        indirect_tables)
 
 if TYPE_CHECKING:
     from .interrupts import Waiter
@@ -501,20 +502,15 @@ class PackedQueue(QueueFaults, Generic[T]):
             return self.reap()  # something to reap already (or nothing to wait for)
         if self.waiter is not None:
             return self._sleep_wait(self.waiter, timeout)
-        clock = time.monotonic
-        deadline = 0.0
-        spins = 0
-        while u16[at] & _BOTH == pending:
-            # The clock only every 1024 spins (see SplitQueue.wait: clock reads trap
-            # into QEMU under TCG).
-            spins += 1
-            if spins & 0x3FF:
-                continue
+        clock, deadline, spins = time.monotonic, 0.0, range(SPINS_PER_CLOCK)
+        while True:  # as SplitQueue.wait: a tight look, the clock now and then
+            for _ in spins:
+                if u16[at] & _BOTH != pending:
+                    return self.reap()
             if not deadline:
                 deadline = clock() + timeout
             elif clock() > deadline:
                 self._timed_out(timeout)
-        return self.reap()
 
     def _timed_out(self, timeout: float) -> None:
         pending_tokens = [t for t in self._token if t is not None]

@@ -89,6 +89,7 @@ def legacy_layout(size: int) -> QueueLayout:
     return QueueLayout(size, desc, avail, used, total)
 
 
+SPINS_PER_CLOCK = 1024  # looks at the used index between two clock reads in wait()
 _fence_lock = threading.Lock()
 # The two halves of full_barrier(), bound once: the rings inline them on the kick path.
 fence_acquire, fence_release = _fence_lock.acquire, _fence_lock.release
@@ -480,23 +481,22 @@ class SplitQueue(QueueFaults, Generic[T]):
         u16, pos, last = self._u16, self._used_idx, self._last_used
         if u16[pos] != last or not self.in_flight or self.broken:
             return self.reap()  # something to reap already (or nothing to wait for)
-        clock = time.monotonic
-        deadline = 0.0
-        spins = 0
         if self.waiter is not None:
             return self._sleep_wait(self.waiter, timeout)
-        while u16[pos] == last:
-            # Look at the clock only every 1024 spins (the deadline starts at the first
-            # look): in a TCG guest the clocksource is HPET, and each read traps into
-            # QEMU under the lock the device emulation needs to complete our requests.
-            spins += 1
-            if spins & 0x3FF:
-                continue
+        clock, deadline, spins = time.monotonic, 0.0, range(SPINS_PER_CLOCK)
+        while True:
+            # The clock only every SPINS_PER_CLOCK looks (the deadline starts at the
+            # first): in a TCG guest whose clocksource is HPET each read traps into
+            # QEMU, under the lock the device emulation needs to complete our requests.
+            # The look itself is the tightest loop Python has: it runs until the device
+            # answers, and the time from its answer to our reap is latency.
+            for _ in spins:
+                if u16[pos] != last:
+                    return self.reap()
             if not deadline:
                 deadline = clock() + timeout
             elif clock() > deadline:
                 self._timed_out(timeout)
-        return self.reap()
 
     def _sleep_wait(self, waiter: Waiter, timeout: float) -> list[tuple[T, int]]:
         """``wait`` with a waiter: look ``waiter.spins`` times, then sleep until the

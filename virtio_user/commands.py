@@ -428,10 +428,13 @@ def build_parser(commands: dict[str, Subcommand] | None = None) -> Parser:
     """The global options and a parser per subcommand of ``commands`` (by default the
     ones that work on a device, COMMANDS), each filled in when it is chosen."""
     parser = Parser(prog="virtio-user", allow_abbrev=False,
-                     description="A user-space driver for legacy virtio-blk PCI devices.")
+                     description="A user-space driver for virtio-blk PCI devices, "
+                     "legacy (1af4:1001) and modern (1af4:1042).")
     parser.add_argument("--device", metavar="BDF", help="PCI address (default: the first "
-                        "legacy virtio-blk device)")
-    parser.add_argument("--backend", choices=("uio", "vfio"), default="uio")
+                        "virtio-blk device, 1af4:1001 or 1af4:1042)")
+    parser.add_argument("--backend", choices=("uio", "vfio"), default="uio",
+                        help="who owns the PCI function: uio_pci_generic (the default) "
+                        "or vfio-pci behind an IOMMU")
     parser.add_argument("--transport", choices=("auto", "legacy", "modern"), default="auto",
                         help="virtio interface: modern (virtio 1.x) where the device has "
                         "it (auto, the default), or insist on one")

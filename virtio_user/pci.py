@@ -101,8 +101,8 @@ def find(bdf: str | None) -> PciDevice:
     if bdf is None:
         blk = [d for d in devices if d.is_virtio_blk]
         if not blk:
-            raise DeviceNotFound("no legacy virtio-blk PCI device (1af4:1001) and no "
-                                 "modern one (1af4:1042) found")
+            raise DeviceNotFound("no virtio-blk PCI device found: none is 1af4:1001 "
+                                 "(legacy or transitional) or 1af4:1042 (modern)")
         return blk[0]
     bdf = parse_bdf(bdf)
     for d in devices:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtio_user import cli
+from virtio_user import cli, pci
 from virtio_user.blk import VirtioBlk
 from virtio_user.pci import parse_bdf
 from virtio_user.spec import Feature
@@ -112,7 +112,27 @@ BAD = [  # argv, exit code, text in the message
 def test_vfio_backend_with_no_device_is_exit_15(capsys: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr("virtio_user.pci.list_devices", lambda: [])
     assert cli.main(["--backend", "vfio", "info"]) == 15
-    assert "no legacy virtio-blk PCI device" in capsys.readouterr().err
+    assert "no virtio-blk PCI device found: none is 1af4:1001" in capsys.readouterr().err
+
+
+def test_help_and_the_default_device_cover_legacy_and_modern(capsys: Any,
+                                                              monkeypatch: Any) -> None:
+    """--help names both device IDs, and --device's default finds either: the first
+    virtio-blk function in address order, skipping other virtio devices (1af4:1000)."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "virtio-blk PCI devices, legacy (1af4:1001) and modern (1af4:1042)" in out
+    assert "default: the first virtio-blk device, 1af4:1001 or 1af4:1042" in out
+    assert "legacy virtio-blk device" not in out
+    net = pci.PciDevice("0000:00:03.0", 0x1AF4, 0x1000, 1)
+    modern = pci.PciDevice("0000:00:10.0", 0x1AF4, 0x1042, 0x1100)
+    legacy = pci.PciDevice("0000:00:11.0", 0x1AF4, 0x1001, 2)
+    monkeypatch.setattr(pci, "list_devices", lambda: [net, modern, legacy])
+    assert pci.find(None) == modern
+    monkeypatch.setattr(pci, "list_devices", lambda: [net, legacy])
+    assert pci.find(None) == legacy
 
 
 @pytest.mark.parametrize("argv,code,text", BAD, ids=[" ".join(a) for a, _, _ in BAD])

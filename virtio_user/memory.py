@@ -84,7 +84,8 @@ class DmaRegion:
         region is bus-contiguous from ``iova`` (the caller maps it so in an IOMMU).
 
         The file is unlinked at once: a hugetlbfs file outlives its process with its
-        contents, and a stale ring would confuse the next run (../shared/NOTES.md).
+        contents, and a run that found the last run's rings there would hand the reset
+        device a stale available index (QEMU stops with "Virtqueue size exceeded").
         """
         size = -(-size // HUGEPAGE) * HUGEPAGE
         path = os.path.join(mount or hugetlbfs_mount(),

@@ -1,8 +1,10 @@
 """Choosing QEMU's accelerator: KVM only where it is proven to work, TCG otherwise.
 
-On this project's machines /dev/kvm exists but a KVM guest hangs right after the
-real-mode setup code (../shared/NOTES.md), so "auto" never trusts /dev/kvm alone: it wants
-the CPU's vmx/svm flag and a short, bounded boot probe that must print the kernel banner.
+/dev/kvm can exist where KVM does not work: on machines whose /proc/cpuinfo lacks the
+vmx/svm flag, a guest started with ``-accel kvm`` hangs right after the real-mode setup
+code, at 100% system time with nothing on the serial console. So "auto" never trusts
+/dev/kvm alone: it wants the CPU's vmx/svm flag and a short, bounded boot probe that
+must print the kernel banner.
 """
 
 from __future__ import annotations

@@ -163,7 +163,8 @@ class Disk:
         cache = CACHE_MODES[self.cache]
         proto: dict[str, Any] = {"driver": "file", "filename": str(self.path.resolve())}
         if self.inject_errors:
-            # blkdebug fails any request touching the sector (../shared/NOTES.md).
+            # blkdebug fails any request touching the sector with errno 5 (EIO), which
+            # virtio-blk reports as VIRTIO_BLK_S_IOERR.
             # iotype keeps a read rule off writes to the same sector, and vice versa.
             proto = {"driver": "blkdebug", "image": proto, "inject-error": [
                 {"event": event, "errno": 5, "sector": sector,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .blk import Request, VirtioBlk
 
-DEFAULT_TIMEOUT = 5.0  # seconds one wait for the device may take (VirtioBlk, --timeout)
+from .options import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT  # re-exported: public API
 
 __all__ = ["Request", "VirtioBlk"]
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from . import DEFAULT_TIMEOUT
+from .options import DEFAULT_TIMEOUT
 from .errors import (BlkIOError, DeviceError, InvalidArgument, OutOfRange,
                      ReadOnlyDevice, Unsupported)
 from .memory import HUGEPAGE, DmaAllocator, DmaRegion

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import DeviceError, InvalidArgument, Unsupported
 from .memory import DmaAllocator, DmaRegion
+from .options import RINGS, WAIT_MODES
 from .packed import PackedQueue, packed_layout
 from .request import DmaBuffer, Request
 from .spec import SECTOR_SIZE, Feature
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 MAX_DATA_SEGS = 14  # data descriptors per request; with header and status: 16 per table
 MAX_CHUNK = 1 << 20  # the most one request carries from the bounce pool
 POOL_BUFFERS = 4
-RINGS = ("auto", "split", "packed")  # --ring: auto takes packed where the device offers it
 DWZ_MAX_SECTORS = 0xFFFF_FFFF  # virtio_blk_discard_write_zeroes.num_sectors is le32
 Queue = SplitQueue[Request] | PackedQueue[Request]
 
@@ -204,7 +204,7 @@ def open_waiter(wait_mode: str, backend: Backend, transport: Transport, queue: Q
     """For the interrupt and hybrid wait modes: vectors routed (before DRIVER_OK, as
     "per-bus setup" in "Device Initialization"), and a waiter for the queue. None for
     polling."""
-    from .interrupts import WAIT_MODES, Waiter, open_source
+    from .interrupts import Waiter, open_source
     if wait_mode not in WAIT_MODES:
         raise InvalidArgument(f"unknown wait mode {wait_mode!r}: choose "
                               f"{', '.join(WAIT_MODES)}")

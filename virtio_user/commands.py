@@ -19,10 +19,10 @@ import sys
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from . import DEFAULT_TIMEOUT
 from .errors import (FileAccessError, Interrupted, InvalidArgument, OutOfRange, VirtioError,
                      exit_code)
 from .numbers import parse_number, parse_seconds
+from .options import BACKENDS, DEFAULT_TIMEOUT, RINGS, TRANSPORTS, WAIT_MODES
 from .subcommand import Subcommand
 
 if TYPE_CHECKING:
@@ -432,20 +432,20 @@ def build_parser(commands: dict[str, Subcommand] | None = None) -> Parser:
                      "legacy (1af4:1001) and modern (1af4:1042).")
     parser.add_argument("--device", metavar="BDF", help="PCI address (default: the first "
                         "virtio-blk device, 1af4:1001 or 1af4:1042)")
-    parser.add_argument("--backend", choices=("uio", "vfio"), default="uio",
+    parser.add_argument("--backend", choices=BACKENDS, default="uio",
                         help="who owns the PCI function: uio_pci_generic (the default) "
                         "or vfio-pci behind an IOMMU")
-    parser.add_argument("--transport", choices=("auto", "legacy", "modern"), default="auto",
+    parser.add_argument("--transport", choices=TRANSPORTS, default="auto",
                         help="virtio interface: modern (virtio 1.x) where the device has "
                         "it (auto, the default), or insist on one")
     parser.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"per-wait deadline (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--rebind", action="store_true",
                         help="hand the device back to virtio-pci afterwards")
-    parser.add_argument("--wait", choices=("poll", "interrupt", "hybrid"), default="poll",
+    parser.add_argument("--wait", choices=WAIT_MODES, default="poll",
                         help="how to wait for completions: spin on the ring (default), "
                         "sleep until the device interrupts, or spin briefly then sleep")
-    parser.add_argument("--ring", choices=("auto", "split", "packed"), default="auto",
+    parser.add_argument("--ring", choices=RINGS, default="auto",
                         help="virtqueue layout: packed where the device offers "
                         "VIRTIO_F_RING_PACKED (auto, the default), or insist on one")
     parser.add_argument("--progress", action="store_true", help="report progress on stderr")

@@ -41,7 +41,6 @@ from .spec import VIRTIO_MSI_NO_VECTOR, IsrBit
 
 log = logging.getLogger(__name__)
 
-WAIT_MODES = ("poll", "interrupt", "hybrid")
 HYBRID_SPIN_SECONDS = 50e-6  # spin this long before sleeping (see README "Waiting")
 MAX_SLEEP = 1.0  # one poll(2) at most this long: deadlines are re-checked in between
 CONFIG_VECTOR, QUEUE_VECTOR = 0, 1  # MSI-X table entries we use

@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, Unsupported
+from ..options import BACKENDS, TRANSPORTS
 from .base import Backend, Transport, initialize
 
 if TYPE_CHECKING:
     from ..pci import PciDevice
 
-TRANSPORTS = ("auto", "legacy", "modern")
 
 
 def open_transport(backend: Backend, choice: str = "auto") -> Transport:
@@ -56,8 +56,8 @@ def open_backend(name: str, bdf: str | None, *, rebind: bool = False,
     first virtio-blk device). A transport choice the device cannot have is refused
     before the device is taken from its kernel driver."""
     from .. import pci
-    if name not in ("uio", "vfio"):
-        raise InvalidArgument(f"unknown backend {name!r}: choose uio or vfio")
+    if name not in BACKENDS:
+        raise InvalidArgument(f"unknown backend {name!r}: choose {' or '.join(BACKENDS)}")
     if transport not in TRANSPORTS:
         raise InvalidArgument(f"unknown transport {transport!r}: choose "
                               f"{', '.join(TRANSPORTS)}")

@@ -1,6 +1,6 @@
 """Warm start for ``virtio-user`` in the guest: one interpreter that has already imported
 the driver and numpy forks a child per command, so a test suite pays the ~2 s import under
-TCG once per guest instead of once per command (../shared/NOTES.md, "Start-up cost").
+TCG once per guest instead of once per command (numpy alone is 2-3 s warm in a TCG guest).
 
 The session agent (qemu/agent.py) starts this on the first ``run`` request marked
 ``"warm"`` and talks to it over a SOCK_SEQPACKET socket, one JSON message per packet:

@@ -9,8 +9,8 @@ selected for a run contribute disks, so ``pytest tests/integration/test_device.p
 lab with that module's disks alone.
 
 The guest has the virtual IOMMU, so every module can drive its devices through uio or
-vfio (a device bound to one is rebound to the other on demand; legacy devices and modern
-ones without ACCESS_PLATFORM bypass the IOMMU, ../shared/NOTES.md). ``virtio-user``
+vfio (a device bound to one is rebound to the other on demand; QEMU lets legacy devices and
+modern ones without ACCESS_PLATFORM reach guest memory past the IOMMU, so uio works too). ``virtio-user``
 commands start warm (qemu/warm.py): the driver's start-up is paid once per lab, and the
 commands whose start-up is under test run cold (``run(..., warm=False)``).
 """

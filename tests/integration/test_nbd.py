@@ -37,23 +37,24 @@ class Guest:
     tree: dict[str, bytes]  # path under /tree -> content
     bad_file: str  # on the eio image, holding the failing sector
 
-    def sh(self, script: str, timeout: float = 300) -> CommandResult:
+    def sh(self, script: str | list[str], timeout: float = 300) -> CommandResult:
+        """A shell script, or an argv (virtio-user ones start warm)."""
         return self.vm.run(script, timeout=timeout)
 
-    def ok(self, script: str, timeout: float = 300) -> str:
+    def ok(self, script: str | list[str], timeout: float = 300) -> str:
         r = self.sh(script, timeout)
         assert r.status == 0, f"{script!r}: exit {r.status}\n{r.out}\n{r.err}"
         return r.out
 
     def connect(self, disk: str, *extra: str) -> int:
         """``virtio-user nbd`` in the background form; the server's pid."""
-        out = self.ok(f"virtio-user --device {DISKS[disk]} nbd {' '.join(extra)} {NBD[disk]}")
+        out = self.ok(["virtio-user", "--device", DISKS[disk], "nbd", *extra, NBD[disk]])
         assert f"{NBD[disk]}: connected, server pid" in out, out
         assert int(self.ok(f"cat /sys/block/{NBD[disk][5:]}/size")) > 0
         return int(out.rsplit(maxsplit=1)[-1])
 
     def disconnect(self, disk: str) -> None:
-        self.ok(f"virtio-user nbd -d {NBD[disk]}")
+        self.ok(["virtio-user", "nbd", "-d", NBD[disk]])
         assert self.ok(f"cat /sys/block/{NBD[disk][5:]}/size").strip() == "0"
 
 
@@ -107,7 +108,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory):
     bad_sector = _sector_of(images["eio"], "/bad.bin", 5)
     disks = [Disk(images["fs"]), Disk(images["eio"], inject_errors=[("read_aio", bad_sector)]),
              Disk(images["ro"], readonly=True), Disk(images["scratch"])]
-    with GuestSession(disks, cwd=d) as vm:
+    with GuestSession(disks, cwd=d, warm_start=True) as vm:
         yield Guest(vm, d, images, tree, "bad.bin")
 
 
@@ -130,7 +131,7 @@ def test_a_second_connection_reads_the_files_back(guest: Guest) -> None:
     g.ok("mkdir -p /tmp/fs && mount /dev/nbd0 /tmp/fs && echo 3 > /proc/sys/vm/drop_caches"
          f" && diff -r {g.dir}/tree /tmp/fs/tree && umount /tmp/fs")
     g.disconnect("fs")
-    info = json.loads(g.ok(f"virtio-user --device {DISKS['fs']} info --json"))
+    info = json.loads(g.ok(["virtio-user", "--device", DISKS["fs"], "info", "--json"]))
     assert info["capacity_sectors"] == FS_MIB * 2048, "the device binds again after nbd -d"
 
 
@@ -240,14 +241,14 @@ def test_foreground_serves_until_nbd_d(guest: Guest) -> None:
 def test_refusals_leave_connections_alone(guest: Guest) -> None:
     g = guest
     pid = g.connect("scratch")
-    busy = g.sh(f"virtio-user --device {DISKS['fs']} nbd /dev/nbd3")
+    busy = g.sh(["virtio-user", "--device", DISKS["fs"], "nbd", "/dev/nbd3"])
     assert busy.status == 15 and "/dev/nbd3 is already connected" in busy.err, busy.err
-    wrong = g.sh("virtio-user --device 0000:00:1f.0 nbd /dev/nbd4")  # the LPC bridge
+    wrong = g.sh(["virtio-user", "--device", "0000:00:1f.0", "nbd", "/dev/nbd4"])  # the LPC bridge
     assert wrong.status == 15 and "virtio-user: " in wrong.err, wrong.err
     assert g.ok("cat /sys/block/nbd4/size").strip() == "0"
     assert g.sh(ALIVE.format(pid=pid)).status == 0
     data = g.ok("dd if=/dev/nbd3 bs=4096 count=1 iflag=direct status=none | head -c 20")
     assert data == "scratch through nbd\n", "the first connection still serves"
     g.disconnect("scratch")
-    gone = g.sh("virtio-user nbd -d /dev/nbd3")
+    gone = g.sh(["virtio-user", "nbd", "-d", "/dev/nbd3"])
     assert gone.status == 15 and "/dev/nbd3 is not connected" in gone.err, gone.err

@@ -25,6 +25,7 @@ EIO_READ, EIO_WRITE, RESIZE, LONG, MOUNTED, PLAIN = (
     f"0000:00:{0x10 + i:02x}.0" for i in range(6))
 HOTPLUG = "0000:01:00.0"  # behind the pcie-root-port
 SMALL_DIRECT = "0000:00:17.0"  # queue size 16, no indirect descriptors
+SOAK_LEGACY, SOAK_MODERN = "0000:00:18.0", "0000:00:19.0"
 
 
 def sha(path: Path) -> str:
@@ -50,15 +51,17 @@ def guest(tmp_path_factory: pytest.TempPathFactory):
     images = {name: make_image(d / f"{name}.raw", size, pattern=name.encode())
               for name, size in (("eio_read", 8), ("eio_write", 8), ("resize", 8),
                                  ("long", 128), ("mounted", 16), ("plain", 8),
-                                 ("hotplug", 8), ("small_direct", 8))}
+                                 ("hotplug", 8), ("small_direct", 8),
+                                 ("soak_legacy", 32), ("soak_modern", 32))}
     disks = [Disk(images["eio_read"], inject_errors=[("read_aio", 100)]),
              Disk(images["eio_write"], inject_errors=[("write_aio", 200)]),
              Disk(images["resize"]), Disk(images["long"]), Disk(images["mounted"]),
              Disk(images["plain"]),
              Disk(images["hotplug"], extra={"bus": "hp0", "addr": "0x0"}),
-             Disk(images["small_direct"], queue_size=16, indirect_desc=False)]
+             Disk(images["small_direct"], queue_size=16, indirect_desc=False),
+             Disk(images["soak_legacy"]), Disk(images["soak_modern"], transport="modern")]
     root_port = ["-device", "pcie-root-port,id=hp0,chassis=1,bus=pcie.0,addr=0x1c"]
-    with GuestSession(disks, cwd=d, qemu_args=root_port) as vm:
+    with GuestSession(disks, cwd=d, qemu_args=root_port, warm_start=True) as vm:
         yield Guest(vm, images)
 
 
@@ -245,32 +248,29 @@ def test_hot_unplugged_device_fails_cleanly(guest: Guest) -> None:
     assert HOTPLUG in r.err
 
 
-# -- 6. integrity soak, 7. flush durability (own guests: QEMU has to go away) ----------
+# -- 6. integrity soak; 7. flush durability (its own guest: QEMU has to go away) --------
 
 SOAK_WRITES = 10_000
 
 
-def test_integrity_soak_guest_and_host_agree(tmp_path: Path) -> None:
+def test_integrity_soak_guest_and_host_agree(guest: Guest) -> None:
     """The same random writes on a legacy and a modern-only device, in one guest
     process; each image checked byte for byte against what the guest wrote."""
-    legacy = make_image(tmp_path / "soak-legacy.raw", 32, pattern=b"soak")
-    modern = make_image(tmp_path / "soak-modern.raw", 32, pattern=b"soak")
-    disks = [Disk(legacy), Disk(modern, extra={"disable-legacy": "on", "disable-modern": "off"})]
-    with GuestSession(disks, cwd=tmp_path) as vm:
-        r = vm.run(["python", str(GUEST_SCRIPTS / "soak.py"), str(SOAK_WRITES),
-                    "0000:00:10.0,legacy,expected-legacy.raw",
-                    "0000:00:11.0,modern,expected-modern.raw"], timeout=2400)
-        assert r.status == 0, r.out + r.err
+    legacy, modern = guest.images["soak_legacy"], guest.images["soak_modern"]
+    cwd = legacy.parent
+    r = guest.script("soak.py", SOAK_WRITES, f"{SOAK_LEGACY},legacy,expected-legacy.raw",
+                     f"{SOAK_MODERN},modern,expected-modern.raw", timeout=2400)
+    assert r.status == 0, r.out + r.err
     reports = [json.loads(line) for line in r.out.splitlines() if line.startswith("{")]
     assert [(x["transport"], x["writes"], x["mismatches"]) for x in reports] == [
         ("legacy", SOAK_WRITES, 0), ("modern", SOAK_WRITES, 0)]
-    assert legacy.read_bytes() == (tmp_path / "expected-legacy.raw").read_bytes()
-    assert modern.read_bytes() == (tmp_path / "expected-modern.raw").read_bytes()
+    assert legacy.read_bytes() == (cwd / "expected-legacy.raw").read_bytes()
+    assert modern.read_bytes() == (cwd / "expected-modern.raw").read_bytes()
 
 
 def test_flushed_data_survives_kill_9_of_qemu(tmp_path: Path) -> None:
     image = make_image(tmp_path / "durable.qcow2", 64, "qcow2")
-    with GuestSession([Disk(image, cache="writeback")], cwd=tmp_path) as vm:
+    with GuestSession([Disk(image, cache="writeback")], cwd=tmp_path, warm_start=True) as vm:
         for sector in (0, 4096, 65536):  # fresh clusters: qcow2 metadata must be written
             r = vm.run(["virtio-user", "write", str(sector), "--pattern", "0x3c",
                         "--count", "8"])

@@ -52,7 +52,7 @@ def vm(image: Path, tmp_path_factory: pytest.TempPathFactory):
     cwd = tmp_path_factory.mktemp("vhost-user-cwd")
     legacy = make_image(cwd / "legacy.raw", 1)
     with GuestSession([Disk(legacy)], vhost_user_disks=[VhostUserDisk(image)],
-                      cwd=cwd) as session:
+                      cwd=cwd, warm_start=True) as session:
         yield session
 
 

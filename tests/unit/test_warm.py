@@ -1,0 +1,79 @@
+"""qemu/warm.py on the host: a command forked from the warm interpreter gives the same
+status, output and name as the entry point started cold."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+WARM = Path(__file__).resolve().parents[2] / "qemu" / "warm.py"
+
+
+class Warm:
+    def __init__(self) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, str(WARM), str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.sock.settimeout(60)
+
+    def run(self, argv: list[str], cid: int = 1) -> tuple[int, bytes, bytes, int]:
+        """(status, stdout, stderr, pid) of ``argv`` run warm."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        msg = {"id": cid, "argv": argv, "cwd": "/", "env": dict(os.environ)}
+        socket.send_fds(self.sock, [json.dumps(msg).encode()], [stdin, out_w, err_w])
+        for fd in (stdin, out_w, err_w):
+            os.close(fd)
+        started = json.loads(self.sock.recv(65536))
+        assert started["id"] == cid and started["pid"] > 0
+        with os.fdopen(out_r, "rb") as out, os.fdopen(err_r, "rb") as err:
+            stdout, stderr = out.read(), err.read()
+        ended = json.loads(self.sock.recv(65536))
+        assert ended["id"] == cid
+        return ended["status"], stdout, stderr, started["pid"]
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def warm() -> Iterator[Warm]:
+    w = Warm()
+    yield w
+    w.close()
+
+
+def cold(argv: list[str]) -> tuple[int, bytes, bytes]:
+    """Through the installed entry point, as the guest would start it."""
+    entry = Path(sys.executable).parent / argv[0]
+    r = subprocess.run([str(entry), *argv[1:]], capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["read", "0", "x"], ["--no-such-option"],
+                                  ["write", "0", "--pattern", "300"]])
+def test_a_warm_command_is_the_cold_one(warm: Warm, args: list[str]) -> None:
+    status, out, err, _ = warm.run(["virtio-user", *args])
+    assert (status, out, err) == cold(["virtio-user", *args])
+    assert status == (0 if args == ["--help"] else 1)
+
+
+def test_the_child_is_named_after_the_command_and_ends_the_agent_loop(warm: Warm) -> None:
+    status, out, _, pid = warm.run(["virtio-user", "--help"], cid=7)
+    assert status == 0 and out.startswith(b"usage: virtio-user")
+    assert pid != warm.proc.pid
+    # The agent closing its end ends the warm interpreter.
+    w = Warm()
+    w.sock.close()
+    assert w.proc.wait(30) == 0

@@ -289,3 +289,17 @@ def test_ring_views_kept_past_close_keep_their_memory(kind: str) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr  # not -11 (SIGSEGV): the mapping outlived the view
     assert r.stdout.strip() == "0"
+
+
+def test_indirect_tables_are_power_of_two_sized_aligned_and_within_a_page() -> None:
+    """Both rings take their tables from indirect_tables: each the next power of two of
+    its descriptors' bytes, aligned to that size (so none crosses a page), with the bus
+    address of each; more than a page of descriptors per table is refused."""
+    from virtio_user.virtqueue import indirect_tables
+    region = DmaRegion.anonymous(64 << 10, contiguous=8 << 10)
+    chunk, table_bytes, bus = indirect_tables(DmaAllocator(region), 40, 5)
+    assert table_bytes == 128 and chunk.size == 40 * 128 and chunk.offset % 128 == 0
+    assert bus == [region.bus(chunk.offset + i * 128) for i in range(40)]
+    assert all(b // 4096 == (b + table_bytes - 1) // 4096 for b in bus)
+    with pytest.raises(ValueError, match="exceed a page"):
+        indirect_tables(DmaAllocator(region), 4, 257)

@@ -134,9 +134,9 @@ def test_session_command_timeout_is_reported(vm: Bay) -> None:
     assert cmd.wait(timeout=30).status == 128 + signal.SIGKILL
 
 
-# The names of the warm interpreter's children ("[w]" keeps the loop from finding itself).
-WARM_CHILDREN = ("for p in /proc/[0-9]*; do grep -qa '[w]arm.py' $p/cmdline 2>/dev/null && "
-                 "for c in $(cat $p/task/*/children); do cat /proc/$c/comm; done; done")
+# The names of the warm interpreter's children ("[w]" keeps pgrep from finding the shell).
+WARM_CHILDREN = ("for c in $(cat /proc/$(pgrep -f '[w]arm.py')/task/*/children); do "
+                 "cat /proc/$c/comm; done")
 
 
 def test_warm_and_cold_commands_agree(vm: Bay) -> None:

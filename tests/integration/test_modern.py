@@ -77,10 +77,20 @@ with VirtioBlk.open(bdf, backend="vfio", transport="modern") as dev:
 
 @dataclass
 class Guest:
-    vm: GuestSession
+    bay: Bay
     backend: str
-    images: dict[str, Path]
-    bdfs: dict[str, str]
+
+    @property
+    def vm(self) -> GuestSession:
+        return self.bay.vm
+
+    @property
+    def images(self) -> dict[str, Path]:
+        return self.bay.images
+
+    @property
+    def bdfs(self) -> dict[str, str]:
+        return self.bay.bdfs
 
     def vu(self, disk: str, *args: str | int, transport: str | None = None) -> CommandResult:
         opts = ["--transport", transport] if transport else []
@@ -123,12 +133,12 @@ def lab_disks(d: Path) -> dict[str, Disk]:
 
 @pytest.fixture(scope="module")
 def uio(bay: Bay) -> Guest:
-    return Guest(bay.vm, "uio", bay.images, bay.bdfs)
+    return Guest(bay, "uio")
 
 
 @pytest.fixture(scope="module")
 def vfio(bay: Bay) -> Guest:
-    return Guest(bay.vm, "vfio", bay.images, bay.bdfs)
+    return Guest(bay, "vfio")
 
 
 def sha(data: bytes) -> str:

@@ -156,20 +156,19 @@ def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
     for req in reqs:
         submitted_at[req.tag] = now
     dev.submit(reqs)
-    issued, done = len(reqs), 0
+    left = target - len(reqs)  # requests that may still be issued
     reap, submit, record = dev.reap, dev.submit, lat.append
-    in_flight = issued  # only this loop submits: no need to ask the device
+    in_flight = len(reqs)  # only this loop submits: no need to ask the device
     while in_flight:
         batch = reap()
         now = clock()
         n = len(batch)
-        done += n
-        if track or issued + n > target or now >= deadline:
+        if track or n > left or now >= deadline:
             again = _last_laps(batch, now, submitted_at, lat, track, pick,
-                               target - issued if now < deadline else 0)
+                               left if now < deadline else 0)
             if again:
                 submit(again)
-            issued += len(again)
+            left -= len(again)
             in_flight += len(again) - n
             continue
         # The common case: every completed request goes straight back. Only what the
@@ -180,11 +179,12 @@ def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
                 _check(req)
             req.sector = pick()
         submit(batch)
-        issued += n
+        left -= n
         for req in batch:
             tag = req.tag
             record(now - submitted_at[tag])
             submitted_at[tag] = now
+    done = target - left  # every issued request was reaped: nothing is in flight
     seconds = clock() - start
     cpu1 = os.times()
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)

@@ -507,3 +507,131 @@ def test_discard_pieces_end_on_the_alignment_where_the_range_goes_on() -> None:
     assert pieces == [(8, 40), (48, 48), (96, 12)]
     with pytest.raises(Unsupported, match="max_write_zeroes_sectors 4 is below one 4096-byte"):
         list(range_pieces(lim, ReqType.VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 4, "t"))
+
+
+# -- one request, one framed segment: submit's inline path ---------------------------------
+
+def _framed_read(blk: Any) -> Request:
+    """A 4 KiB read that has been through submit once: its buffer's data descriptor is
+    framed, so the next submit of it alone takes the inline path."""
+    req = Request(IN, 0, 8, blk.alloc_buffer(4096), 4096)
+    blk.submit([req])
+    assert blk.reap(timeout=1.0) == [req] and req.status == 0
+    assert req.buffer.framed_descs  # type: ignore[union-attr]
+    return req
+
+
+def test_one_framed_request_skips_the_batch_planner(make_blk, monkeypatch) -> None:
+    blk, dev = make_blk(capacity=4096)
+    dev.disk[:] = os.urandom(len(dev.disk))
+    req = _framed_read(blk)
+
+    def no_plan(requests: Any) -> Any:
+        raise AssertionError("the batch path was taken")
+    monkeypatch.setattr(blk, "_plan", no_plan)
+    for sector in (8, 4088, 16):
+        req.sector = sector
+        blk.submit([req])
+        assert blk.reap(timeout=1.0) == [req] and req.status == 0 and req.used_len == 4097
+        assert bytes(req.buffer.mv) == dev.disk[sector * SECTOR:(sector + 8) * SECTOR]
+    assert dev.requests[-3:] == [(IN, 8, 4096), (IN, 4088, 4096), (IN, 16, 4096)]
+    assert blk.requests_completed == 4 and blk.in_flight == 0
+
+
+@pytest.mark.parametrize("bad", ["sector_beyond_u64", "negative_sector", "unknown_type",
+                                 "nbytes_beyond_buffer", "framed_beyond_buffer", "no_buffer"])
+def test_one_framed_request_gets_every_check_of_a_batch(make_blk, bad: str) -> None:
+    blk, dev = make_blk(capacity=4096)
+    req = _framed_read(blk)
+    buf = req.buffer
+    if bad == "sector_beyond_u64":
+        req.sector = 2**64
+    elif bad == "negative_sector":
+        req.sector = -8
+    elif bad == "unknown_type":
+        req.type = 99  # type: ignore[assignment]
+    elif bad == "nbytes_beyond_buffer":
+        req.nbytes = 8192
+    elif bad == "framed_beyond_buffer":  # a descriptor cached for more than the buffer
+        buf.framed(8192, True)  # type: ignore[union-attr]
+        req.nbytes = 8192
+    else:
+        req.buffer = None
+    dev.requests.clear()
+    _first_batch_only_reaches_the_device(blk, dev, lambda: blk.submit([req]))
+
+
+def test_one_framed_request_on_a_full_queue_is_refused_untouched(make_blk) -> None:
+    from virtio_user.virtqueue import QueueFull
+    blk, dev = make_blk(queue_size=4)
+    req = _framed_read(blk)
+    dev.auto = False
+    others = [Request(IN, 8 * i, 8, blk.alloc_buffer(4096), 4096) for i in range(4)]
+    blk.submit(others)
+    with pytest.raises(QueueFull):
+        blk.submit([req])
+    assert blk.queue.outstanding == 4 and not blk.queue.broken and dev.status == 7
+    dev.process()
+    assert {id(r) for r in blk.reap()} == {id(r) for r in others}
+    blk.submit([req])  # and room again: it goes
+    dev.process()
+    assert blk.reap() == [req] and req.status == 0
+
+
+def test_a_signal_inside_the_inline_submit_resets_the_device(make_blk, monkeypatch) -> None:
+    import virtio_user.blk as blk_module
+    blk, dev = make_blk()
+    req = _framed_read(blk)
+
+    class Interrupted:
+        def pack_into(self, *args: Any) -> None:
+            raise KeyboardInterrupt  # after the chain was added, before its header
+    monkeypatch.setattr(blk_module, "_HDR", Interrupted())
+    notifies = dev.notifies
+    with pytest.raises(KeyboardInterrupt):
+        blk.submit([req])
+    assert blk.queue.broken and "interrupted" in blk.queue.broken
+    assert dev.status == 0 and dev.notifies == notifies  # reset, never kicked
+    with pytest.raises(DeviceError, match="interrupted"):
+        blk.submit([req])
+
+
+@pytest.mark.parametrize("trick", ["bad_id", "id_not_in_flight", "len_too_large", "idx_jump",
+                                   "no_status", "status_only", "zero_len"])
+def test_a_misbehaving_device_is_caught_on_the_batch_api_too(make_blk, trick: str) -> None:
+    blk, dev = make_blk()
+    req = _framed_read(blk)
+    dev.misbehave = trick
+    with pytest.raises(DeviceError, match="has been reset"):
+        blk.submit([req])
+        blk.reap(timeout=1.0)
+    assert dev.status == 0 and blk.queue.broken
+
+
+def test_one_framed_request_at_a_time_laps_a_packed_ring(monkeypatch) -> None:
+    import random
+    import virtio_user.blk as blk_module
+    from virtio_user.packed import PackedQueue
+    from packed_device import PackedBlkTransport
+    from fake_device import FakeBackend, FakeBlkDevice
+    made: list[PackedBlkTransport] = []
+
+    def transport(backend: Any, choice: str = "auto") -> PackedBlkTransport:
+        made.append(PackedBlkTransport(backend))
+        return made[0]
+    monkeypatch.setattr(blk_module, "open_transport", transport)
+    blk = blk_module.VirtioBlk(FakeBackend(FakeBlkDevice(capacity=2048, queue_size=4)),
+                               timeout=0.5)
+    try:
+        assert isinstance(blk.queue, PackedQueue) and blk.queue.framed
+        disk = made[0].blk.disk
+        disk[:] = os.urandom(len(disk))
+        req, rng = _framed_read(blk), random.Random(2)
+        for _ in range(50):  # both wrap counters flip many times over 4 slots
+            req.sector = rng.randrange(0, 2040)
+            blk.submit([req])
+            assert blk.reap(timeout=1.0) == [req] and req.status == 0
+            assert bytes(req.buffer.mv) == disk[req.sector * SECTOR:req.sector * SECTOR + 4096]
+        assert blk.requests_completed == 51 and blk.queue.num_free == 4
+    finally:
+        blk.close()

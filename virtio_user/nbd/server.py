@@ -79,7 +79,10 @@ class _Job:
     complete: bool = True  # every piece created (a write's payload may still be arriving)
     error: int = 0
     fua: bool = False
-    data: bytearray | None = None  # READ: reply header and data
+    data: bytearray | None = None  # READ in several pieces: reply header and data
+    direct: bool = False  # READ in one piece: replied from its DMA buffer, no copy
+    buf: DmaBuffer | None = None  # that buffer once the device filled it
+    nbytes: int = 0
 
 
 @dataclass
@@ -192,8 +195,8 @@ class NbdServer:
         self._waiting: collections.deque[_Piece] = collections.deque()
         self._ready: list[Request] = []
         self._out: collections.deque[memoryview] = collections.deque()
-        # per _out entry: the reply buffer to reuse once it is sent, or None
-        self._out_done: collections.deque[bytearray | None] = collections.deque()
+        # per _out entry: the reply or DMA buffer to reuse once it is sent, or None
+        self._out_done: collections.deque[bytearray | DmaBuffer | None] = collections.deque()
         self._spare: dict[int, list[bytearray]] = {}
         self._spare_bytes = 0
         self._jobs = 0
@@ -428,8 +431,11 @@ class NbdServer:
         elif job.error:
             self._reply(job)
         elif req.cmd == Cmd.READ:
-            job.data = self._reply_buffer(REPLY.size + req.length)
-            self._held += len(job.data)
+            if req.length <= self._piece_sectors * SECTOR_SIZE:
+                job.direct = True
+            else:
+                job.data = self._reply_buffer(REPLY.size + req.length)
+                self._held += len(job.data)
             self._split(job, ReqType.VIRTIO_BLK_T_IN, self._piece_sectors)
         elif req.cmd == Cmd.FLUSH:
             self._flush_job(job)
@@ -522,6 +528,8 @@ class NbdServer:
             log.warning("%s: %s (%s): NBD %s at %d gets EIO", self.dev.bdf, req, status,
                         Cmd(job.req.cmd).name, job.req.offset)
             job.error = job.error or errno.EIO
+        elif job.direct and buf is not None:
+            job.buf, job.nbytes, buf = buf, req.nbytes, None  # ours again once sent
         elif job.data is not None and buf is not None:
             at = REPLY.size + req.sector * SECTOR_SIZE - job.req.offset
             job.data[at:at + req.nbytes] = buf.mv[:req.nbytes]
@@ -546,7 +554,17 @@ class NbdServer:
             self.stats.errors += 1
         if job.data is not None:
             self._held -= len(job.data)
+        if job.buf is not None and (job.error or self._socket_dead):
+            self._free.append(job.buf)
+            job.buf = None
         if self._socket_dead:
+            return
+        if job.buf is not None:
+            self._out.append(memoryview(pack_reply(0, job.req.cookie)))
+            self._out_done.append(None)
+            self._out.append(job.buf.mv[:job.nbytes])
+            self._out_done.append(job.buf)
+            self._held += REPLY.size + job.nbytes
             return
         if job.data is not None and not job.error:
             REPLY.pack_into(job.data, 0, SIMPLE_REPLY_MAGIC, 0, job.req.cookie)
@@ -577,14 +595,23 @@ class NbdServer:
                     done = self._out_done.popleft()
                     if done is not None:
                         head.release()
-                        self._give_back(done)
+                        self._sent(done)
                 else:
                     self._out[0] = head[sent:]
                     sent = 0
         if self._socket_dead:
             self._held -= sum(len(v) for v in self._out)
             self._out.clear()
+            for done in self._out_done:
+                if done is not None:
+                    self._sent(done)
             self._out_done.clear()
+
+    def _sent(self, done: bytearray | DmaBuffer) -> None:
+        if isinstance(done, bytearray):
+            self._give_back(done)
+        else:
+            self._free.append(done)
 
     def _reply_buffer(self, nbytes: int) -> bytearray:
         spare = self._spare.get(nbytes)

@@ -5,24 +5,19 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import select
 import socket
 import struct
 import threading
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 
 from virtio_user import cli
 from virtio_user.errors import ProtocolError
-from virtio_user.interrupts import Waiter
 from virtio_user.nbd import (REPLY, REQUEST, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Cmd, CmdFlag,
                              Flag, Ioctl, NbdServer, nbd_name, parse_request,
                              transmission_flags)
-from virtio_user.nbd.server import _IrqSleep
-from virtio_user.spec import Feature, IsrBit, ReqType
+from virtio_user.spec import Feature, ReqType
 from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
@@ -299,66 +294,6 @@ def test_many_large_writes_wait_for_buffers(kernel: Any) -> None:
     for i, b in blobs.items():
         assert dev.disk[i * 64 * 1024:(i + 1) * 64 * 1024] == b
     k.disconnect()
-
-
-class _StubQueue:
-    """The Armable side of a queue: ``used`` is what the device published."""
-
-    def __init__(self) -> None:
-        self.used = False
-        self.armed = False
-
-    def arm_interrupts(self) -> bool:
-        self.armed = True
-        return self.used
-
-    def disarm_interrupts(self) -> None:
-        self.armed = False
-
-    def has_used(self) -> bool:
-        return self.used
-
-
-class _StubSource:
-    """An interrupt source on an eventfd; ``wait`` acknowledges as the real ones do."""
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK)
-        self.acks = 0
-
-    def wait(self, timeout: float) -> IsrBit | None:
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            return None
-        self.acks += 1
-        return IsrBit.QUEUE
-
-
-def test_the_interrupt_sleep_wakes_for_the_device_or_the_socket() -> None:
-    """With interrupts the server sleeps on the device and the socket in one poll:
-    either wakes it, an interrupt is acknowledged, the queue is disarmed after."""
-    queue, source = _StubQueue(), _StubSource()
-    dev = SimpleNamespace(queue=queue, waiter=Waiter("interrupt", source))  # type: ignore[arg-type]
-    sleeper = _IrqSleep.of(dev)  # type: ignore[arg-type]
-    assert sleeper is not None
-    assert _IrqSleep.of(SimpleNamespace(waiter=None)) is None  # type: ignore[arg-type]
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        assert not sleeper.sleep(ours.fileno(), select.POLLIN, 0.05), "neither: timeout"
-        theirs.send(b"x")
-        assert sleeper.sleep(ours.fileno(), select.POLLIN, 5)
-        assert not queue.armed
-        ours.recv(1)
-        queue.used = True
-        os.eventfd_write(source.fd, 1)
-        assert sleeper.sleep(ours.fileno(), select.POLLIN, 5)
-        assert source.acks == 0, "armed and already used: no sleep at all"
-        queue.used = False
-        os.eventfd_write(source.fd, 1)  # a spurious interrupt: acknowledged, no wake
-        assert not sleeper.sleep(ours.fileno(), select.POLLIN, 0.05)
-        assert source.acks == 1 and not queue.armed
-    os.close(source.fd)
 
 
 # -- the command line ----------------------------------------------------------------

@@ -8,7 +8,6 @@ import collections
 import errno
 import logging
 import os
-import select
 import selectors
 import socket
 import time
@@ -22,7 +21,7 @@ from ..blk import VirtioBlk
 from ..errors import ProtocolError, VirtioError
 from ..request import Request
 from ..spec import (BLK_DWZ_DTYPE, SECTOR_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus,
-                   Feature, IsrBit, ReqType)
+                   Feature, ReqType)
 from ..virtqueue import QueueFull
 
 from .wire import (CMD_NAMES, FUA_FLAG, NEEDS_FLAG, NO_HOLE_FLAG, REPLY, REQUEST,
@@ -30,7 +29,6 @@ from .wire import (CMD_NAMES, FUA_FLAG, NEEDS_FLAG, NO_HOLE_FLAG, REPLY, REQUEST
                    transmission_flags)
 
 if TYPE_CHECKING:
-    from ..interrupts import Waiter
     from ..request import DmaBuffer
 
 log = logging.getLogger(__name__)
@@ -53,8 +51,6 @@ SOCKET_BYTES = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket
 SPARE_BYTES = 16 << 20  # read reply buffers kept for reuse (fresh memory faults, slowly)
 DISC_GRACE = 10.0  # after asking the kernel to disconnect, for its NBD_CMD_DISC
-MAX_SLEEP_MS = 1000  # one poll(2) at most: the device's deadline is re-checked between
-SILENT_GRACE = 0.01  # the last look at a device silent for its whole timeout
 
 
 def grow_buffers(sock: socket.socket, nbytes: int = SOCKET_BYTES) -> None:
@@ -115,58 +111,6 @@ class _Stats:
     by_cmd: dict[str, int] = field(default_factory=dict)
 
 
-class _IrqSleep:
-    """One poll(2) over the device's interrupt descriptors and the socket. The device's
-    own wait (``VirtioBlk.reap``) sleeps on its interrupts alone: requests the kernel
-    sends meanwhile would wait for the device's slowest completion. The same protocol
-    as the Waiter: arm, look again, sleep, acknowledge through the source, disarm."""
-
-    def __init__(self, dev: VirtioBlk, waiter: Waiter, fds: list[int]) -> None:
-        self._queue = dev.queue
-        self._waiter = waiter
-        self._irq_fds = frozenset(fds)
-        self._poll = select.poll()
-        for fd in fds:
-            self._poll.register(fd, select.POLLIN)
-
-    @classmethod
-    def of(cls, dev: VirtioBlk) -> _IrqSleep | None:
-        """None when the device is polled (or its interrupts have no descriptor)."""
-        waiter = getattr(dev, "waiter", None)
-        if waiter is None:
-            return None
-        source = waiter.source
-        fds = list(getattr(source, "fds", None) or [getattr(source, "fd", -1)])
-        if not fds or min(fds) < 0:
-            return None
-        return cls(dev, waiter, fds)
-
-    def sleep(self, sock: int, events: int, timeout: float) -> bool:
-        """True once the device has used buffers or the socket is ready; False when
-        ``timeout`` seconds passed with neither."""
-        queue = self._queue
-        if queue.arm_interrupts():
-            queue.disarm_interrupts()
-            return True
-        self._poll.register(sock, events)
-        try:
-            ready = self._poll.poll(max(1, min(int(timeout * 1000 + 0.999), MAX_SLEEP_MS)))
-        finally:
-            queue.disarm_interrupts()
-        woke = False
-        for fd, _ in ready:
-            if fd not in self._irq_fds:
-                woke = True
-                continue
-            bits = self._waiter.source.wait(0)  # acknowledges and re-enables
-            if bits is not None:
-                self._waiter.wakeups += 1
-                if bits & IsrBit.CONFIG:
-                    self._waiter.config_changes += 1
-                    self._waiter.on_config()
-        return woke or queue.has_used()
-
-
 class NbdServer:
     """The NBD transmission phase over ``sock`` (the kernel's peer), served by ``dev``."""
 
@@ -204,7 +148,6 @@ class NbdServer:
         self._reading = True
         self._socket_dead = False
         self._error: ProtocolError | None = None
-        self._sleeper = _IrqSleep.of(dev)
         self._sel = selectors.DefaultSelector()
         self._sel.register(sock, selectors.EVENT_READ)
         self._events = selectors.EVENT_READ
@@ -258,8 +201,7 @@ class NbdServer:
         instead of waiting behind a blocked reap), then waiting on the device alone:
         that wait is the one that fails a silent device after ``self._wait``. With
         ``--wait interrupt`` or ``hybrid`` that wait sleeps: one round only."""
-        sleeper = self._sleeper
-        for _ in range(SOCKET_LOOKS if sleeper is None else 1):
+        for _ in range(SOCKET_LOOKS if self.dev.wait_mode == "poll" else 1):
             for _ in range(RING_LOOKS):
                 done = self.dev.reap(0)
                 if done or not self.dev.in_flight:
@@ -267,31 +209,10 @@ class NbdServer:
             self._pump(0)
             self._start_pieces()
             self._send()
-            if sleeper is None:
-                # The kernel's side of each request (fio, the nbd receive worker) needs
-                # a CPU too: a server spinning without yielding made QD1 twice slower.
-                os.sched_yield()
-        if sleeper is None or not self._socket_events():
-            return self.dev.reap(self._wait)
-        return self._sleep(sleeper)
-
-    def _sleep(self, sleeper: _IrqSleep) -> list[Request]:
-        """Sleep until the device interrupts or the socket has work: new requests reach
-        the device and replies the kernel while earlier requests are out. A device
-        silent for ``self._wait`` fails in the final reap, as in the plain wait."""
-        deadline = time.monotonic() + self._wait
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return self.dev.reap(SILENT_GRACE)
-            if sleeper.sleep(self.sock.fileno(), self._socket_events(), remaining):
-                return self.dev.reap(0)
-
-    def _socket_events(self) -> int:
-        events = select.POLLIN if self._can_read() else 0
-        if self._out and not self._socket_dead:
-            events |= select.POLLOUT
-        return events
+            # The kernel's side of each request (fio, the nbd receive worker) needs a
+            # CPU too: a server spinning without yielding made QD1 about twice slower.
+            os.sched_yield()
+        return self.dev.reap(self._wait)
 
     def _finished(self) -> bool:
         if self._reading or self.dev.in_flight:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import struct
 import threading
@@ -295,6 +296,22 @@ def test_many_large_writes_wait_for_buffers(kernel: Any) -> None:
         assert dev.disk[i * 64 * 1024:(i + 1) * 64 * 1024] == b
     k.disconnect()
 
+
+
+def test_reads_replied_from_dma_buffers_survive_a_full_socket(kernel: Any) -> None:
+    """A read that fits one buffer is sent from that buffer, which goes back to the
+    pool only once sent: more replies than the socket holds, with two buffers, each
+    carries its own sectors."""
+    k, dev = kernel(capacity=8192, server={"buffers": 2, "buffer_bytes": 8192})
+    dev.disk[:] = os.urandom(len(dev.disk))
+    count = 640  # 5 MiB of replies: more than the socket buffers (4 MiB) hold
+    offsets = {i: (i * 8192 * 7) % len(dev.disk) for i in range(count)}
+    for i, offset in offsets.items():
+        k.send(Cmd.READ, offset, 8192, cookie=i)
+    got = k.replies(count)
+    for i, offset in offsets.items():
+        assert got[i] == (0, bytes(dev.disk[offset:offset + 8192])), i
+    k.disconnect()
 
 # -- the command line ----------------------------------------------------------------
 

@@ -134,9 +134,10 @@ def test_session_command_timeout_is_reported(vm: Bay) -> None:
     assert cmd.wait(timeout=30).status == 128 + signal.SIGKILL
 
 
-# The names of the warm interpreter's children ("[w]" keeps pgrep from finding the shell).
-WARM_CHILDREN = ("for c in $(cat /proc/$(pgrep -f '[w]arm.py')/task/*/children); do "
-                 "cat /proc/$c/comm; done")
+# The names of the warm interpreter's children: the oldest process with warm.py in its
+# command line (its children have it too, being forks).
+WARM_CHILDREN = ("for c in $(cat /proc/$(pgrep -o -f 'qemu/warm[.]py')/task/*/children); "
+                 "do cat /proc/$c/comm; done")
 
 
 def test_warm_and_cold_commands_agree(vm: Bay) -> None:

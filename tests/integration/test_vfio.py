@@ -35,7 +35,8 @@ def vm(tmp_path_factory: pytest.TempPathFactory):
         Disk(make_image(d / f"bridged{i}.raw", 8), extra={"bus": "br0", "addr": hex(i)})
         for i in (1, 2)]
     bridge = ["-device", "pcie-pci-bridge,id=br0,bus=pcie.0,addr=0x1e"]
-    with GuestSession(disks, backend="vfio", cwd=d, qemu_args=bridge) as session:
+    with GuestSession(disks, backend="vfio", cwd=d, qemu_args=bridge,
+                      warm_start=True) as session:
         yield session
 
 
@@ -77,7 +78,8 @@ def test_vfio_modules_missing(vm: GuestSession) -> None:
 
 
 def test_no_iommu_in_the_guest(tmp_path: Path) -> None:
-    with GuestSession([Disk(make_image(tmp_path / "d.raw", 8))], cwd=tmp_path) as uio_vm:
+    with GuestSession([Disk(make_image(tmp_path / "d.raw", 8))], cwd=tmp_path,
+                      warm_start=True) as uio_vm:
         r = vu(uio_vm, ALONE, "info")
         driver = uio_vm.run(f"readlink /sys/bus/pci/devices/{ALONE}/driver").out
     assert r.status == 15, r.err

@@ -158,7 +158,7 @@ def test_resize_during_a_bench_arrives_by_the_config_interrupt(guest: Guest) -> 
     """bench uses only submit/reap, which never look at the config: the new capacity
     can only come from the configuration-change interrupt."""
     cmd = guest.spawn(guest.argv(RESIZE, "--wait", "interrupt", "bench", "--rw",
-                                    "randread", "--runtime", 20))
+                                    "randread", "--runtime", 8))
     guest.wait_interrupts(RESIZE, above=guest.irq_count(RESIZE) or 0)
     node = guest.bay.nodes[f"{guest.backend}-{RESIZE}"]
     guest.vm.qmp.cmd("block_resize", **{"node-name": node, "size": 16 << 20})

@@ -110,7 +110,7 @@ def test_daemon_and_socket_are_gone_after_the_session(vm: GuestSession) -> None:
 def test_daemon_is_stopped_after_a_forced_timeout(tmp_path: Path, image: Path) -> None:
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    r = run_in_qemu(["--vhost-user-disk", str(image), "--timeout", "20", "--",
+    r = run_in_qemu(["--vhost-user-disk", str(image), "--timeout", "12", "--",
                      "sleep", "600"], tmp_path, tmpdir)
     assert r.returncode == 124, r.stderr
     assert "timed out after" in r.stderr

@@ -37,6 +37,7 @@ AGENT = assets.GUEST_DIR / "agent.py"
 FIRST_DISK_SLOT = 0x10
 LAUNCH_EXIT_GRACE = 2.0  # seconds for a QEMU that failed at start to exit
 BOOT_LOG_ENV = "VIRTIO_USER_BOOT_LOG"  # a file that gets one line per QEMU start
+KILL_WAIT_SECONDS = 10.0  # for a SIGKILLed QEMU to be reaped
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 SERIAL_MAX = 20  # bytes: VIRTIO_BLK_ID_BYTES ("Block Device" > "Device Operation")
 # -drive cache= modes as -blockdev options (writethrough also turns off the device's
@@ -412,7 +413,10 @@ class Machine:
         and temporary file."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+            try:
+                self.proc.wait(KILL_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass  # stuck in the kernel; nothing more a user process can do
         self._daemons.close()
         for closer in (self.qmp, self._agent_listener):
             try:

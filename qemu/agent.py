@@ -29,6 +29,8 @@ import sys
 
 PORT_NAME = "virtio-user.agent"
 WARM_COMMAND = "virtio-user"
+WARM_DIED = (b"agent: the warm interpreter (qemu/warm.py) ended before this command "
+             b"reported its status; its error is on the guest's serial console\n")
 WARM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm.py")
 
 
@@ -130,11 +132,19 @@ class Agent:
     def on_warm(self, fd: int) -> None:
         data = self.warm.recv(65536) if self.warm is not None else b""
         if not data:
-            # The warm interpreter died: its commands cannot report a status any more.
+            # The warm interpreter died: its commands cannot report a status any more,
+            # and its own error went to the guest console, not to them. The next warm
+            # command starts a new one.
             self.sel.unregister(fd)
+            if self.warm is not None:
+                self.warm.close()
             self.warm = None
+            if self.warm_proc is not None:
+                self.warm_proc.poll()
+            note = base64.b64encode(WARM_DIED).decode()
             for cid, child in list(self.children.items()):
                 if isinstance(child, WarmChild) and child.status is None:
+                    self.send({"op": "output", "id": cid, "fd": 2, "data": note})
                     child.status = 255
                     self.maybe_exit(cid)
             return

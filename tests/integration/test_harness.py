@@ -159,6 +159,19 @@ def test_warm_and_cold_commands_agree(vm: Bay) -> None:
     assert r.status == 130 and "interrupted by SIGINT" in r.err, r.err
 
 
+def test_a_dead_warm_interpreter_fails_its_command_and_is_replaced(vm: Bay) -> None:
+    plain = vm.bdfs["plain"]
+    cmd = vm.spawn(["virtio-user", "--device", plain, "bench", "--runtime", "5"])
+    deadline = time.monotonic() + 60
+    while "virtio-user" not in vm.run(WARM_CHILDREN).out.split():
+        assert time.monotonic() < deadline, "no virtio-user child of the warm interpreter"
+    assert vm.run("kill -9 $(pgrep -o -f 'qemu/warm[.]py')").status == 0
+    r = cmd.wait(timeout=60)
+    assert r.status == 255 and "warm interpreter (qemu/warm.py) ended" in r.err, r.err
+    again = vm.run(["virtio-user", "--device", plain, "read", "0", "1"])
+    assert again.status == 0 and len(again.stdout) == 512, again.err
+
+
 def test_options_in_space_form_and_commas_in_paths(tmp_path: Path) -> None:
     """One boot for: the command's exit status and output, --qemu-arg values starting
     with '-', --memory, and commas in the disk's file name, the current directory and

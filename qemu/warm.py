@@ -53,11 +53,13 @@ def run_child(req: dict, fds: list[int]) -> None:
     """In the forked child: become the command, never return."""
     status = 1
     try:
-        os.setsid()
-        set_comm(os.path.basename(req["argv"][0]))
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in RESET_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        os.setsid()
+        # Last: whoever finds the process by its name may signal it at once, so the
+        # dispositions must already be the command's.
+        set_comm(os.path.basename(req["argv"][0]))
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         # As Popen(close_fds=True) would: a daemon the command leaves behind (nbd) must

@@ -276,47 +276,64 @@ class VirtioBlk:
         return DmaBuffer(self._user_allocs[-1].alloc(nbytes, 4096), self.limits.size_max,
                          self.queue.framed_data)
 
-    def submit(self, requests: Sequence[Request]) -> None:
+    def submit(self, requests: Sequence[Request], kick: bool = True) -> None:
         """Queue every request and kick once, or none of them: the whole batch is
         checked first (type, sector within u64, data within its buffer and within
         seg_max segments, room in the queue). The sectors are not checked against the
-        capacity: callers of the batch API do that up front (``check_range``)."""
+        capacity: callers of the batch API do that up front (``check_range``).
+
+        With ``kick=False`` the requests are written into the ring but not published:
+        the device cannot see them until the next ``kick`` (or submit). A caller at
+        queue depth 1 builds its next request that way while the current one is in
+        flight, and publishes it the moment that one completes."""
         if self._closed:
             self._check_open()
-        q = self.queue
-        if len(requests) == 1 and q.framed:
-            # QD1's case, inline (a Python call costs as much as a dozen operations):
-            # one request whose data is one segment already framed for this buffer. The
-            # same checks as _plan; anything else takes the general path, which says
-            # what is wrong. add_framed refuses a full or broken queue before any write.
-            req = requests[0]
-            nbytes, buf = req.nbytes, req.buffer
-            try:
-                into = _INTO[req.type]
-                data = buf.framed_descs[2 * nbytes + into]  # type: ignore[union-attr]
-            except (KeyError, TypeError, AttributeError):  # bad type, no buffer, unframed
-                data = None
-            if (data is not None and 0 < nbytes <= buf.size  # type: ignore[union-attr]
-                    and 0 <= req.sector <= _U64_MAX):
-                try:
-                    head = q.add_framed(data, req, nbytes * into + 1)
-                    _HDR.pack_into(self._mm, self._hdr_off + 16 * head, req.type, 0,
-                                   req.sector)
-                    self._mm[self._status_off + head] = _UNSET
-                    req.status = None
-                    req.head = head
-                except BaseException:
-                    self._interrupted()
-                    raise
-                q.kick()
-                return
+        if len(requests) == 1 and self._add_one(requests[0]):
+            if kick:
+                self.queue.kick()
+            return
         framed = self._plan(requests)
         try:
             self._add(requests, framed)
         except BaseException:
             self._interrupted()
             raise
-        q.kick()
+        if kick:
+            self.queue.kick()
+
+    def kick(self) -> None:
+        """Publish every request submitted with ``kick=False`` (and notify the device
+        unless it said it need not be)."""
+        if self._closed:
+            self._check_open()
+        self.queue.kick()
+
+    def _add_one(self, req: Request) -> bool:
+        """QD1's case, inline (a Python call costs as much as a dozen operations): queue
+        one request whose data is one segment already framed for its buffer, with the
+        same checks as _plan. False, with nothing queued, for anything else: the general
+        path checks it and says what is wrong. add_framed refuses a full or broken queue
+        before any write."""
+        q = self.queue
+        nbytes, buf = req.nbytes, req.buffer
+        try:
+            into = _INTO[req.type]
+            data = buf.framed_descs[2 * nbytes + into]  # type: ignore[union-attr]
+        except (KeyError, TypeError, AttributeError):  # bad type, no buffer, unframed
+            return False
+        if (data is None or not q.framed or not 0 < nbytes <= buf.size  # type: ignore[union-attr]
+                or not 0 <= req.sector <= _U64_MAX):
+            return False
+        try:
+            head = q.add_framed(data, req, nbytes * into + 1)
+            _HDR.pack_into(self._mm, self._hdr_off + 16 * head, req.type, 0, req.sector)
+            self._mm[self._status_off + head] = _UNSET
+            req.status = None
+            req.head = head
+        except BaseException:
+            self._interrupted()
+            raise
+        return True
 
     def _interrupted(self) -> None:
         """Only a signal (or a full or broken queue, before anything was added) stops
@@ -411,22 +428,40 @@ class VirtioBlk:
             done, self._orphans = self._orphans, []
             return done
         got = self.queue.wait(self.timeout if timeout is None else timeout)
-        mm, off = self._mm, self._status_off
+        finish = self._finish
         out = []
         for req, length in got:
-            # The status byte is the last device-writable byte: a used len that stops
-            # short of it (or of the data, for IN and GET_ID) means the device did not
-            # write them, and what the buffer holds is stale ("The Virtqueue Used Ring").
-            if not length or (length <= req.nbytes and req.type in _DEVICE_WRITES):
-                self._fault(f"{req}: used len {length} does not cover the data and "
-                            "status byte the device must write")
-            status = mm[off + req.head]
-            if status > _LAST_STATUS:
-                self._fault(f"{req}: status byte {status:#x} is not a VIRTIO_BLK_S_* value")
-            req.status = status
-            req.used_len = length
+            finish(req, length)
             out.append(req)
         return out
+
+    def reap_one(self, timeout: float | None = None) -> Request | None:
+        """The next completed request, waiting up to ``timeout`` while any is in flight
+        (None if none is), checked as ``reap`` checks each: for a caller with one
+        request in flight, with no batch to build."""
+        if self._closed or self._orphans:
+            self._check_open()
+            return self._orphans.pop(0)
+        got = self.queue.wait_one(self.timeout if timeout is None else timeout)
+        if got is None:
+            return None
+        req, length = got
+        self._finish(req, length)
+        return req
+
+    def _finish(self, req: Request, length: int) -> None:
+        """Check a completion and set ``status`` and ``used_len``. The status byte is the
+        last device-writable byte: a used len that stops short of it (or of the data,
+        for IN and GET_ID) means the device did not write them, and what the buffer
+        holds is stale ("The Virtqueue Used Ring")."""
+        if not length or (length <= req.nbytes and req.type in _DEVICE_WRITES):
+            self._fault(f"{req}: used len {length} does not cover the data and "
+                        "status byte the device must write")
+        status = self._mm[self._status_off + req.head]
+        if status > _LAST_STATUS:
+            self._fault(f"{req}: status byte {status:#x} is not a VIRTIO_BLK_S_* value")
+        req.status = status
+        req.used_len = length
 
     @property
     def in_flight(self) -> int:

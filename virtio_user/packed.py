@@ -491,22 +491,74 @@ class PackedQueue(QueueFaults, Generic[T]):
         self._fault(f"{self.name}: used len {length} for buffer ID {bid} exceeds "
                     f"the chain's {self._writable[bid]} device-writable bytes")
 
+    def pop_used(self) -> tuple[T, int] | None:
+        """The next completion as (token, used length), checked as ``reap`` checks
+        each, or None if the device has used nothing (or nothing is in flight): one at
+        a time, as Linux's virtqueue_get_buf."""
+        if self.broken:
+            self._check_usable()
+        u16, at, pending = self._u16, self._used_at, self._used_pending
+        bits = u16[at] & _BOTH
+        if bits == pending or not self.in_flight:
+            return None
+        if bits != pending ^ _USED:
+            self._fault(f"{self.name}: used descriptor at slot {self._slot(at)} has "
+                        f"wrap bits {bits:#06x}, expected {pending ^ _USED:#06x} (used "
+                        f"wrap counter {int(bool(pending ^ _USED))})")
+        bid, length = u16[at - 1], self._u32[(at >> 1) - 1]  # id and len of that slot
+        tokens = self._token
+        try:
+            token = tokens[bid]
+        except IndexError:  # a buffer ID beyond the queue: _bad_used says so
+            token = None
+        if token is None or length > self._writable[bid]:
+            self._bad_used(bid, length, at)
+        tokens[bid] = None
+        chain = self._chain[bid]
+        if chain is None:
+            self._free.append(bid)
+            at += 8
+        else:
+            self._chain[bid] = None
+            self._free.extend(chain)
+            at += 8 * len(chain)
+        if at >= self._used_end:
+            at -= self._used_span
+            pending ^= _BOTH
+        self._used_at, self._used_pending = at, pending
+        self.in_flight -= 1
+        self.completed += 1
+        return token, length
+
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout
         after ``timeout`` seconds. A timeout of 0 (or less) only looks: it returns what
         has completed, possibly nothing."""
-        if timeout <= 0:
-            return self.reap()
-        u16, at, pending = self._u16, self._used_at, self._used_pending
-        if u16[at] & _BOTH != pending or not self.in_flight or self.broken:
-            return self.reap()  # something to reap already (or nothing to wait for)
+        if (timeout > 0 and self._u16[self._used_at] & _BOTH == self._used_pending
+                and self.in_flight and not self.broken):
+            self._await_used(timeout)
+        return self.reap()
+
+    def wait_one(self, timeout: float) -> tuple[T, int] | None:
+        """``wait`` for one completion (``pop_used`` once the device has used one): for
+        a caller with one chain in flight. None if nothing is in flight."""
+        if self._u16[self._used_at] & _BOTH == self._used_pending and self.in_flight:
+            self._await_used(timeout)
+        return self.pop_used()
+
+    def _await_used(self, timeout: float) -> None:
+        """Return once the descriptor at the used position has changed; DeviceTimeout
+        after ``timeout`` seconds (as SplitQueue._await_used: a tight look, the clock
+        now and then)."""
         if self.waiter is not None:
-            return self._sleep_wait(self.waiter, timeout)
+            self._sleep_wait(self.waiter, timeout)
+            return
+        u16, at, pending = self._u16, self._used_at, self._used_pending
         clock, deadline, spins = time.monotonic, 0.0, range(SPINS_PER_CLOCK)
-        while True:  # as SplitQueue.wait: a tight look, the clock now and then
+        while True:
             for _ in spins:
                 if u16[at] & _BOTH != pending:
-                    return self.reap()
+                    return
             if not deadline:
                 deadline = clock() + timeout
             elif clock() > deadline:
@@ -519,15 +571,14 @@ class PackedQueue(QueueFaults, Generic[T]):
         self._fault(f"{self.name}: no completion within {timeout:g} s for "
                     f"{pending_tokens[0]}{more}", DeviceTimeout)
 
-    def _sleep_wait(self, waiter: Waiter, timeout: float) -> list[tuple[T, int]]:
-        """``wait`` with a waiter: look ``waiter.spins`` times, then sleep until the
-        device interrupts (the waiter arms, re-checks and disarms)."""
+    def _sleep_wait(self, waiter: Waiter, timeout: float) -> None:
+        """``_await_used`` with a waiter: look ``waiter.spins`` times, then sleep until
+        the device interrupts (the waiter arms, re-checks and disarms)."""
         for _ in range(waiter.spins):
             if self.has_used():
-                return self.reap()
+                return
         if not waiter.sleep(self, time.monotonic() + timeout):
             self._timed_out(timeout)
-        return self.reap()
 
     # -- used buffer notifications (for a Waiter) ---------------------------------------
     def has_used(self) -> bool:

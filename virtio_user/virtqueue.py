@@ -472,17 +472,64 @@ class SplitQueue(QueueFaults, Generic[T]):
         self._fault(f"used len {length} for id {head} exceeds the chain's "
                     f"{self._writable[head]} device-writable bytes")
 
+    def pop_used(self) -> tuple[T, int] | None:
+        """The oldest completion as (token, used length), checked as ``reap`` checks
+        each, or None if the device has published none: one at a time, as Linux's
+        virtqueue_get_buf. A used.idx that runs past what is in flight is caught when
+        the entries beyond it are popped with nothing left in flight."""
+        if self.broken:
+            self._check_usable()
+        u16 = self._u16
+        last = self._last_used
+        if u16[self._used_idx] == last:
+            return None
+        if not self.in_flight:
+            self._fault(f"used.idx moved past {last} with no request in flight")
+        slot = self._used_ring + 2 * (last & self._mask)
+        u32 = self._u32
+        head, length = u32[slot], u32[slot + 1]
+        tokens = self._token
+        try:
+            token = tokens[head]
+        except IndexError:  # an id beyond the queue: _bad_used says so
+            token = None
+        if token is None or length > self._writable[head]:
+            self._bad_used(head, length)
+        tokens[head] = None
+        chain = self._chain[head]
+        if chain is None:
+            self._free.append(head)
+        else:
+            self._chain[head] = None
+            self._free.extend(chain)
+        self._last_used = last = (last + 1) & 0xFFFF
+        self.in_flight -= 1
+        self.completed += 1
+        u16[self._used_event] = (last - 1) & 0xFFFF  # as in reap
+        return token, length
+
     def wait(self, timeout: float) -> list[tuple[T, int]]:
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout
         after ``timeout`` seconds. A timeout of 0 (or less) only looks: it returns what
         has completed, possibly nothing."""
-        if timeout <= 0:
-            return self.reap()
+        if (timeout > 0 and self._u16[self._used_idx] == self._last_used and self.in_flight
+                and not self.broken):
+            self._await_used(timeout)
+        return self.reap()
+
+    def wait_one(self, timeout: float) -> tuple[T, int] | None:
+        """``wait`` for one completion (``pop_used`` once the device has published one):
+        for a caller with one chain in flight. None if nothing is in flight."""
+        if self._u16[self._used_idx] == self._last_used and self.in_flight:
+            self._await_used(timeout)
+        return self.pop_used()
+
+    def _await_used(self, timeout: float) -> None:
+        """Return once used.idx has moved; DeviceTimeout after ``timeout`` seconds."""
         u16, pos, last = self._u16, self._used_idx, self._last_used
-        if u16[pos] != last or not self.in_flight or self.broken:
-            return self.reap()  # something to reap already (or nothing to wait for)
         if self.waiter is not None:
-            return self._sleep_wait(self.waiter, timeout)
+            self._sleep_wait(self.waiter, timeout)
+            return
         clock, deadline, spins = time.monotonic, 0.0, range(SPINS_PER_CLOCK)
         while True:
             # The clock only every SPINS_PER_CLOCK looks (the deadline starts at the
@@ -492,22 +539,21 @@ class SplitQueue(QueueFaults, Generic[T]):
             # answers, and the time from its answer to our reap is latency.
             for _ in spins:
                 if u16[pos] != last:
-                    return self.reap()
+                    return
             if not deadline:
                 deadline = clock() + timeout
             elif clock() > deadline:
                 self._timed_out(timeout)
 
-    def _sleep_wait(self, waiter: Waiter, timeout: float) -> list[tuple[T, int]]:
-        """``wait`` with a waiter: look ``waiter.spins`` times, then sleep until the
-        device interrupts (the waiter arms, re-checks and disarms)."""
+    def _sleep_wait(self, waiter: Waiter, timeout: float) -> None:
+        """``_await_used`` with a waiter: look ``waiter.spins`` times, then sleep until
+        the device interrupts (the waiter arms, re-checks and disarms)."""
         u16, pos, last = self._u16, self._used_idx, self._last_used
         for _ in range(waiter.spins):
             if u16[pos] != last:
-                return self.reap()
+                return
         if not waiter.sleep(self, time.monotonic() + timeout):
             self._timed_out(timeout)
-        return self.reap()
 
     def _timed_out(self, timeout: float) -> None:
         pending = [t for t in self._token if t is not None]

@@ -475,16 +475,16 @@ class SplitQueue(QueueFaults, Generic[T]):
     def pop_used(self) -> tuple[T, int] | None:
         """The oldest completion as (token, used length), checked as ``reap`` checks
         each, or None if the device has published none: one at a time, as Linux's
-        virtqueue_get_buf. A used.idx that runs past what is in flight is caught when
-        the entries beyond it are popped with nothing left in flight."""
+        virtqueue_get_buf, and as strict as ``reap`` about used.idx."""
         if self.broken:
             self._check_usable()
         u16 = self._u16
-        last = self._last_used
-        if u16[self._used_idx] == last:
+        used, last = u16[self._used_idx], self._last_used
+        if used == last:
             return None
-        if not self.in_flight:
-            self._fault(f"used.idx moved past {last} with no request in flight")
+        if (used - last) & 0xFFFF > self.in_flight:
+            self._fault(f"used.idx moved from {last} to {used}: {(used - last) & 0xFFFF} "
+                        f"completions with only {self.in_flight} requests in flight")
         slot = self._used_ring + 2 * (last & self._mask)
         u32 = self._u32
         head, length = u32[slot], u32[slot + 1]

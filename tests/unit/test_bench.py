@@ -70,3 +70,23 @@ def test_bench_write_to_read_only_device_is_exit_7(capsys: Any) -> None:
     before = bytes(env.device.disk)
     assert env.run("bench", "--rw", "randwrite", "--ios", 10) == 7
     assert bytes(env.device.disk) == before
+
+
+def test_qd1_keeps_one_request_at_the_device_at_a_time(capsys: Any) -> None:
+    """The next request is built while the current one is out, but published only when
+    that one has completed. The model serves requests only when the driver waits for
+    one, so each wait must find exactly one request published."""
+    env = Env()
+    env.device.auto = False
+    served: list[int] = []
+
+    def opener(args: Any) -> Any:
+        blk = Env.opener(env, args)
+        blk.queue._await_used = lambda timeout: served.append(env.device.process())
+        return blk
+    env.opener = opener  # type: ignore[method-assign]
+    assert env.run("bench", "--rw", "randread", "--iodepth", 1, "--ios", 200, "--verify",
+                   "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ios"] == 200 and result["kicks"] == 200
+    assert served[:200] == [1] * 200  # (then the verify pass, at its own depth)

@@ -635,3 +635,42 @@ def test_one_framed_request_at_a_time_laps_a_packed_ring(monkeypatch) -> None:
         assert blk.requests_completed == 51 and blk.queue.num_free == 4
     finally:
         blk.close()
+
+
+@pytest.mark.parametrize("trick", ["bad_id", "id_not_in_flight", "len_too_large", "idx_jump",
+                                   "no_status", "status_only", "zero_len"])
+def test_a_misbehaving_device_is_caught_by_reap_one_too(make_blk, trick: str) -> None:
+    blk, dev = make_blk()
+    req = _framed_read(blk)
+    dev.misbehave = trick
+    with pytest.raises(DeviceError, match="has been reset"):
+        blk.submit([req])
+        blk.reap_one(timeout=1.0)
+    assert dev.status == 0 and blk.queue.broken
+
+
+def test_submit_without_kick_is_invisible_until_kick(make_blk) -> None:
+    blk, dev = make_blk()
+    dev.disk[:8192] = os.urandom(8192)
+    a, b = _framed_read(blk), _framed_read(blk)
+    a.sector, b.sector = 0, 8
+    notifies = dev.notifies
+    blk.submit([a])
+    blk.submit([b], kick=False)  # built into the ring while a is out
+    assert dev.notifies == notifies + 1 and blk.in_flight == 1
+    assert blk.reap_one(timeout=1.0) is a and a.status == 0
+    assert blk.reap_one(timeout=1.0) is None  # b is not published: nothing in flight
+    blk.kick()
+    assert dev.notifies == notifies + 2
+    assert blk.reap_one(timeout=1.0) is b and b.status == 0
+    assert bytes(a.buffer.mv) + bytes(b.buffer.mv) == dev.disk[:8192]
+
+
+def test_reap_one_hands_out_what_a_plain_call_set_aside_first(make_blk) -> None:
+    blk, dev = make_blk()
+    req = _framed_read(blk)
+    blk.submit([req])  # the model completes it at once; nobody has reaped it
+    blk.flush()  # reaps req's completion on its way and keeps it for the caller
+    assert blk.in_flight == 0
+    assert blk.reap_one(timeout=1.0) is req and req.status == 0
+    assert blk.reap_one(timeout=1.0) is None

@@ -509,3 +509,32 @@ def test_bench_runs_on_the_packed_ring_and_says_so(packed_blk: Any) -> None:
     result = run(dev, BenchSpec("randwrite", 4096, 8, None, 400, True))
     assert result["ring"] == "packed" and result["ios"] == 400
     assert result["verified_blocks"] > 0 and dev.queue.completed >= 400
+
+
+@pytest.mark.parametrize("trick,words", [
+    (lambda h, bid: h.dev.complete(500, 0, slots=2), ("buffer ID 500", "out of range")),
+    (lambda h, bid: h.dev.complete(bid + 1, 0, slots=2), ("not in flight",)),
+    (lambda h, bid: h.dev.complete(bid, 514), ("used len 514", "513")),
+    (lambda h, bid: h.dev.complete(bid, 0, flags=USED), ("slot 0", "0x8000", "wrap")),
+])
+def test_pop_used_is_as_strict_as_reap(trick: Any, words: tuple[str, ...]) -> None:
+    h, bid = _one_in_flight()
+    trick(h, bid)
+    with pytest.raises(DeviceError) as err:
+        h.q.pop_used()
+    assert all(w in str(err.value) for w in words) and "reset" in str(err.value)
+    assert h.faults == 1 and h.q.broken
+
+
+def test_pop_used_laps_the_ring_one_at_a_time() -> None:
+    h = Harness(size=4)
+    assert h.q.pop_used() is None  # nothing in flight
+    for i in range(30):  # both wrap counters flip many times
+        bid = h.q.add(segs(2), i)
+        h.q.kick()
+        assert h.q.pop_used() is None  # available, not used yet
+        [b] = h.dev.take()
+        h.dev.complete(b.id, 513)
+        assert h.q.wait_one(0.5) == (i, 513)
+        assert bid == b.id
+    assert h.q.completed == 30 and h.q.num_free == 4 and h.q.in_flight == 0

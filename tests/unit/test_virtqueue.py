@@ -303,3 +303,44 @@ def test_indirect_tables_are_power_of_two_sized_aligned_and_within_a_page() -> N
     assert all(b // 4096 == (b + table_bytes - 1) // 4096 for b in bus)
     with pytest.raises(ValueError, match="exceed a page"):
         indirect_tables(DmaAllocator(region), 4, 257)
+
+
+@pytest.mark.parametrize("trick,message", [
+    (lambda h, head: h.complete(99, 1), "out of range"),
+    (lambda h, head: h.complete((head + 1) % 8, 1), "not the head of a chain in flight"),
+    (lambda h, head: h.complete(head, 514), "exceeds"),
+    (lambda h, head: h.complete(head, 1, step=9), "only 1 requests in flight"),
+])
+def test_pop_used_is_as_strict_as_reap(trick: Any, message: str) -> None:
+    h = Harness(size=8)
+    head = h.q.add(SEG3, "a")
+    h.q.kick()
+    trick(h, head)
+    with pytest.raises(DeviceError, match=message):
+        h.q.pop_used()
+    assert h.faults == 1 and h.q.broken
+
+
+def test_pop_used_takes_completions_one_at_a_time_in_used_order() -> None:
+    h = Harness(size=8, indirect=True)
+    heads = [h.q.add(SEG3, t) for t in "abc"]
+    h.q.kick()
+    assert h.q.pop_used() is None  # nothing used yet
+    for x in (2, 0):
+        h.complete(heads[x], 1)
+    assert h.q.pop_used() == ("c", 1)
+    assert h.q.in_flight == 2 and h.q.num_free == 6
+    assert h.q.wait_one(0.5) == ("a", 1)
+    assert h.q.pop_used() is None
+    h.complete(heads[1], 1)
+    assert h.q.reap() == [("b", 1)]  # reap and pop_used share one used position
+    assert h.q.completed == 3 and h.q.num_free == 8 and h.q.wait_one(0.5) is None
+
+
+def test_wait_one_times_out_and_resets() -> None:
+    h = Harness(size=8)
+    h.q.add(SEG3, "a")
+    h.q.kick()
+    with pytest.raises(DeviceTimeout, match="no completion within 0.05 s for a"):
+        h.q.wait_one(0.05)
+    assert h.faults == 1

@@ -443,6 +443,7 @@ class PackedQueue(QueueFaults, Generic[T]):
         chains, free = self._chain, self._free
         used_bits = pending ^ _USED  # AVAIL|USED in lap 1, neither in lap 0
         out: list[tuple[T, int]] = []
+        first_freed = len(free)
         while True:
             if bits != used_bits:
                 if bits == pending:
@@ -475,6 +476,10 @@ class PackedQueue(QueueFaults, Generic[T]):
             if not left:
                 break
             bits = u16[at] & _BOTH
+        # Freed in completion order, handed out in reverse (the free list is a stack):
+        # flip them, so that a caller who resubmits in the order it reaped gets each
+        # buffer its previous id again, whose framed table then needs no write.
+        free[first_freed:] = free[:first_freed - 1:-1] if first_freed else free[::-1]
         self._used_at, self._used_pending = at, pending
         self.in_flight = left
         self.completed += len(out)

@@ -437,6 +437,7 @@ class SplitQueue(QueueFaults, Generic[T]):
         out: list[tuple[T, int]] = []
         u32, ring, mask = self._u32, self._used_ring, self._mask
         tokens, writable, chains, free = self._token, self._writable, self._chain, self._free
+        first_freed = len(free)
         for i in range(n):
             slot = ring + 2 * ((last + i) & mask)
             head, length = u32[slot], u32[slot + 1]
@@ -455,6 +456,10 @@ class SplitQueue(QueueFaults, Generic[T]):
                 chains[head] = None
                 free.extend(chain)
             out.append((token, length))
+        # Freed in completion order, handed out in reverse (the free list is a stack):
+        # flip them, so that a caller who resubmits in the order it reaped gets each
+        # buffer its previous id again, whose framed table then needs no write.
+        free[first_freed:] = free[:first_freed - 1:-1] if first_freed else free[::-1]
         self._last_used = used
         self.in_flight -= n
         self.completed += n

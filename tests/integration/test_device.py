@@ -218,5 +218,7 @@ def test_readme_python_api_example_runs(guest: Guest) -> None:
     code = code.replace("VirtioBlk.open()", f'VirtioBlk.open("{main}", backend="{guest.backend}")')
     r = guest.py(code)
     assert r.out.splitlines()[0] == f"{64 * 2048} 256 main.raw"
-    assert len(r.out.splitlines()) == 33
+    lines = r.out.splitlines()
+    assert len(lines) == 41
+    assert lines[33:] == [f"{s} 0" for s in range(0, 56, 8)] + ["56"]
     assert image_bytes(guest, "main", 100, 1) == b"\x5a" * SECTOR

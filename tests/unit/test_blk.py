@@ -596,15 +596,17 @@ def test_a_signal_inside_the_inline_submit_resets_the_device(make_blk, monkeypat
         blk.submit([req])
 
 
+@pytest.mark.parametrize("take", ["reap", "reap_one"])
 @pytest.mark.parametrize("trick", ["bad_id", "id_not_in_flight", "len_too_large", "idx_jump",
                                    "no_status", "status_only", "zero_len"])
-def test_a_misbehaving_device_is_caught_on_the_batch_api_too(make_blk, trick: str) -> None:
+def test_a_misbehaving_device_is_caught_on_the_batch_api_too(make_blk, trick: str,
+                                                             take: str) -> None:
     blk, dev = make_blk()
     req = _framed_read(blk)
     dev.misbehave = trick
     with pytest.raises(DeviceError, match="has been reset"):
         blk.submit([req])
-        blk.reap(timeout=1.0)
+        getattr(blk, take)(timeout=1.0)
     assert dev.status == 0 and blk.queue.broken
 
 
@@ -635,18 +637,6 @@ def test_one_framed_request_at_a_time_laps_a_packed_ring(monkeypatch) -> None:
         assert blk.requests_completed == 51 and blk.queue.num_free == 4
     finally:
         blk.close()
-
-
-@pytest.mark.parametrize("trick", ["bad_id", "id_not_in_flight", "len_too_large", "idx_jump",
-                                   "no_status", "status_only", "zero_len"])
-def test_a_misbehaving_device_is_caught_by_reap_one_too(make_blk, trick: str) -> None:
-    blk, dev = make_blk()
-    req = _framed_read(blk)
-    dev.misbehave = trick
-    with pytest.raises(DeviceError, match="has been reset"):
-        blk.submit([req])
-        blk.reap_one(timeout=1.0)
-    assert dev.status == 0 and blk.queue.broken
 
 
 def test_submit_without_kick_is_invisible_until_kick(make_blk) -> None:

@@ -330,6 +330,8 @@ class VirtioBlk:
             self._mm[self._status_off + head] = _UNSET
             req.status = None
             req.head = head
+        except QueueFull:  # refused before any write: requests held back stay valid
+            raise
         except BaseException:
             self._interrupted()
             raise

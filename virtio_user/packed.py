@@ -171,7 +171,7 @@ class PackedQueue(QueueFaults, Generic[T]):
         # device cannot see past the held one ("the device ... in ring order").
         self._held_at = -1
         self._held_flags = 0
-        self._held_count = 0  # chains added since the last kick
+        self._held_ids: list[int] = []  # buffer IDs added since the last kick: unpublished
         self._kick_off = self._desc_off  # _avail_off at the last kick
         self.in_flight = 0  # published and not yet reaped
         self.completed = 0
@@ -183,7 +183,7 @@ class PackedQueue(QueueFaults, Generic[T]):
     @property
     def outstanding(self) -> int:
         """Chains added and not yet reaped, published or not."""
-        return self.in_flight + self._held_count
+        return self.in_flight + len(self._held_ids)
 
     @property
     def num_free(self) -> int:
@@ -262,6 +262,7 @@ class PackedQueue(QueueFaults, Generic[T]):
         self._writable[bid] = (sum(length for _, length, w in segs if w)
                                if writable is None else writable)
         self._token[bid] = token
+        self._held_ids.append(bid)
         return bid
 
     def _hold(self, index: int, flags: int) -> None:
@@ -270,7 +271,6 @@ class PackedQueue(QueueFaults, Generic[T]):
             self._held_at, self._held_flags = index, flags
         else:
             self._u16[index] = flags
-        self._held_count += 1
 
     def _advance(self, off: int) -> int:
         """The byte offset of the slot after the one at ``off``, flipping the driver's
@@ -376,7 +376,7 @@ class PackedQueue(QueueFaults, Generic[T]):
             self._held_at, self._held_flags = (off >> 1) + 7, _INDIRECT | self._avail_flags
         else:
             self._u16[(off >> 1) + 7] = _INDIRECT | self._avail_flags
-        self._held_count += 1
+        self._held_ids.append(bid)
         off += 16
         if off == self._ring_end:
             off = self._desc_off
@@ -400,8 +400,8 @@ class PackedQueue(QueueFaults, Generic[T]):
         u16 = self._u16
         u16[self._held_at] = self._held_flags
         self._held_at = -1
-        self.in_flight += self._held_count
-        self._held_count = 0
+        self.in_flight += len(self._held_ids)
+        self._held_ids = []
         since, self._kick_off = self._kick_off, self._avail_off
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read a
         # stale event suppression structure while the device, having just re-enabled
@@ -440,7 +440,7 @@ class PackedQueue(QueueFaults, Generic[T]):
         if bits == pending or not left:
             return []  # still available: nothing used yet
         u32, tokens, writable = self._u32, self._token, self._writable
-        chains, free = self._chain, self._free
+        chains, free, held = self._chain, self._free, self._held_ids
         used_bits = pending ^ _USED  # AVAIL|USED in lap 1, neither in lap 0
         out: list[tuple[T, int]] = []
         first_freed = len(free)
@@ -456,7 +456,7 @@ class PackedQueue(QueueFaults, Generic[T]):
                 token = tokens[bid]
             except IndexError:  # a buffer ID beyond the queue: _bad_used says so
                 token = None
-            if token is None or length > writable[bid]:
+            if token is None or length > writable[bid] or bid in held:
                 self._bad_used(bid, length, at)
             tokens[bid] = None
             chain = chains[bid]
@@ -489,8 +489,9 @@ class PackedQueue(QueueFaults, Generic[T]):
         """The fault for a used descriptor whose buffer ID is not in flight, or which
         claims more bytes than the chain let the device write."""
         size = self.size
-        if bid >= size or self._token[bid] is None:
-            why = "out of range" if bid >= size else "not in flight"
+        if bid >= size or self._token[bid] is None or bid in self._held_ids:
+            why = ("out of range" if bid >= size else "not in flight"
+                   if self._token[bid] is None else "not yet published (added, no kick since)")
             self._fault(f"{self.name}: used buffer ID {bid} at slot {self._slot(at)} is "
                         f"{why} (queue size {size})")
         self._fault(f"{self.name}: used len {length} for buffer ID {bid} exceeds "
@@ -516,7 +517,7 @@ class PackedQueue(QueueFaults, Generic[T]):
             token = tokens[bid]
         except IndexError:  # a buffer ID beyond the queue: _bad_used says so
             token = None
-        if token is None or length > self._writable[bid]:
+        if token is None or length > self._writable[bid] or bid in self._held_ids:
             self._bad_used(bid, length, at)
         tokens[bid] = None
         chain = self._chain[bid]

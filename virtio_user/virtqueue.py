@@ -213,6 +213,7 @@ class SplitQueue(QueueFaults, Generic[T]):
         self._writable = [0] * size
         self._chain: list[list[int] | None] = [None] * size
         self._next_avail = 0  # free-running count of heads added
+        self._held: list[int] = []  # heads added since the last kick: not yet published
         self._published = 0  # avail.idx as last stored (16 bits)
         self._last_used = 0  # used.idx as last consumed (16 bits)
         self.in_flight = 0  # published and not yet reaped
@@ -283,6 +284,7 @@ class SplitQueue(QueueFaults, Generic[T]):
         self._token[head] = token
         self._u16[self._avail_ring + (self._next_avail & self._mask)] = head
         self._next_avail += 1
+        self._held.append(head)
         return head
 
     def _flat(self, segs: Sequence[tuple[int, int, bool]], nexts: Sequence[int]) -> list[int]:
@@ -382,6 +384,7 @@ class SplitQueue(QueueFaults, Generic[T]):
         self._token[head] = token
         self._u16[self._avail_ring + (self._next_avail & self._mask)] = head
         self._next_avail += 1
+        self._held.append(head)
         return head
 
     def kick(self) -> None:
@@ -401,6 +404,7 @@ class SplitQueue(QueueFaults, Generic[T]):
         u16 = self._u16
         u16[self._avail_idx] = new
         self._published = new
+        self._held = []
         added = (new - old) & 0xFFFF
         self.in_flight += added
         # Store-load ordering is NOT kept by TSO: without a full barrier we could read
@@ -437,6 +441,7 @@ class SplitQueue(QueueFaults, Generic[T]):
         out: list[tuple[T, int]] = []
         u32, ring, mask = self._u32, self._used_ring, self._mask
         tokens, writable, chains, free = self._token, self._writable, self._chain, self._free
+        held = self._held
         first_freed = len(free)
         for i in range(n):
             slot = ring + 2 * ((last + i) & mask)
@@ -445,7 +450,7 @@ class SplitQueue(QueueFaults, Generic[T]):
                 token = tokens[head]
             except IndexError:  # an id beyond the queue: _bad_used says so
                 token = None
-            if token is None or length > writable[head]:
+            if token is None or length > writable[head] or head in held:
                 self._bad_used(head, length)
             # Release the chain to the free list (inline: this loop runs per completion).
             tokens[head] = None
@@ -471,8 +476,9 @@ class SplitQueue(QueueFaults, Generic[T]):
         """The fault for a used element that names no chain in flight, or claims more
         bytes than the chain let the device write."""
         size = self.size
-        if head >= size or self._token[head] is None:
-            why = "out of range" if head >= size else "not the head of a chain in flight"
+        if head >= size or self._token[head] is None or head in self._held:
+            why = ("out of range" if head >= size else "not the head of a chain in flight"
+                   if self._token[head] is None else "not yet published (added, no kick since)")
             self._fault(f"used id {head} is {why} (queue size {size})")
         self._fault(f"used len {length} for id {head} exceeds the chain's "
                     f"{self._writable[head]} device-writable bytes")
@@ -498,7 +504,7 @@ class SplitQueue(QueueFaults, Generic[T]):
             token = tokens[head]
         except IndexError:  # an id beyond the queue: _bad_used says so
             token = None
-        if token is None or length > self._writable[head]:
+        if token is None or length > self._writable[head] or head in self._held:
             self._bad_used(head, length)
         tokens[head] = None
         chain = self._chain[head]

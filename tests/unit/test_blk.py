@@ -11,6 +11,7 @@ from virtio_user.blk import Request
 from virtio_user.errors import (BlkIOError, DeviceError, DeviceTimeout, InvalidArgument,
                                 OutOfRange, ReadOnlyDevice, Unsupported)
 from virtio_user.spec import Feature, ReqType
+from virtio_user.virtqueue import QueueFull
 from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
@@ -653,6 +654,23 @@ def test_submit_without_kick_is_invisible_until_kick(make_blk) -> None:
     blk.kick()
     assert dev.notifies == notifies + 2
     assert blk.reap_one(timeout=1.0) is b and b.status == 0
+    assert bytes(a.buffer.mv) + bytes(b.buffer.mv) == dev.disk[:8192]
+
+
+def test_a_full_queue_refuses_a_request_and_keeps_those_held_back(make_blk) -> None:
+    """QueueFull from a submit is refused before any write: requests submitted with
+    kick=False stay queued and go out at the kick (the queue is not broken for it)."""
+    blk, dev = make_blk(queue_size=2)
+    dev.disk[:8192] = os.urandom(8192)
+    a, b, c = (_framed_read(blk) for _ in range(3))
+    a.sector, b.sector = 0, 8
+    blk.submit([a], kick=False)
+    blk.submit([b], kick=False)
+    with pytest.raises(QueueFull):
+        blk.submit([c])
+    assert not blk.queue.broken and blk.in_flight == 0
+    blk.kick()
+    assert [blk.reap_one(timeout=1.0), blk.reap_one(timeout=1.0)] == [a, b]
     assert bytes(a.buffer.mv) + bytes(b.buffer.mv) == dev.disk[:8192]
 
 

@@ -337,6 +337,18 @@ def test_used_id_completed_twice() -> None:
     _assert_faulted(h, f"buffer ID {a}", "not in flight")
 
 
+@pytest.mark.parametrize("take", ["reap", "pop_used"])
+def test_used_id_added_but_not_yet_published(take: str) -> None:
+    """A buffer added without a kick is not the device's yet: completing it is a fault
+    (the QD1 loop always holds its next request back that way)."""
+    h, bid = _one_in_flight()
+    held = h.q.add(segs(2), "held")
+    h.dev.complete(held, 0, slots=2)
+    with pytest.raises(DeviceError, match=f"buffer ID {held} .*not yet published"):
+        getattr(h.q, take)()
+    assert h.faults == 1 and h.q.broken
+
+
 def test_used_len_beyond_writable_bytes() -> None:
     h, bid = _one_in_flight()
     h.dev.complete(bid, 514)  # segs(2): the writable one is 513 bytes

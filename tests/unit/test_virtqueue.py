@@ -307,6 +307,33 @@ def test_indirect_tables_are_power_of_two_sized_aligned_and_within_a_page() -> N
         indirect_tables(DmaAllocator(region), 4, 257)
 
 
+@pytest.mark.parametrize("take", ["reap", "pop_used"])
+def test_a_chain_added_but_not_published_cannot_complete(take: str) -> None:
+    """Until the kick, a chain is not the device's: a used element naming its head is a
+    fault, though the head has a token (the QD1 loop always holds one back)."""
+    h = Harness(size=8)
+    h.q.add(SEG3, "a")
+    h.q.kick()
+    held = h.q.add(SEG3, "b")
+    h.complete(held, 1)
+    with pytest.raises(DeviceError, match=f"used id {held} is not yet published"):
+        getattr(h.q, take)()
+    assert h.faults == 1 and h.q.broken
+
+
+def test_a_published_chain_completes_while_another_is_held_back() -> None:
+    h = Harness(size=8)
+    a = h.q.add(SEG3, "a")
+    h.q.kick()
+    b = h.q.add(SEG3, "b")
+    h.complete(a, 1)
+    assert h.q.pop_used() == ("a", 1) and h.q.pop_used() is None
+    h.q.kick()
+    assert h.avail_heads() == [a, b]
+    h.complete(b, 1)
+    assert h.q.reap() == [("b", 1)] and h.faults == 0
+
+
 def test_pop_used_takes_completions_one_at_a_time_in_used_order() -> None:
     h = Harness(size=8, indirect=True)
     heads = [h.q.add(SEG3, t) for t in "abc"]

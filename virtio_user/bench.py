@@ -176,7 +176,9 @@ def _one_at_a_time(dev: VirtioBlk, reqs: list[Request], pick: Callable[[], int],
     building a request costs about as much Python as the device takes to serve one,
     and the device still sees a single request at a time. Its latency runs from the
     previous completion (when it was published) to its own. Returns the requests done."""
-    submit, kick, reap_one, record = dev.submit, dev.kick, dev.reap_one, lat.append
+    # The queue's own kick: dev.kick adds only a closed-device check, and a Python call
+    # on this path (completion seen -> next request published) costs about a microsecond.
+    submit, kick, reap_one, record = dev.submit, dev.queue.kick, dev.reap_one, lat.append
     clock = time.perf_counter
     cur, nxt = reqs
     cur.sector = pick()

@@ -19,7 +19,7 @@ import math
 import signal
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 
@@ -430,10 +430,17 @@ class VirtioBlk:
             done, self._orphans = self._orphans, []
             return done
         got = self.queue.wait(self.timeout if timeout is None else timeout)
-        finish = self._finish
+        mm, off = self._mm, self._status_off
         out = []
         for req, length in got:
-            finish(req, length)
+            # Inline, as in reap_one (a Python call per request costs as much as the
+            # checks): _bad_completion says what is wrong.
+            status = mm[off + req.head]
+            if (not length or status > _LAST_STATUS
+                    or (length <= req.nbytes and req.type in _DEVICE_WRITES)):
+                self._bad_completion(req, length, status)
+            req.status = status
+            req.used_len = length
             out.append(req)
         return out
 
@@ -448,22 +455,23 @@ class VirtioBlk:
         if got is None:
             return None
         req, length = got
-        self._finish(req, length)
+        status = self._mm[self._status_off + req.head]
+        if (not length or status > _LAST_STATUS
+                or (length <= req.nbytes and req.type in _DEVICE_WRITES)):
+            self._bad_completion(req, length, status)
+        req.status = status
+        req.used_len = length
         return req
 
-    def _finish(self, req: Request, length: int) -> None:
-        """Check a completion and set ``status`` and ``used_len``. The status byte is the
+    def _bad_completion(self, req: Request, length: int, status: int) -> NoReturn:
+        """The fault for a completion that cannot be trusted. The status byte is the
         last device-writable byte: a used len that stops short of it (or of the data,
         for IN and GET_ID) means the device did not write them, and what the buffer
         holds is stale ("The Virtqueue Used Ring")."""
         if not length or (length <= req.nbytes and req.type in _DEVICE_WRITES):
             self._fault(f"{req}: used len {length} does not cover the data and "
                         "status byte the device must write")
-        status = self._mm[self._status_off + req.head]
-        if status > _LAST_STATUS:
-            self._fault(f"{req}: status byte {status:#x} is not a VIRTIO_BLK_S_* value")
-        req.status = status
-        req.used_len = length
+        self._fault(f"{req}: status byte {status:#x} is not a VIRTIO_BLK_S_* value")
 
     @property
     def in_flight(self) -> int:
@@ -623,7 +631,7 @@ class VirtioBlk:
             return False
         return True
 
-    def _fault(self, message: str) -> None:
+    def _fault(self, message: str) -> NoReturn:
         self.queue.broken = message
         outcome = ("the device has been reset" if self._reset_quietly()
                    else "the device did not reset; its memory stays mapped")

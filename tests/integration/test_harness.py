@@ -299,6 +299,14 @@ def test_guest_panic_is_reported_and_stops_the_storage_daemon(tmp_path: Path) ->
     assert qemu_processes(tmpdir) == [] and storage_daemons(tmpdir) == []
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """A suite started in the background of a non-interactive shell (``... &``) runs
+    with SIGINT ignored, and a child inherits that: Python then installs no
+    KeyboardInterrupt handler and the harness, rightly, ignores Ctrl-C. Give the child
+    the default disposition that a terminal's Ctrl-C finds."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
@@ -306,7 +314,8 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(RUN_IN_QEMU), "--vhost-user-disk", str(image),
                              "--", "sh", "-c", "echo started; sleep 600"],
                             cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmpdir)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "started\n"
     proc.send_signal(signal.SIGINT)

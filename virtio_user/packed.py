@@ -489,9 +489,11 @@ class PackedQueue(QueueFaults, Generic[T]):
         """The fault for a used descriptor whose buffer ID is not in flight, or which
         claims more bytes than the chain let the device write."""
         size = self.size
-        if bid >= size or self._token[bid] is None or bid in self._held_ids:
-            why = ("out of range" if bid >= size else "not in flight"
-                   if self._token[bid] is None else "not yet published (added, no kick since)")
+        why = ("out of range" if bid >= size
+               else "not in flight" if self._token[bid] is None
+               else "not yet published (added, no kick since)" if bid in self._held_ids
+               else None)
+        if why:
             self._fault(f"{self.name}: used buffer ID {bid} at slot {self._slot(at)} is "
                         f"{why} (queue size {size})")
         self._fault(f"{self.name}: used len {length} for buffer ID {bid} exceeds "

@@ -234,7 +234,7 @@ class SplitQueue(QueueFaults, Generic[T]):
     @property
     def outstanding(self) -> int:
         """Chains added and not yet reaped, published or not."""
-        return self.in_flight + ((self._next_avail - self._published) & 0xFFFF)
+        return self.in_flight + len(self._held)
 
     @property
     def num_free(self) -> int:
@@ -476,9 +476,11 @@ class SplitQueue(QueueFaults, Generic[T]):
         """The fault for a used element that names no chain in flight, or claims more
         bytes than the chain let the device write."""
         size = self.size
-        if head >= size or self._token[head] is None or head in self._held:
-            why = ("out of range" if head >= size else "not the head of a chain in flight"
-                   if self._token[head] is None else "not yet published (added, no kick since)")
+        why = ("out of range" if head >= size
+               else "not the head of a chain in flight" if self._token[head] is None
+               else "not yet published (added, no kick since)" if head in self._held
+               else None)
+        if why:
             self._fault(f"used id {head} is {why} (queue size {size})")
         self._fault(f"used len {length} for id {head} exceeds the chain's "
                     f"{self._writable[head]} device-writable bytes")

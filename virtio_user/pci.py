@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import BindError, DeviceBusy, DeviceNotFound, InvalidArgument, WrongDevice
+from .numbers import BLANKS
 from .spec import (VIRTIO_ID_BLOCK, VIRTIO_PCI_LEGACY_BLK, VIRTIO_PCI_MODERN_BLK,
                    VIRTIO_PCI_VENDOR)
 
 SYSFS_PCI = Path("/sys/bus/pci")
-_BDF = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
+_BDF = re.compile(r"(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])")
 # PCI configuration space header, "Command Register" (le16 at 4) and its bits.
 COMMAND_REG = 4
 COMMAND_IO = 1 << 0
@@ -38,7 +39,7 @@ class ConfigSpace(Protocol):
 
 def parse_bdf(text: str) -> str:
     """``0000:00:10.0`` (or ``00:10.0``) in canonical lower-case form."""
-    m = _BDF.match(text.strip())
+    m = _BDF.fullmatch(text.strip(BLANKS))
     if not m:
         raise InvalidArgument(f"malformed PCI address {text!r}: expected DDDD:BB:SS.F, "
                               "e.g. 0000:00:10.0")

@@ -106,6 +106,10 @@ BAD = [  # argv, exit code, text in the message
     (["bench", "--iodepth", "\u00b2"], 1, "--iodepth"), (["bench", "--ios", "\u0663"], 1, "--ios"),
     (["bench", "--ios", "1_000"], 1, "--ios"), (["bench", "--runtime", "nan"], 1, "--runtime"),
     (["bench", "--runtime", "inf"], 1, "--runtime"), (["bench", "--bs", "4k\u00b2"], 1, "--bs"),
+    # str.strip and int() drop Unicode blanks; hypothesis found "0\xa0" read as sector 0.
+    (["read", "0\u00a0", "1"], 1, "sector"), (["read", "0", "\u20031"], 1, "count"),
+    (["bench", "--bs", "4k\u00a0"], 1, "--bs"), (["--timeout", "\u00a05", "info"], 1, "timeout"),
+    (["--device", "00:10.0\u00a0", "info"], 1, "PCI address"),
 ]
 
 

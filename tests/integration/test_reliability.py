@@ -255,7 +255,8 @@ SOAK_WRITES = 10_000
 
 def test_integrity_soak_guest_and_host_agree(guest: Guest) -> None:
     """The same random writes on a legacy and a modern-only device, in one guest
-    process; each image checked byte for byte against what the guest wrote."""
+    process, alternately one at a time and in batches of up to 16; each image checked
+    byte for byte against what the guest wrote."""
     legacy, modern = guest.images["soak_legacy"], guest.images["soak_modern"]
     cwd = legacy.parent
     r = guest.script("soak.py", SOAK_WRITES, f"{SOAK_LEGACY},legacy,expected-legacy.raw",

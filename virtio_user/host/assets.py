@@ -9,14 +9,18 @@ package has no modules.dep). The result is cached under a hash of its inputs.
 from __future__ import annotations
 
 import hashlib
+import io
+import lzma
 import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import NoteSegment
 
 from .errors import AssetsMissing
 
@@ -28,6 +32,10 @@ GUEST_DIR = (Path(__file__).parent / "guest").resolve()
 # see it, and the guest's /tmp hides the host's.
 IMPORT_ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = Path("/bin/busybox")
+XZ_MAGIC = b"\xfd7zXZ\x00"  # the start of an xz stream (Debian's kernels: CONFIG_KERNEL_XZ)
+# The ELF note of the PVH entry point (Xen's XEN_ELFNOTE_PHYS32_ENTRY), through which
+# QEMU boots an uncompressed kernel; Debian builds CONFIG_PVH.
+XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 
 def cache_dir() -> Path:
@@ -51,6 +59,63 @@ class Kernel:
     @property
     def modules(self) -> Path:
         return self.tree / "lib" / "modules" / self.release
+
+
+def boot_image(kernel: Kernel) -> Path:
+    """The kernel file to give QEMU: the uncompressed ELF kernel where the bzImage holds
+    one with a PVH entry point (extracted once, cached beside it), else the bzImage.
+
+    Under TCG the bzImage's own xz decompressor, emulated, took 2.7 of a boot's 8.5 s;
+    here it runs once, natively."""
+    out = kernel.tree / "boot" / f"vmlinux-{kernel.release}"
+    unusable = out.with_name(out.name + ".unusable")
+    if out.exists():
+        return out
+    if unusable.exists():
+        return kernel.vmlinuz
+    elf = _extract_elf(kernel.vmlinuz)
+    try:
+        if elf is None:
+            unusable.touch()
+        else:
+            _write_atomically(out, elf)
+            return out
+    except OSError:  # a cache we cannot write to: the bzImage boots too, only slower
+        pass
+    return kernel.vmlinuz
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A concurrent boot sees all of ``path`` or none of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _extract_elf(bzimage: Path) -> bytes | None:
+    """The ELF kernel inside a bzImage, if it is xz-compressed and has a PVH entry."""
+    try:
+        data = bzimage.read_bytes()
+        start = data.index(XZ_MAGIC)
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[start:])
+    except (OSError, ValueError, lzma.LZMAError):
+        return None
+    if not elf.startswith(b"\x7fELF"):
+        return None
+    notes = (note for seg in ELFFile(io.BytesIO(elf)).iter_segments()
+             if isinstance(seg, NoteSegment) for note in seg.iter_notes())
+    return elf if any(_is_pvh_entry(note) for note in notes) else None
+
+
+def _is_pvh_entry(note: Any) -> bool:
+    kind: object = note["n_type"]  # elftools names the types it knows; Xen's stay numbers
+    return note["n_name"] == "Xen" and kind == XEN_ELFNOTE_PHYS32_ENTRY
 
 
 def find_kernel() -> Kernel:

@@ -230,6 +230,7 @@ class Machine:
         self.config = config
         self.kernel = assets.find_kernel()
         self.initramfs = assets.build_initramfs(self.kernel)
+        self.kernel_image = assets.boot_image(self.kernel)
         self.tmp = Path(tempfile.mkdtemp(prefix="vu-qemu-"))
         self.serial_log = self.tmp / "serial.log"
         self.qemu_log = self.tmp / "qemu.log"
@@ -274,7 +275,7 @@ class Machine:
         cmd = ["qemu-system-x86_64", "-machine", f"q35,accel={c.accel}", "-cpu", cpu,
                "-smp", str(c.cpus), "-m", str(c.memory_mib),
                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-               "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initramfs),
+               "-kernel", str(self.kernel_image), "-initrd", str(self.initramfs),
                "-append", self.kernel_cmdline(),
                "-chardev", f"file,id=console,path={qemu_escape(str(self.serial_log))}",
                "-serial", "chardev:console",

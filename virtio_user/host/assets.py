@@ -73,14 +73,14 @@ def boot_image(kernel: Kernel) -> Path:
         return out
     if unusable.exists():
         return kernel.vmlinuz
-    elf = _extract_elf(kernel.vmlinuz)
     try:
-        if elf is None:
+        elf = _extract_elf(kernel.vmlinuz.read_bytes())
+        if elf is None:  # for good: this bzImage will never have one
             unusable.touch()
         else:
             _write_atomically(out, elf)
             return out
-    except OSError:  # a cache we cannot write to: the bzImage boots too, only slower
+    except OSError:  # unreadable, or a cache we cannot write to: the bzImage boots too
         pass
     return kernel.vmlinuz
 
@@ -98,13 +98,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _extract_elf(bzimage: Path) -> bytes | None:
+def _extract_elf(bzimage: bytes) -> bytes | None:
     """The ELF kernel inside a bzImage, if it is xz-compressed and has a PVH entry."""
     try:
-        data = bzimage.read_bytes()
-        start = data.index(XZ_MAGIC)
-        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[start:])
-    except (OSError, ValueError, lzma.LZMAError):
+        start = bzimage.index(XZ_MAGIC)
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
+    except (ValueError, lzma.LZMAError):
         return None
     if not elf.startswith(b"\x7fELF"):
         return None

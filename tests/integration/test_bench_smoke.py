@@ -1,5 +1,5 @@
 """A seconds-long run of scripts/bench.sh: every kind of workload through both drivers,
-with the options the README shows for bench.sh, each in its README form.
+with the options docs/benchmarks.md shows for bench.sh, each in its documented form.
 
 It checks that the benchmark works end to end and writes its three outputs, never how
 fast anything is: the targets are benchmark figures, not timed tests.
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from virtio_user.host.bench_harness import (README_ENV, REPO, VARIANT_WORKLOADS, VARIANTS,
+from virtio_user.host.bench_harness import (DOCS_ENV, REPO, VARIANT_WORKLOADS, VARIANTS,
                                             WORKLOADS)
-from virtio_user.host.bench_report import NBD_VARIANT, README_BEGIN, README_END
+from virtio_user.host.bench_report import (DOCS_PAGE, HEADLINE_BEGIN, HEADLINE_END,
+                                           NBD_VARIANT, README, RESULTS_BEGIN, RESULTS_END)
 
 pytestmark = pytest.mark.qemu
 
@@ -27,34 +28,41 @@ BENCH = REPO / "scripts" / "bench.sh"
 FIGURES = ("python_iops", "kernel_iops", "ratio", "python_mbps", "kernel_mbps")
 
 
-# Every workload but one, each as the README shows it (`--only randread-4k-qd1`): the left
+# Every workload but one, each as the docs show it (`--only randread-4k-qd1`): the left
 # out one proves --only excludes; it only differs from its neighbours in queue depth.
 LEFT_OUT = "randread-4k-qd8"
 RUN = [w.name for w in WORKLOADS if w.name != LEFT_OUT]
 IMAGE_MIB, CACHE = 32, "writethrough"  # not --quick's 64 MiB and writeback
 
 
-def results_block(readme: str) -> str:
-    return readme[readme.index(README_BEGIN):readme.index(README_END)]
+def results_block(page: str) -> str:
+    return page[page.index(RESULTS_BEGIN):page.index(RESULTS_END)]
+
+
+def headline_block(readme: str) -> str:
+    return readme[readme.index(HEADLINE_BEGIN):readme.index(HEADLINE_END)]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One run; --update-readme writes a copy of the README (README_ENV), never the
-    checkout's."""
+    """One run; --update-docs writes copies of the README and the benchmarks page under
+    DOCS_ENV, never the checkout's."""
     out = tmp_path_factory.mktemp("bench")
-    readme = out / "README.md"
-    readme.write_text((REPO / "README.md").read_text())
-    before = results_block((REPO / "README.md").read_text())
+    (out / "docs").mkdir()
+    for name in (README, DOCS_PAGE):
+        (out / name).write_text((REPO / name).read_text())
+    before = (results_block((REPO / DOCS_PAGE).read_text()),
+              headline_block((REPO / README).read_text()))
     only = [arg for name in RUN for arg in ("--only", name)]
     variants = [arg for v in VARIANTS for arg in ("--variant", v.name)]
     r = subprocess.run([str(BENCH), "--quick", *only, *variants, "--rounds", "1",
                         "--image-mib", str(IMAGE_MIB), "--cache", CACHE,
-                        "--out", str(out), "--update-readme"],
-                       env=dict(os.environ, **{README_ENV: str(readme)}),
+                        "--out", str(out), "--update-docs"],
+                       env=dict(os.environ, **{DOCS_ENV: str(out)}),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-4000:]}"
-    assert results_block((REPO / "README.md").read_text()) == before
+    assert (results_block((REPO / DOCS_PAGE).read_text()),
+            headline_block((REPO / README).read_text())) == before
     return out
 
 
@@ -95,18 +103,24 @@ def test_options_reach_the_run(results: Path) -> None:
         assert len(r["python_per_round"]) == len(r["kernel_per_round"]) == 1
 
 
-def test_update_readme_fills_the_results_block(results: Path) -> None:
-    text = (results / "README.md").read_text()
-    original = (REPO / "README.md").read_text()
-    block = results_block(text)
-    # Only the block changed (the checkout's README may be edited meanwhile: compare ends).
-    assert text.startswith(original[:original.index(README_BEGIN)])
-    assert text.endswith(original[original.index(README_END):])
-    assert "![ours / kernel per workload](latest.png)" in block
+def test_update_docs_fills_both_blocks_from_one_run(results: Path) -> None:
+    """The full table in docs/benchmarks.md, the headline table in the README."""
+    for name, begin, end in ((DOCS_PAGE, RESULTS_BEGIN, RESULTS_END),
+                             (README, HEADLINE_BEGIN, HEADLINE_END)):
+        text, original = (results / name).read_text(), (REPO / name).read_text()
+        # Only the block changed (the checkout's copy may be edited meanwhile: compare ends).
+        assert text.startswith(original[:original.index(begin)]), name
+        assert text.endswith(original[original.index(end):]), name
+    block = results_block((results / DOCS_PAGE).read_text())
+    assert "![ours / kernel per workload](../latest.png)" in block
     assert f"devices ({IMAGE_MIB} MiB, raw images with cache={CACHE}" in block
     for r in json.loads((results / "latest.json").read_text()):
         assert f"| {r['workload']} | {r['backend_file']} |" in block
     assert f"| {LEFT_OUT} |" not in block
+    headline = headline_block((results / README).read_text())
+    date = json.loads((results / "latest.json").read_text())[0]["date"]
+    assert date in block and date in headline  # the same run
+    assert "| randread-4k-qd1 | " in headline and "[docs/benchmarks.md]" in headline
 
 
 def test_markdown_table_has_a_row_per_result(results: Path) -> None:
@@ -117,7 +131,7 @@ def test_markdown_table_has_a_row_per_result(results: Path) -> None:
 
 
 def test_bench_report_redraws_from_the_json(results: Path, tmp_path: Path) -> None:
-    """The README's `python -m virtio_user.host.bench_report DIR/latest.json`."""
+    """docs/benchmarks.md's `python -m virtio_user.host.bench_report DIR/latest.json`."""
     shutil.copy(results / "latest.json", tmp_path / "latest.json")
     r = subprocess.run([sys.executable, "-m", "virtio_user.host.bench_report",
                         str(tmp_path / "latest.json")], capture_output=True, text=True,
@@ -150,7 +164,7 @@ def test_nbd_rows_beside_both_drivers(results: Path) -> None:
 
 
 def test_no_variants_measures_the_legacy_rows_only(tmp_path: Path) -> None:
-    """The README's `--no-variants`: four devices, legacy polled rows, no variant's."""
+    """The docs' `--no-variants`: four devices, legacy polled rows, no variant's."""
     r = subprocess.run([str(BENCH), "--quick", "--no-variants", "--only", "randread-4k-qd1",
                         "--image-mib", "8", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import docpages
 from images import make_image, qcow2_to_raw
 from lab import Bay
 from virtio_user.host import CommandResult, Disk
@@ -207,11 +208,9 @@ with VirtioBlk.open("{bay.bdfs['main']}", backend="{guest.backend}") as dev:
     assert avail == used == 70000 % 65536
 
 
-def test_readme_python_api_example_runs(guest: Guest) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("### Python API", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    # The lab's disk sits at another address than the README's guest has it.
+def test_python_api_page_example_runs(guest: Guest) -> None:
+    code = "\n".join(docpages.block("python-api.md", "# The Python API", "python"))
+    # The lab's disk sits at another address than the documented guest has it.
     main = guest.bay.bdfs["main"]
     code = code.replace('VirtioBlk.open("0000:00:10.0")',
                         f'VirtioBlk.open("{main}", backend="{guest.backend}")')

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from images import REPO, make_image
+import docpages
+from images import make_image
 from lab import Bay
 from virtio_user.host import CommandResult, Disk
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.qemu
 SECTOR = 512
 DATA, RESIZE, SLOW, NO_MSIX = "data", "resize", "slow", "no_msix"
 MODERN = {"disable-legacy": "on", "disable-modern": "off"}  # 1af4:1042
-README_DEVICE = "0000:00:10.0"  # where the README's example has its disk
+README_DEVICE = "0000:00:10.0"  # where the documented example has its disk
 
 
 def lab_disks(d: Path) -> dict[str, Disk]:
@@ -101,14 +102,13 @@ def guest(request: pytest.FixtureRequest, bay: Bay) -> Guest:
 
 
 def readme_example() -> list[str]:
-    """The command the README's "Waiting" section shows (for vfio), as argv."""
-    section = (REPO / "README.md").read_text().split(
-        "\n### Waiting: poll, interrupt, hybrid\n", 1)[1]
-    return shlex.split(section.split("```sh\n", 1)[1].split("```", 1)[0])
+    """The command docs/how-it-works.md's "Waiting" section shows (for vfio), as argv."""
+    (line,) = docpages.block("how-it-works.md", "## Waiting: poll, interrupt, hybrid", "sh")
+    return shlex.split(line)
 
 
 def test_tens_of_thousands_of_ios_driven_by_interrupts(guest: Guest) -> None:
-    """The README's example, word for word on vfio but for the lab's address of the disk
+    """The documented example, word for word on vfio but for the lab's address of the disk
     (uio: its --backend changed too)."""
     before = guest.irq_count(DATA) or 0  # uio: the line's count; vfio: no vector yet
     original = guest.images["data"].read_bytes()

@@ -1,10 +1,12 @@
-"""The README's examples and options, run as the README writes them, through the real
-``scripts/run-in-qemu.sh``; the image files on the host are the oracle.
+"""The README's and the docs' examples and options, run as they are written, through the
+real ``scripts/run-in-qemu.sh``; the image files on the host are the oracle.
 
-The command-line examples are read from the README itself and run by the shell, word for
-word (only ``scripts/run-in-qemu.sh`` becomes this checkout's absolute path), in a folder
-holding a ``disk.img``. Every run boots a guest, so the README's other harness and
-driver options share one run. The Python API example runs in test_device.py.
+The command-line examples are read from the README's tour and docs/cli.md (the same three
+lines) and run by the shell, word for word (only ``scripts/run-in-qemu.sh`` becomes this
+checkout's absolute path), in a folder holding a ``disk.img``. Every run boots a guest, so
+the other harness and driver options the docs show share one run. The Python API example
+(docs/python-api.md) runs in test_device.py, the shell transcript (docs/cli.md) in
+test_shell.py, the interrupt example (docs/how-it-works.md) in test_interrupts.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from images import REPO, RUN_IN_QEMU, make_image
+import docpages
+from images import RUN_IN_QEMU, make_image
 
 pytestmark = pytest.mark.qemu
 
@@ -31,12 +34,6 @@ CLI_EXAMPLES = [
     f"{SCRIPT} --disk disk.img -- virtio-user write 2048 -i first-4k.bin",
     f"{SCRIPT} --disk disk.img --backend vfio -- virtio-user --backend vfio info --json",
 ]
-
-
-def readme_block(heading: str, lang: str) -> list[str]:
-    """The lines of the first ``lang`` code block under ``heading`` in README.md."""
-    section = (REPO / "README.md").read_text().split(f"\n{heading}\n", 1)[1]
-    return section.split(f"```{lang}\n", 1)[1].split("```", 1)[0].splitlines()
 
 
 def run_line(line: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
@@ -66,12 +63,13 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def test_the_command_line_examples_are_the_ones_tested() -> None:
-    assert readme_block("### Command line", "sh") == CLI_EXAMPLES
+    assert docpages.block("README.md", "## A short tour", "sh") == CLI_EXAMPLES
+    assert docpages.block("cli.md", "## Synopsis", "sh") == CLI_EXAMPLES
 
 
 def test_the_main_job_runs_the_demo(tmp_path: Path) -> None:
     """The README's first command, bare: a scratch disk, info, a read, a write restored."""
-    main_job, test_suite = readme_block("## The two commands", "sh")
+    main_job, test_suite = docpages.block("README.md", "## The two commands", "sh")
     assert main_job.split("#")[0].strip() == SCRIPT
     # The second, scripts/test.sh, is this very suite: CI runs it (.ci/run).
     assert test_suite.split("#")[0].strip() == "scripts/test.sh"
@@ -89,8 +87,9 @@ def test_the_main_job_runs_the_demo(tmp_path: Path) -> None:
 
 
 def test_session_mode_example(tmp_path: Path) -> None:
-    """The Python block of "Session mode", verbatim, in a folder holding a disk.img."""
-    code = "\n".join(readme_block("### Session mode (Python)", "python"))
+    """docs/harness.md's Python block of "Session mode", verbatim, in a folder holding a
+    disk.img."""
+    code = "\n".join(docpages.block("harness.md", "## Session mode (Python)", "python"))
     make_image(tmp_path / "disk.img", 64)
     r = run_argv([sys.executable, "-c", code], tmp_path)
     assert r.returncode == 0, r.stderr.decode()
@@ -144,8 +143,8 @@ SERIAL = "ro-layer"
 
 
 def readme_disk_options() -> str:
-    """What the README shows after ``PATH,`` for --disk, its serial S made a real one."""
-    shown = re.search(r"`PATH,([^`]+)`", (REPO / "README.md").read_text())
+    """What docs/harness.md shows after ``PATH,`` for --disk, its serial S made a real one."""
+    shown = re.search(r"`PATH,([^`]+)`", docpages.text("harness.md"))
     assert shown is not None
     return shown.group(1).replace("serial=S", f"serial={SERIAL}")
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from images import REPO, make_image
+import docpages
+from images import make_image
 from virtio_user.cli import HexDump
 from lab import Bay
 from virtio_user.host import CommandResult, Disk
@@ -26,11 +27,13 @@ SECTOR0 = b"virtio-user: hello from sector 0 of the host image\n"
 REPLAY = f"virtio-user --device {BDF} shell < session.txt"  # as the README shows it
 
 
+def shell_section() -> str:
+    return docpages.section("cli.md", "## Exploring the ring: virtio-user shell")
+
+
 def readme_session() -> list[str]:
-    """The commands typed at the prompt in the README's shell transcript."""
-    section = (REPO / "README.md").read_text().split(
-        "\n### Exploring the ring: virtio-user shell\n", 1)[1]
-    block = section.split("```\n", 2)[1]
+    """The commands typed at the prompt in docs/cli.md's shell transcript."""
+    block = shell_section().split("```\n", 2)[1]
     return [line[len(PROMPT):] for line in block.splitlines() if line.startswith(PROMPT)]
 
 
@@ -74,8 +77,8 @@ def hexdump(data: bytes) -> str:
 
 
 def test_the_readme_session(guest: Guest) -> None:
-    replay = (REPO / "README.md").read_text().split("\n### Exploring the ring", 1)[1]
-    assert f"\n{REPLAY}\n" in replay.split("\n### ", 1)[0]  # what Guest.shell runs
+    assert f"\n{REPLAY}\n" in shell_section()  # what Guest.shell runs
+    assert f"\n{REPLAY}\n" in docpages.text("README.md")  # the README's tour shows it too
     lines = readme_session()
     assert lines == ["submit read 0 1", "submit write 2048 8 --pattern 0x5a", "ring", "reap",
                      "id"]

@@ -90,22 +90,77 @@ def test_outputs(tmp_path: Path) -> None:
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_readme_block_is_replaced_between_its_markers(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{bench_report.README_BEGIN}\nold\n{bench_report.README_END}\n"
-                      "after\n")
-    objs = [{"workload": "w", "backend_file": "raw", "python_iops": 1.0, "kernel_iops": 1.0,
-             "ratio": 1.0, "target": None, "python_mbps": 1.0, "kernel_mbps": 1.0,
-             "python_lat_us": {"p50": 1, "p99": 1, "p99.9": 1},
-             "kernel_lat_us": {"p50": 1, "p99": 1, "p99.9": 1}, "runtime_s": 5,
-             "driver_backend": "uio", "image_mib": 1, "cache": "writeback", "rounds": 3,
-             "accel": "tcg", "machine": {"cpu": "c", "cores": 2, "host_kernel": "k",
-                                         "qemu": "q", "guest": "g", "commit": "x"},
-             "date": "d", "stub": False}]
-    assert bench_report.update_readme(readme, objs, tmp_path / "bench" / "results")
-    text = readme.read_text()
-    assert "old" not in text and text.endswith(f"{bench_report.README_END}\nafter\n")
-    assert "![ours / kernel per workload](bench/results/latest.png)" in text
+def _obj(workload: str, ratio: float, variant: str = "legacy", backend: str = "raw",
+         target: float | None = 2.0) -> dict[str, Any]:
+    lat = {"p50": 1, "p99": 1, "p99.9": 1}
+    return {"workload": workload, "backend_file": backend, "variant": variant,
+            "transport": "legacy" if variant == "legacy" else "modern",
+            "ring": "packed" if variant == "packed" else "split", "wait": "poll",
+            "python_iops": 3000.0 * ratio, "kernel_iops": 3000.0, "ratio": ratio,
+            "target": target, "target_met": target is not None and ratio >= target,
+            "python_mbps": 1.0, "kernel_mbps": 1.0, "python_lat_us": lat,
+            "kernel_lat_us": lat, "runtime_s": 5, "driver_backend": "uio", "image_mib": 1,
+            "cache": "writeback", "rounds": 3, "accel": "tcg",
+            "machine": {"cpu": "c", "cores": 2, "host_kernel": "k", "qemu": "q", "guest": "g",
+                        "commit": "abc1234"},
+            "date": "2026-12-08 01:00 UTC", "stub": False}
+
+
+RUN = [_obj("randread-4k-qd1", 3.07), _obj("randread-4k-qd1", 3.64, "modern"),
+       _obj("randread-4k-qd1", 3.53, "packed"), _obj("randwrite-4k-qd1", 2.21, target=None),
+       _obj("randread-4k-qd1", 2.88, backend="null-co", target=None)]
+
+
+def _checkout(tmp_path: Path) -> Path:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(
+        f"# x\n{bench_report.HEADLINE_BEGIN}\nold headline\n{bench_report.HEADLINE_END}\n"
+        "after readme\n")
+    (tmp_path / "docs" / "benchmarks.md").write_text(
+        f"# b\n{bench_report.RESULTS_BEGIN}\nold table\n{bench_report.RESULTS_END}\n"
+        "after page\n")
+    return tmp_path
+
+
+def test_update_docs_writes_the_page_and_the_readme_from_one_run(tmp_path: Path) -> None:
+    root = _checkout(tmp_path)
+    written = bench_report.update_docs(root, RUN, root / "bench" / "results")
+    assert written == [root / "docs" / "benchmarks.md", root / "README.md"]
+    page, readme = (p.read_text() for p in written)
+    assert "old table" not in page and page.endswith(f"{bench_report.RESULTS_END}\nafter page\n")
+    assert "![ours / kernel per workload](../bench/results/latest.png)" in page
+    assert "| randwrite-4k-qd1 | raw | legacy split poll |" in page  # the full table
+    assert "old headline" not in readme
+    assert readme.endswith(f"{bench_report.HEADLINE_END}\nafter readme\n")
+    # The headline: the targeted raw rows only, legacy with modern and packed beside it.
+    assert "| randread-4k-qd1 | 9210 | 3000 | 3.07x | 3.64x | 3.53x | 2.0x met |" in readme
+    assert "randwrite-4k-qd1" not in readme and "null-co" not in readme
+    assert "[docs/benchmarks.md](docs/benchmarks.md)" in readme
+    assert "2026-12-08 01:00 UTC" in page and "2026-12-08 01:00 UTC" in readme
+
+
+def test_update_docs_writes_neither_file_when_one_lacks_its_markers(tmp_path: Path) -> None:
+    root = _checkout(tmp_path)
+    (root / "README.md").write_text("# no markers\n")
+    page_before = (root / "docs" / "benchmarks.md").read_text()
+    with pytest.raises(ValueError, match="README.md has no bench:headline markers"):
+        bench_report.update_docs(root, RUN, root / "bench" / "results")
+    assert (root / "docs" / "benchmarks.md").read_text() == page_before
+    (root / "docs" / "benchmarks.md").write_text("# no markers\n")
+    with pytest.raises(ValueError, match="benchmarks.md has no bench:results markers"):
+        bench_report.update_docs(root, RUN, root / "bench" / "results")
+
+
+def test_headline_leaves_out_variants_not_measured() -> None:
+    text = bench_report.to_headline(RUN[:1], "docs/benchmarks.md")
+    assert "modern" not in text.splitlines()[0]
+    assert "| randread-4k-qd1 | 9210 | 3000 | 3.07x | 2.0x met |" in text
+
+
+def test_update_docs_and_its_old_name_both_parse() -> None:
+    assert bench_harness.parse_args(["--update-docs"]).update_docs is True
+    assert bench_harness.parse_args(["--update-readme"]).update_docs is True
+    assert bench_harness.parse_args([]).update_docs is False
 
 
 def test_variants_get_their_own_pairs_and_only_the_workloads_that_tell_them_apart() -> None:

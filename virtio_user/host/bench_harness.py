@@ -49,7 +49,7 @@ from .session import Command, CommandResult, GuestSession
 REPO = Path(__file__).resolve().parents[2]
 KIB, MIB = 1024, 1024 * 1024
 STUB_ENV = "VIRTIO_USER_BENCH_OURS"
-README_ENV = "VIRTIO_USER_BENCH_README"  # --update-readme writes this file instead (tests)
+DOCS_ENV = "VIRTIO_USER_BENCH_DOCS"  # --update-docs writes under this directory instead (tests)
 GUEST_SERVER = Path(__file__).with_name("bench_guest.py")
 GUEST_FIFO = "/tmp/virtio-user-bench.fifo"  # the guest's own /tmp
 COMMAND_SLACK = 180.0  # seconds a run may take beyond its runtime (start-up under TCG)
@@ -571,8 +571,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-variants", action="store_true",
                    help="only the legacy polled rows (no modern, packed or wait-mode rows)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    p.add_argument("--update-readme", action="store_true",
-                   help="also put the chart and table into README.md's Benchmarks section")
+    p.add_argument("--update-docs", action="store_true",
+                   help="also write the chart and full table into docs/benchmarks.md and "
+                   "the headline table into README.md")
+    # The option's old name, from when the whole table lived in the README.
+    p.add_argument("--update-readme", action="store_true", dest="update_docs",
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.rounds = 1
@@ -643,12 +647,15 @@ def run(args: argparse.Namespace) -> list[bench_report.Row]:
         image_mib=args.image_mib, stub=stub)
     for path in bench_report.write_all(rows, meta, args.out):
         say(f"wrote {path}")
-    if args.update_readme:
+    if args.update_docs:
         objs = json.loads((args.out / "latest.json").read_text())
-        readme = Path(os.environ.get(README_ENV) or REPO / "README.md")
-        if not bench_report.update_readme(readme, objs, args.out.resolve()):
-            raise HarnessError(f"{readme} has no bench:results markers to write between")
-        say(f"updated {readme}")
+        root = Path(os.environ.get(DOCS_ENV) or REPO)
+        try:
+            updated = bench_report.update_docs(root, objs, args.out.resolve())
+        except ValueError as exc:
+            raise HarnessError(str(exc)) from exc
+        for path in updated:
+            say(f"updated {path}")
     return rows
 
 

@@ -389,20 +389,76 @@ def render(objs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     return [out / "latest.md", out / "latest.png"]
 
 
-README_BEGIN = "<!-- bench:results:begin (written by scripts/bench.sh --update-readme) -->"
-README_END = "<!-- bench:results:end -->"
+# Where ``scripts/bench.sh --update-docs`` writes, relative to a checkout (or to the
+# directory VIRTIO_USER_BENCH_DOCS names, in tests): the chart and the full table into the
+# benchmarks page, the headline table into the README, both from the same run.
+DOCS_PAGE = Path("docs") / "benchmarks.md"
+README = Path("README.md")
+RESULTS_BEGIN = "<!-- bench:results:begin (written by scripts/bench.sh --update-docs) -->"
+RESULTS_END = "<!-- bench:results:end -->"
+HEADLINE_BEGIN = "<!-- bench:headline:begin (written by scripts/bench.sh --update-docs) -->"
+HEADLINE_END = "<!-- bench:headline:end -->"
+# The columns of the headline table beyond the legacy rows: (variant, heading).
+HEADLINE_VARIANTS = (("modern", "modern split"), ("packed", "modern packed"))
 
 
-def update_readme(readme: Path, objs: Sequence[dict[str, Any]], out: Path) -> bool:
-    """Put the chart and the table between the README's markers; False if it has none."""
-    text = readme.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        return False
-    chart = os.path.relpath(out / "latest.png", readme.parent)
-    block = f"{README_BEGIN}\n![ours / kernel per workload]({chart})\n\n{to_markdown(objs)}"
-    readme.write_text(text[:begin] + block + text[end:])
-    return True
+def to_headline(objs: Sequence[dict[str, Any]], page: str) -> str:
+    """The README's small table: the workloads with a target, on the raw image, ours
+    against the kernel on the legacy device and on each ring variant measured."""
+    rows = [o for o in objs if is_base(o) and o["backend_file"] == "raw"
+            and o["target"] is not None]
+    ratio = {(o["workload"], o["variant"]): o["ratio"] for o in objs
+             if o["backend_file"] == "raw"}
+    variants = [(v, h) for v, h in HEADLINE_VARIANTS
+                if any(o.get("variant") == v for o in objs)]
+    first = objs[0]
+    lines = [
+        "| workload (raw image) | ours IOPS | kernel IOPS | ours / kernel "
+        + "".join(f"| {h} " for _, h in variants) + "| target |",
+        "|---|--:|--:|--:|" + "--:|" * len(variants) + "---|",
+    ]
+    for o in rows:
+        cells = "".join(f"| {ratio[(o['workload'], v)]:.2f}x "
+                        if (o["workload"], v) in ratio else "| " for v, _ in variants)
+        lines.append(f"| {o['workload']} | {o['python_iops']:.0f} | {o['kernel_iops']:.0f} "
+                     f"| {o['ratio']:.2f}x {cells}| {_target(o)} |")
+    stub = (" **STAND-IN RUN: our side ran fio through the kernel; not a result.**"
+            if first["stub"] else "")
+    also = (" (" + " and ".join(h for _, h in variants) + ": ours / kernel on those "
+            "devices)") if variants else ""
+    lines += ["", f"IOPS on the legacy split-ring device{also}; ours polled, through "
+              f"{first['driver_backend']}; medians of {first['rounds']} alternating rounds; accel "
+              f"{first['accel']}, {machine_line(first['machine'])}; commit "
+              f"{first['machine']['commit']}, {first['date']}.{stub} Every row, the NBD "
+              f"and wait-mode variants, CPU per I/O and latencies: [{page}]({page})."]
+    return "\n".join(lines) + "\n"
+
+
+def _between(text: str, begin: str, end: str, block: str) -> str | None:
+    """``text`` with what lies between the markers replaced by ``block``; None without them."""
+    b, e = text.find(begin), text.find(end)
+    if b < 0 or e < b:
+        return None
+    return text[:b] + begin + "\n" + block + text[e:]
+
+
+def update_docs(root: Path, objs: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """Write the chart and full table into the benchmarks page and the headline table into
+    the README under ``root``, both or neither. Raises ValueError naming a file that lacks
+    its markers."""
+    page, readme = root / DOCS_PAGE, root / README
+    chart = os.path.relpath(out / "latest.png", page.parent)
+    full = _between(page.read_text(), RESULTS_BEGIN, RESULTS_END,
+                    f"![ours / kernel per workload]({chart})\n\n{to_markdown(objs)}")
+    if full is None:
+        raise ValueError(f"{page} has no bench:results markers to write between")
+    link = DOCS_PAGE.as_posix()
+    head = _between(readme.read_text(), HEADLINE_BEGIN, HEADLINE_END, to_headline(objs, link))
+    if head is None:
+        raise ValueError(f"{readme} has no bench:headline markers to write between")
+    page.write_text(full)
+    readme.write_text(head)
+    return [page, readme]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

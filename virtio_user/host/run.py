@@ -8,7 +8,6 @@ Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import assets
+from ..errors import InvalidArgument
+from ..numbers import parse_seconds
 from .errors import BadOption, GuestTimeout, HarnessError
 from .machine import Disk
 from .options import ascii_int
@@ -70,13 +71,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def seconds(text: str) -> float:
+    """The same rules as every ``virtio-user`` duration (ASCII digits, finite, > 0, at
+    most numbers.MAX_SECONDS)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: give a finite number of seconds > 0")
-    return value
+        return parse_seconds(text, "--timeout")
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--timeout ")) from None
 
 
 def mebibytes(text: str) -> int:

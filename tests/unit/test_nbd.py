@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
 from typing import Any, Callable
 
@@ -376,3 +378,30 @@ def test_cli_checks_the_nbd_device_first(argv: list[str], code: int, message: st
     assert cli.main(argv, opener=_no_device) == code
     assert message in capsys.readouterr().err
 
+
+def test_ctrl_c_while_the_background_server_starts_stops_it(monkeypatch: Any) -> None:
+    """The parent waits for the forked server; Ctrl-C then must stop that server (in a
+    session of its own, it never sees the terminal's SIGINT) before the parent ends with
+    Interrupted (exit 130), or it goes on to connect /dev/nbdN after the user gave up.
+    Here the "server" is a sleeping process standing in for the forked child."""
+    from virtio_user.errors import Interrupted
+    from virtio_user.nbd import command
+    from virtio_user.subcommand import Finished
+    child = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setattr(command.os, "fork", lambda: child.pid)
+
+    def ctrl_c(*args: Any) -> Any:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(command.select, "select", ctrl_c)
+    try:
+        with pytest.raises((Interrupted, KeyboardInterrupt)) as exc:
+            command._background(command.NbdPlan("/dev/nbd7", 30), Finished)
+        assert isinstance(exc.value, Interrupted), "Ctrl-C escaped as a traceback"
+        assert exc.value.signum == signal.SIGINT
+        assert "/dev/nbd7 is not connected" in str(exc.value)
+        with pytest.raises(ChildProcessError):
+            os.waitpid(child.pid, os.WNOHANG)  # stopped and reaped
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)

@@ -16,14 +16,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..blk import VirtioBlk
-from ..errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError, InvalidArgument,
-                     VirtioError, exit_code)
+from ..errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError, Interrupted,
+                     InvalidArgument, VirtioError, exit_code)
 from ..spec import SECTOR_SIZE
 
-from .kernel import KERNEL_TIMEOUT, KernelNbd, READY_TIMEOUT, disconnect, nbd_name, server_pid
+from .kernel import (DISCONNECT_TIMEOUT, KERNEL_TIMEOUT, KernelNbd, READY_TIMEOUT, disconnect,
+                     nbd_name, server_pid)
 from .server import NbdServer, grow_buffers
 
 log = logging.getLogger(__name__)
+
+# A cancelled start-up: the server resets the device and, if it got that far, has the
+# kernel disconnect (bounded by DISCONNECT_TIMEOUT); then it is killed.
+STOP_TIMEOUT = DISCONNECT_TIMEOUT + 10.0
 
 @dataclass
 class NbdPlan:
@@ -89,9 +94,49 @@ def _background(plan: NbdPlan, finished: Callable[[int], Any]) -> Any:
         return plan
     os.close(w)
     try:
-        return finished(_await_ready(pid, r, plan.path))
+        return finished(_parent(pid, r, plan.path))
     finally:
         os.close(r)
+
+
+def _parent(pid: int, fd: int, path: str) -> int:
+    """Wait for the server (``_await_ready``). Ctrl-C or SIGTERM meanwhile cancels the
+    start-up: the server, in a session of its own, sees neither, and would go on to
+    connect ``path`` after the user gave up. It is stopped first, then Interrupted."""
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return _await_ready(pid, fd, path)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _stop_child(pid, path)
+        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name}: the "
+                          f"server was stopped, {path} is not connected") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_child(pid: int, path: str) -> None:
+    """SIGTERM takes the server's own way out (device reset, NBD disconnected if it got
+    that far), bounded by STOP_TIMEOUT, then SIGKILL. A second Ctrl-C meanwhile must
+    not leave it running: SIGINT is ignored until it is gone."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.05)
+        print(f"virtio-user: the server for {path} (pid {pid}) did not stop within "
+              f"{STOP_TIMEOUT:g} s; killed", file=sys.stderr)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # already reaped
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _await_ready(pid: int, fd: int, path: str) -> int:

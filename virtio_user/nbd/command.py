@@ -86,27 +86,37 @@ def _background(plan: NbdPlan, finished: Callable[[int], Any]) -> Any:
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()
-    pid = os.fork()
+    # Blocked across the fork: a Ctrl-C between fork() and _parent's handlers would
+    # leave the new server running with nobody to stop it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     if pid == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(r)
         os.setsid()  # out of the caller's session and process group
         plan.ready_fd = w
         return plan
     os.close(w)
     try:
-        return finished(_parent(pid, r, plan.path))
+        return finished(_parent(pid, r, plan.path, mask))
     finally:
         os.close(r)
 
 
-def _parent(pid: int, fd: int, path: str) -> int:
-    """Wait for the server (``_await_ready``). Ctrl-C or SIGTERM meanwhile cancels the
-    start-up: the server, in a session of its own, sees neither, and would go on to
-    connect ``path`` after the user gave up. It is stopped first, then Interrupted."""
+def _parent(pid: int, fd: int, path: str, mask: set[int | signal.Signals]) -> int:
+    """Wait for the server (``_await_ready``), then put back the signal ``mask``.
+    Ctrl-C or SIGTERM meanwhile cancels the start-up: the server, in a session of its
+    own, sees neither, and would go on to connect ``path`` after the user gave up. It
+    is stopped first, then Interrupted."""
     def on_sigterm(signum: int, frame: object) -> None:
         raise Interrupted(signum)
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came is raised here
         return _await_ready(pid, fd, path)
     except (KeyboardInterrupt, Interrupted) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT

@@ -4,6 +4,7 @@ status, output and name as the entry point started cold."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import socket
@@ -11,11 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
 WARM = Path(__file__).resolve().parents[2] / "qemu" / "warm.py"
+AGENT = WARM.with_name("agent.py")
 
 
 class Warm:
@@ -127,3 +129,32 @@ def test_the_child_is_named_after_the_command_and_ends_the_agent_loop(
     w = Warm()
     w.sock.close()
     assert w.proc.wait(30) == 0
+
+
+def _load_agent() -> Any:
+    """qemu/agent.py as a module (``qemu`` itself is qemu.qmp's namespace package)."""
+    spec = importlib.util.spec_from_file_location("virtio_user_guest_agent", AGENT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_command_the_warm_interpreter_cannot_take_leaks_no_pipe() -> None:
+    """send_fds to a warm interpreter that is gone fails: the command is reported as not
+    started (127), and the pipes made for its output are closed, not kept forever."""
+    agent_module = _load_agent()
+    port, host = socket.socketpair()
+    warm, gone = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    gone.close()
+    agent = agent_module.Agent(port.fileno())
+    agent.warm = warm
+    before = set(os.listdir("/proc/self/fd"))
+    agent.start({"op": "run", "id": 5, "argv": ["virtio-user", "--help"], "warm": True})
+    assert set(os.listdir("/proc/self/fd")) == before, "pipe ends leaked"
+    host.settimeout(5)
+    replies = [json.loads(line) for line in host.recv(65536).decode().splitlines()]
+    assert replies[-1] == {"op": "exit", "id": 5, "status": 127}
+    assert 5 not in agent.children
+    for s in (warm, port, host):
+        s.close()

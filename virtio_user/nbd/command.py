@@ -95,7 +95,11 @@ def _background(plan: NbdPlan, finished: Callable[[int], Any]) -> Any:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
     if pid == 0:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # SIGTERM (the parent cancelling) stays blocked until _serve can take it as a
+        # request to stop: raised as an exception in the middle of the start-up, it
+        # landed once in an import's weakref callback, was "ignored", and the server
+        # went on to connect.
+        signal.pthread_sigmask(signal.SIG_SETMASK, {*mask, signal.SIGTERM})
         os.close(r)
         os.setsid()  # out of the caller's session and process group
         plan.ready_fd = w
@@ -208,7 +212,12 @@ def _serve(dev: VirtioBlk, plan: NbdPlan) -> int:
 
     previous = {s: signal.signal(s, lambda signum, frame: stop.set())
                 for s in (signal.SIGTERM, signal.SIGINT)}
+    if plan.ready_fd is not None:  # blocked since the fork (_background)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     try:
+        if stop.is_set():  # the parent cancelled the start-up: connect nothing
+            log.info("%s: start-up cancelled; not connected", plan.path)
+            return 128 + signal.SIGTERM
         server = NbdServer(dev, ours, wait=max(dev.timeout, plan.kernel_timeout))
         grow_buffers(theirs)  # the kernel sends whole large writes through it
         kernel.configure(theirs, block_size=dev.block_size,

@@ -117,16 +117,23 @@ class Agent:
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd="/")
             theirs.close()
             self.sel.register(self.warm, selectors.EVENT_READ, self.on_warm)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        stdin = os.open(os.devnull, os.O_RDONLY)
         msg = {"id": req["id"], "argv": req["argv"], "cwd": req.get("cwd") or "/",
                "env": env}
+        opened: list[int] = []  # all closed if the command cannot be handed over
         try:
+            out_r, out_w = os.pipe()
+            opened += (out_r, out_w)
+            err_r, err_w = os.pipe()
+            opened += (err_r, err_w)
+            stdin = os.open(os.devnull, os.O_RDONLY)
+            opened.append(stdin)
             socket.send_fds(self.warm, [json.dumps(msg).encode()], [stdin, out_w, err_w])
-        finally:
-            for fd in (stdin, out_w, err_w):
+        except BaseException:
+            for fd in opened:
                 os.close(fd)
+            raise
+        for fd in (stdin, out_w, err_w):  # the warm child has its own copies
+            os.close(fd)
         return WarmChild(), (os.fdopen(out_r, "rb", 0), os.fdopen(err_r, "rb", 0))
 
     def on_warm(self, fd: int) -> None:

@@ -144,15 +144,18 @@ def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
     track = Tracker(offsets) if spec.verify and spec.writing else None
     pick = track.pick if track else offsets.picker()
     reqs = _requests(dev, spec)
+    one_at_a_time = spec.iodepth == 1 and not track
+    if one_at_a_time:
+        reqs.append(_requests(dev, spec)[0])  # the one built while the other is out
+        reqs[1].tag = 1
+    _check_room(dev, spec, reqs)
     lat: list[float] = []
     target = spec.ios or 1 << 62
     clock = time.perf_counter
     cpu0 = os.times()
     start = clock()
     deadline = start + (spec.runtime or 1e9)
-    if spec.iodepth == 1 and not track:
-        reqs.append(_requests(dev, spec)[0])  # the one built while the other is out
-        reqs[1].tag = 1
+    if one_at_a_time:
         done = _one_at_a_time(dev, reqs, pick, target, start, deadline, lat)
     else:
         done = _keep_full(dev, reqs, pick, target, start, deadline, lat, track)
@@ -166,6 +169,16 @@ def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
                    else _verify_reads(dev, spec, reqs))
         result["verified_blocks"] = checked
     return result
+
+
+def _check_room(dev: VirtioBlk, spec: BenchSpec, reqs: list[Request]) -> None:
+    """All of ``reqs`` are in the ring at once. Without indirect descriptors a request
+    takes one descriptor per segment (header, data, status), not one."""
+    need = sum(dev._descriptors(r.buffer, r.nbytes) for r in reqs if r.buffer is not None)
+    if need > dev.queue_size:
+        raise InvalidArgument(f"bench: --iodepth {spec.iodepth} needs {need} descriptors "
+                              f"({len(reqs)} requests of {spec.bs} bytes), more than the "
+                              f"queue size {dev.queue_size}")
 
 
 def _one_at_a_time(dev: VirtioBlk, reqs: list[Request], pick: Callable[[], int],

@@ -310,8 +310,12 @@ def _pieces(plan: WritePlan) -> Iterator[bytes]:
         return
     done = 0
     while plan.count is None or done < plan.count:
+        # A regular file was checked at its length then: if it grew since, the
+        # sectors past that were not checked and are not written.
+        sectors = PIECE_SECTORS if plan.count is None else min(PIECE_SECTORS,
+                                                                plan.count - done)
         try:
-            piece = plan.source.read(PIECE_SECTORS * SECTOR_SIZE)
+            piece = plan.source.read(sectors * SECTOR_SIZE)
         except OSError as exc:
             raise FileAccessError(f"cannot read {plan.name}: {exc.strerror}") from exc
         if len(piece) % SECTOR_SIZE or (not piece and not done):

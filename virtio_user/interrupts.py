@@ -95,7 +95,11 @@ class UioIntx:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise CannotOpen(f"cannot open {self.path}: {exc.strerror}") from exc
-        pci.unmask_intx(config)  # a previous run may have left the line masked
+        try:
+            pci.unmask_intx(config)  # a previous run may have left the line masked
+        except BaseException:
+            self.close()  # nobody else holds the fd yet
+            raise
 
     @staticmethod
     def find(bdf: str) -> Path:
@@ -129,7 +133,17 @@ class _Eventfds:
         from .transport import vfio_ioctl
         self._ioctl = vfio_ioctl
         self.device = device
-        self.fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(count)]
+        self.fds: list[int] = []
+        try:
+            for _ in range(count):  # one at a time: a failure closes the ones made
+                self.fds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        except OSError as exc:
+            self._close_fds()
+            raise CannotOpen(f"{self.kind}: cannot make {count} eventfds: "
+                             f"{exc.strerror}") from exc
+        except BaseException:
+            self._close_fds()
+            raise
         try:
             vfio_ioctl.set_irq_eventfds(device, self.index, self.fds)
         except OSError as exc:

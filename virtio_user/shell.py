@@ -16,8 +16,10 @@ learning virtio:
 From a terminal it has a prompt, history and completion (readline). From a pipe it runs
 the lines without a prompt and exits with the status of the last command that failed
 (0 if none did). An error prints the command line's message and leaves the device as
-the command line would: untouched after bad input, reset after a device fault. Ctrl-D,
-``quit`` or SIGTERM end it; closing the device resets it.
+the command line would: untouched after bad input, reset after a device fault. Ctrl-C
+cancels the command; if it had requests on the device, the device is reset to take their
+buffers back and the shell ends (exit 130) saying so. Ctrl-D, ``quit`` or SIGTERM end
+it; closing the device resets it.
 """
 
 from __future__ import annotations
@@ -110,6 +112,17 @@ class Shell(cmd.Cmd):
         code = self._guarded(name, rest)
         if code:
             self.status = code
+        return self._unusable(code)
+
+    def _unusable(self, code: int) -> bool:
+        """True (end the shell) when a Ctrl-C left the queue broken: the driver reset the
+        device to take back the buffers of the interrupted requests, and every later
+        command would fail with exit 15. Saying so once beats that."""
+        broken = self.dev.queue.broken
+        if broken and code == 128 + signal.SIGINT:
+            print(f"virtio-user: the device was reset ({broken}); the shell ends, start it "
+                  "again to go on", file=sys.stderr, flush=True)
+            return True
         return False
 
     def _guarded(self, name: str, rest: list[str]) -> int:
@@ -188,7 +201,12 @@ class Shell(cmd.Cmd):
             req = Request(ReqType.VIRTIO_BLK_T_FLUSH)
         else:
             req = self._data_request(a)
-        dev.submit([req])
+        try:
+            dev.submit([req])
+        except BaseException:
+            if req.buffer is not None:  # not on the device: ours to reuse
+                self.spare.setdefault(req.buffer.size, []).append(req.buffer)
+            raise
         self.pending[id(req)] = req
         q = dev.queue
         print(f"submitted {req}: head {req.head}, avail.idx {q.avail_idx}, "

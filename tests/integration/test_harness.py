@@ -307,7 +307,11 @@ def _sigint_as_at_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_or_sighup_leaves_nothing_behind(tmp_path: Path, signum: int,
+                                               status: int) -> None:
+    """Ctrl-C, or SIGHUP from a closed terminal or ssh session: QEMU and the storage
+    daemon stopped, the temporary directory gone."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     image = make_image(tmp_path / "served.raw", 1)
@@ -318,10 +322,10 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
                             preexec_fn=_sigint_as_at_a_terminal)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "started\n"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     # Bounded: 30 s for the guest to power off, then QEMU and the daemon are killed
     # (seen past 60 s once in CI, on a guest slow to power off with the daemon attached).
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert list(tmpdir.iterdir()) == []
     assert qemu_processes(tmpdir) == [] and storage_daemons(tmpdir) == []

@@ -252,3 +252,52 @@ def test_refusals_leave_connections_alone(guest: Guest) -> None:
     g.disconnect("scratch")
     gone = g.sh(["virtio-user", "nbd", "-d", "/dev/nbd3"])
     assert gone.status == 15 and "/dev/nbd3 is not connected" in gone.err, gone.err
+
+
+# Ctrl-C in the parent while the forked server starts (it runs cold, so the child takes
+# seconds importing the driver: the signal lands in start-up). Prints what is left.
+CTRL_C_AT_START = r"""
+import json, os, signal, subprocess, sys, time
+bdf, dev = sys.argv[1], sys.argv[2]
+parent = subprocess.Popen(["virtio-user", "--device", bdf, "nbd", dev],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def children():
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rpartition(")")[2].split()[1]) == parent.pid:
+                    found.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+deadline = time.monotonic() + 60
+server = []
+while not server and parent.poll() is None and time.monotonic() < deadline:
+    server = children()
+    time.sleep(0.02)
+parent.send_signal(signal.SIGINT)
+out, err = parent.communicate(timeout=120)
+alive = bool(server) and os.path.exists(f"/proc/{server[0]}")
+name = dev[5:]
+size = open(f"/sys/block/{name}/size").read().strip()
+print(json.dumps({"status": parent.returncode, "out": out, "err": err, "server": server,
+                  "alive": alive, "size": size,
+                  "pid_file": os.path.exists(f"/sys/block/{name}/pid")}), flush=True)
+"""
+
+
+def test_ctrl_c_during_start_up_stops_the_server(guest: Guest) -> None:
+    g = guest
+    (g.dir / "ctrl_c_at_start.py").write_text(CTRL_C_AT_START)
+    out = json.loads(g.ok(f"python3 {g.dir}/ctrl_c_at_start.py {DISKS['scratch']} "
+                          f"{NBD['scratch']}", timeout=200))
+    assert out["server"], f"no server was forked: {out}"
+    assert out["status"] == 130, out
+    assert "/dev/nbd3 is not connected" in out["err"] and "Traceback" not in out["err"], out
+    assert not out["alive"], f"the server still runs: {out}"
+    g.ok("sleep 2")  # a server left behind would connect within this
+    assert g.ok("cat /sys/block/nbd3/size").strip() == "0"
+    assert g.sh("test -e /sys/block/nbd3/pid").status != 0
+    g.connect("scratch")  # the device was given back: reset, unlocked
+    g.disconnect("scratch")

@@ -89,6 +89,7 @@ class FakeBlkDevice:
         self.log: list[str] = []
         self.requests: list[tuple[int, int, int]] = []  # (type, sector, data bytes)
         self.ranges: list[tuple[int, int, int]] = []  # discard/write zeroes: type, sector, n
+        self.range_flags: list[int] = []  # the flags field of each entry of self.ranges
         self.notifies = 0
         self.resets = 0
         self._pending: list[int] = []
@@ -275,6 +276,7 @@ class FakeBlkDevice:
             for rng in np.frombuffer(out, BLK_DWZ_DTYPE):
                 start, n = int(rng["sector"]), int(rng["num_sectors"])
                 self.ranges.append((rtype, start, n))
+                self.range_flags.append(int(rng["flags"]))
                 if start + n > capacity or n > limit:
                     return IOERR, b""
                 self.disk[start * SECTOR_SIZE:(start + n) * SECTOR_SIZE] = bytes(n * SECTOR_SIZE)

@@ -90,3 +90,26 @@ def test_qd1_keeps_one_request_at_the_device_at_a_time(capsys: Any) -> None:
     result = json.loads(capsys.readouterr().out)
     assert result["ios"] == 200 and result["kicks"] == 200
     assert served[:200] == [1] * 200  # (then the verify pass, at its own depth)
+
+
+@pytest.mark.parametrize("depth", [1, 6, 16])
+def test_iodepth_counts_the_descriptors_a_request_takes_without_indirect(
+        depth: int, capsys: Any) -> None:
+    """Without indirect descriptors a 4 KiB request is a chain of three (header, data,
+    status): depth 6 on a 16-entry queue passed the old check and then failed with
+    QueueFull, exit 99. Depth 1 keeps two requests in the ring (one built ahead)."""
+    env = Env(queue_size=16, features=DEFAULT_FEATURES & ~Feature.VIRTIO_RING_F_INDIRECT_DESC)
+    code = env.run("bench", "--bs", "4k", "--iodepth", depth, "--ios", 50)
+    err = capsys.readouterr().err
+    if depth == 1:
+        assert code == 0, err
+        return
+    assert code == 1, err
+    assert f"--iodepth {depth} needs {3 * depth} descriptors" in err
+    assert "queue size 16" in err
+    assert env.device.requests == [], "refused before anything reached the device"
+
+
+def test_iodepth_that_fits_three_descriptors_each_runs(capsys: Any) -> None:
+    env = Env(queue_size=16, features=DEFAULT_FEATURES & ~Feature.VIRTIO_RING_F_INDIRECT_DESC)
+    assert env.run("bench", "--bs", "4k", "--iodepth", 5, "--ios", 50) == 0

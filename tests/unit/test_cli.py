@@ -340,3 +340,25 @@ def test_write_from_dev_zero_as_documented(capsys: Any) -> None:
     assert env.run("write", 0, "-i", "/dev/zero") == 22
     assert "sectors 0..2047 were written" in capsys.readouterr().err
     assert env.device.disk == bytes(2048 * SECTOR)
+
+
+def test_write_input_that_grows_after_the_check_writes_only_what_was_checked(
+        tmp_path: Path, capsys: Any) -> None:
+    """A regular file is checked at its length before the device opens; sectors
+    appended after that were not checked (against the capacity, say) and are not
+    written."""
+    env = Env()
+    before = bytes(env.device.disk)
+    source = tmp_path / "growing"
+    source.write_bytes(b"a" * 2 * SECTOR)
+    opener = env.opener
+
+    def grow_then_open(args: Any) -> VirtioBlk:
+        with source.open("ab") as f:
+            f.write(b"b" * 3 * SECTOR)
+        return opener(args)
+    env.opener = grow_then_open  # type: ignore[method-assign]
+    assert env.run("write", 10, "-i", source) == 0
+    disk = bytes(env.device.disk)
+    assert disk[10 * SECTOR:12 * SECTOR] == b"a" * 2 * SECTOR
+    assert disk[12 * SECTOR:] == before[12 * SECTOR:], "sectors past the checked length"

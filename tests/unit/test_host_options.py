@@ -52,10 +52,10 @@ def exit_status(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[in
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--timeout", "nan"], "--timeout: nan: give a finite number of seconds > 0"),
-    (["--timeout", "inf"], "--timeout: inf: give a finite number of seconds > 0"),
-    (["--timeout=-inf"], "--timeout: -inf: give a finite number of seconds > 0"),
-    (["--timeout", "0"], "--timeout: 0: give a finite number of seconds > 0"),
+    (["--timeout", "nan"], "--timeout: 'nan' is not a number of seconds"),
+    (["--timeout", "inf"], "--timeout: 'inf' is not a number of seconds"),
+    (["--timeout=-inf"], "--timeout: '-inf' is not a number of seconds"),
+    (["--timeout", "0"], "--timeout: '0' must be a number of seconds above 0"),
     (["--timeout", "soon"], "--timeout: 'soon' is not a number of seconds"),
     (["--memory", "255"], "--memory: 255: give 256 to 1048576 MiB"),
     (["--memory", "100"], "--memory: 100: give 256 to 1048576 MiB"),

@@ -445,3 +445,40 @@ def test_a_backend_without_interrupts_is_refused_and_the_device_closed() -> None
     with pytest.raises(CannotOpen, match="fake backend has no interrupts"):
         VirtioBlk(backend, wait="interrupt")
     assert backend.closed and backend.device.status == 0
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_eventfds_made_before_one_fails_are_closed(monkeypatch: Any) -> None:
+    """The third eventfd fails (EMFILE, say): the two made before it must not stay open."""
+    real, made = os.eventfd, []
+
+    def eventfd(initval: int, flags: int = 0) -> int:
+        if len(made) == 2:
+            raise OSError(24, "Too many open files")
+        made.append(real(initval, flags))
+        return made[-1]
+    monkeypatch.setattr(os, "eventfd", eventfd)
+    monkeypatch.setattr(vfio_ioctl, "_ioctl", lambda *a: pytest.fail("no SET_IRQS"))
+    before = _open_fds()
+    with pytest.raises((interrupts.CannotOpen, OSError), match="Too many open files"):
+        interrupts.VfioMsix(42, 3)
+    assert len(made) == 2
+    assert _open_fds() == before, "eventfds leaked"
+
+
+def test_uio_source_closes_its_fd_when_unmasking_fails(tmp_path: Any,
+                                                     monkeypatch: Any) -> None:
+    uio = tmp_path / "uio3"
+    uio.write_bytes(b"")
+    monkeypatch.setattr(UioIntx, "find", staticmethod(lambda bdf: uio))
+
+    class Broken(Config):
+        def write_at(self, offset: int, width: int, value: int) -> None:
+            raise interrupts.DeviceError("config space write failed")
+    before = _open_fds()
+    with pytest.raises(interrupts.DeviceError):
+        UioIntx("0000:00:10.0", lambda: 0, Broken(0x0006 | pci.PCI_COMMAND_INTX_DISABLE))
+    assert _open_fds() == before, "/dev/uioN left open"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
 from typing import Any, Callable
 
@@ -18,7 +20,8 @@ from virtio_user.errors import ProtocolError
 from virtio_user.nbd import (REPLY, REQUEST, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Cmd, CmdFlag,
                              Flag, Ioctl, NbdServer, nbd_name, parse_request,
                              transmission_flags)
-from virtio_user.spec import Feature, ReqType
+from virtio_user.nbd import server as server_module
+from virtio_user.spec import VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, Feature, ReqType
 from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
@@ -253,6 +256,24 @@ def test_trim_and_write_zeroes_become_ranges(kernel: Any) -> None:
     k.disconnect()
 
 
+def test_write_zeroes_unmaps_unless_the_kernel_says_no_hole(kernel: Any) -> None:
+    """NBD_CMDFLAG_NO_HOLE: the zeroes must stay allocated, so no
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP; without it the device may unmap."""
+    k, dev = kernel(capacity=1024)
+    dev.disk[:] = b"\xff" * len(dev.disk)
+    k.send(Cmd.WRITE_ZEROES, 0, 8 * SECTOR, cookie=1, flags=CmdFlag.NO_HOLE)
+    assert k.reply() == (1, 0, b"")
+    k.send(Cmd.WRITE_ZEROES, 64 * SECTOR, 8 * SECTOR, cookie=2)
+    assert k.reply() == (2, 0, b"")
+    zeroes = [(r, f) for r, f in zip(dev.ranges, dev.range_flags)
+              if r[0] == ReqType.VIRTIO_BLK_T_WRITE_ZEROES]
+    assert zeroes == [((ReqType.VIRTIO_BLK_T_WRITE_ZEROES, 0, 8), 0),
+                      ((ReqType.VIRTIO_BLK_T_WRITE_ZEROES, 64, 8),
+                       VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)]
+    assert dev.disk[:8 * SECTOR] == bytes(8 * SECTOR)
+    k.disconnect()
+
+
 def test_a_read_only_device_refuses_writes(kernel: Any) -> None:
     k, dev = kernel(capacity=64, features=DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_RO)
     k.send(Cmd.WRITE, 0, SECTOR, cookie=1, payload=b"w" * SECTOR)
@@ -271,6 +292,34 @@ def test_stop_asks_the_kernel_to_disconnect(kernel: Any) -> None:
     stop.set()
     assert "NBD_CMD_DISC" in k.finish()["reason"]
     assert dev.requests[-1][0] == ReqType.VIRTIO_BLK_T_FLUSH
+
+
+def test_no_nbd_cmd_disc_within_the_grace_period_ends_the_server(
+        kernel: Any, monkeypatch: Any) -> None:
+    """After asking the kernel to disconnect, the server waits DISC_GRACE for its
+    NBD_CMD_DISC, then ends by itself: a kernel that never answers cannot hold it."""
+    monkeypatch.setattr(server_module, "DISC_GRACE", 0.3)
+    k, dev = kernel(start=False, capacity=64)
+    asked = threading.Event()
+    k.start(stop=lambda: True, on_stop=asked.set)  # the kernel never sends DISC
+    assert asked.wait(5)
+    assert k.thread is not None
+    k.thread.join(5)
+    assert not k.thread.is_alive(), "still waiting for an NBD_CMD_DISC that never comes"
+    assert k.result["reason"] == "no NBD_CMD_DISC within 0.3 s of the disconnect"
+    assert k.sock.recv(1) == b"", "the server closed its end"
+
+
+def test_a_huge_timeout_still_disconnects_cleanly(kernel: Any) -> None:
+    """A Python caller's timeout of 1e300 reaches socket.settimeout at the disconnect,
+    which overflows there: it is clamped to what the OS takes."""
+    k, dev = kernel(start=False, capacity=64, timeout=1e300)
+    k.start()
+    k.send(Cmd.WRITE, 0, SECTOR, cookie=1, payload=b"t" * SECTOR)
+    assert k.reply() == (1, 0, b"")
+    result = k.disconnect()
+    assert "error" not in result, result.get("error")
+    assert "NBD_CMD_DISC" in result["reason"]
 
 
 def test_the_kernel_closing_its_end_stops_the_server(kernel: Any) -> None:
@@ -328,3 +377,31 @@ def test_cli_checks_the_nbd_device_first(argv: list[str], code: int, message: st
                                          capsys: Any) -> None:
     assert cli.main(argv, opener=_no_device) == code
     assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_background_server_starts_stops_it(monkeypatch: Any) -> None:
+    """The parent waits for the forked server; Ctrl-C then must stop that server (in a
+    session of its own, it never sees the terminal's SIGINT) before the parent ends with
+    Interrupted (exit 130), or it goes on to connect /dev/nbdN after the user gave up.
+    Here the "server" is a sleeping process standing in for the forked child."""
+    from virtio_user.errors import Interrupted
+    from virtio_user.nbd import command
+    from virtio_user.subcommand import Finished
+    child = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setattr(command.os, "fork", lambda: child.pid)
+
+    def ctrl_c(*args: Any) -> Any:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(command.select, "select", ctrl_c)
+    try:
+        with pytest.raises((Interrupted, KeyboardInterrupt)) as exc:
+            command._background(command.NbdPlan("/dev/nbd7", 30), Finished)
+        assert isinstance(exc.value, Interrupted), "Ctrl-C escaped as a traceback"
+        assert exc.value.signum == signal.SIGINT
+        assert "/dev/nbd7 is not connected" in str(exc.value)
+        with pytest.raises(ChildProcessError):
+            os.waitpid(child.pid, os.WNOHANG)  # stopped and reaped
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)

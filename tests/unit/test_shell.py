@@ -296,3 +296,39 @@ def test_at_a_terminal_prompt_completion_history_and_ctrl_d() -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 1  # the last failing command's status
+
+
+def test_a_failed_submit_gives_its_buffer_back(make_blk: Any, capsys: Any,
+                                              monkeypatch: Any) -> None:
+    """submit takes a DMA buffer before dev.submit; when that raises (QueueFull), the
+    buffer must come back, or each failed submit leaks one."""
+    sh, device = shell(make_blk, queue_size=4)
+    device.auto = False
+    for _ in range(4):
+        sh.onecmd("submit read 0 1")
+    allocs = []
+    real = sh.dev.alloc_buffer
+    monkeypatch.setattr(sh.dev, "alloc_buffer", lambda n: allocs.append(n) or real(n))
+    for _ in range(10):
+        sh.onecmd("submit read 0 1")
+    assert sh.status == 99 and "descriptors" in capsys.readouterr().err
+    assert len(allocs) == 1, f"{len(allocs)} buffers taken for 10 failed submits"
+    assert len(sh.spare[SECTOR]) == 1
+
+
+def test_ctrl_c_that_resets_the_device_ends_the_shell(make_blk: Any, capsys: Any) -> None:
+    """Ctrl-C while a read waits: the driver resets the device to take its buffers back
+    and the queue is unusable. The shell says so and ends, instead of failing every later
+    command with exit 15."""
+    sh, device = shell(make_blk, "read 0 8\nid\nread 0 1\n")
+    device.auto = False
+
+    def ctrl_c(timeout: float) -> None:
+        raise KeyboardInterrupt
+    sh.dev.queue._await_used = ctrl_c  # type: ignore[method-assign]
+    resets = device.resets
+    assert sh.run() == 130
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1].endswith("the shell ends, start it again to go on"), err
+    assert "unusable" not in err and out == "", "no later command ran"
+    assert device.resets == resets + 1

@@ -2,22 +2,25 @@
 
 Exit status: the command's own, or 124 when --timeout ran out, 125 when the harness
 itself failed (QEMU would not start, the guest died, any bad harness option), 130 on
-Ctrl-C.
+Ctrl-C or SIGTERM, 129 on SIGHUP (a closed terminal or ssh session): each of these
+signals takes the same way out, QEMU and the storage daemons stopped and the temporary
+directory removed.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import assets
+from ..errors import InvalidArgument
+from ..numbers import parse_seconds
 from .errors import BadOption, GuestTimeout, HarnessError
 from .machine import Disk
 from .options import ascii_int
@@ -70,13 +73,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def seconds(text: str) -> float:
+    """The same rules as every ``virtio-user`` duration (ASCII digits, finite, > 0, at
+    most numbers.MAX_SECONDS)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: give a finite number of seconds > 0")
-    return value
+        return parse_seconds(text, "--timeout")
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--timeout ")) from None
 
 
 def mebibytes(text: str) -> int:
@@ -167,22 +169,58 @@ def run(args: argparse.Namespace, scratch_dir: Path) -> int:
         return result.status
 
 
+class Stopped(KeyboardInterrupt):
+    """A signal that ends the run (SIGINT, SIGTERM, SIGHUP), raised where the harness is,
+    so every context manager on the way out stops what it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP take Ctrl-C's way out. Only the first signal raises: a second
+    one (a closing terminal sends SIGHUP, then SIGCONT, and a shell may add SIGTERM)
+    must not cut the clean-up short and leave QEMU running without its parent."""
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Stopped(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, handler)  # not when started with SIGINT ignored
+
+
+def _say(message: str) -> None:
+    """To stderr, if it is still there (after SIGHUP the terminal may be gone)."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # SIGTERM takes the same way out as Ctrl-C, through every context manager.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _stop_on_signals()
     try:
         with tempfile.TemporaryDirectory(prefix="virtio-user-run-") as tmp:
             return run(args, Path(tmp))
     except GuestTimeout as exc:
-        print(f"run-in-qemu: {exc}", file=sys.stderr)
+        _say(f"run-in-qemu: {exc}")
         return EXIT_TIMEOUT
     except HarnessError as exc:
-        print(f"run-in-qemu: {exc}", file=sys.stderr)
+        _say(f"run-in-qemu: {exc}")
         return EXIT_HARNESS
-    except KeyboardInterrupt:
-        print("run-in-qemu: interrupted; QEMU stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        name = signal.Signals(signum).name
+        _say(f"run-in-qemu: interrupted by {name}; QEMU stopped")
+        # SIGTERM keeps Ctrl-C's 130, as documented; SIGHUP is 128 + 1.
+        return 128 + signal.SIGHUP if signum == signal.SIGHUP else 130
 
 
 if __name__ == "__main__":

@@ -16,14 +16,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..blk import VirtioBlk
-from ..errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError, InvalidArgument,
-                     VirtioError, exit_code)
+from ..errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError, Interrupted,
+                     InvalidArgument, VirtioError, exit_code)
 from ..spec import SECTOR_SIZE
 
-from .kernel import KERNEL_TIMEOUT, KernelNbd, READY_TIMEOUT, disconnect, nbd_name, server_pid
+from .kernel import (DISCONNECT_TIMEOUT, KERNEL_TIMEOUT, KernelNbd, READY_TIMEOUT, disconnect,
+                     nbd_name, server_pid)
 from .server import NbdServer, grow_buffers
 
 log = logging.getLogger(__name__)
+
+# A cancelled start-up: the server resets the device and, if it got that far, has the
+# kernel disconnect (bounded by DISCONNECT_TIMEOUT); then it is killed.
+STOP_TIMEOUT = DISCONNECT_TIMEOUT + 10.0
 
 @dataclass
 class NbdPlan:
@@ -81,17 +86,71 @@ def _background(plan: NbdPlan, finished: Callable[[int], Any]) -> Any:
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()
-    pid = os.fork()
+    # Blocked across the fork: a Ctrl-C between fork() and _parent's handlers would
+    # leave the new server running with nobody to stop it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     if pid == 0:
+        # SIGTERM (the parent cancelling) stays blocked until _serve can take it as a
+        # request to stop: raised as an exception in the middle of the start-up, it
+        # landed once in an import's weakref callback, was "ignored", and the server
+        # went on to connect.
+        signal.pthread_sigmask(signal.SIG_SETMASK, {*mask, signal.SIGTERM})
         os.close(r)
         os.setsid()  # out of the caller's session and process group
         plan.ready_fd = w
         return plan
     os.close(w)
     try:
-        return finished(_await_ready(pid, r, plan.path))
+        return finished(_parent(pid, r, plan.path, mask))
     finally:
         os.close(r)
+
+
+def _parent(pid: int, fd: int, path: str, mask: set[int | signal.Signals]) -> int:
+    """Wait for the server (``_await_ready``), then put back the signal ``mask``.
+    Ctrl-C or SIGTERM meanwhile cancels the start-up: the server, in a session of its
+    own, sees neither, and would go on to connect ``path`` after the user gave up. It
+    is stopped first, then Interrupted."""
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came is raised here
+        return _await_ready(pid, fd, path)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _stop_child(pid, path)
+        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name}: the "
+                          f"server was stopped, {path} is not connected") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_child(pid: int, path: str) -> None:
+    """SIGTERM takes the server's own way out (device reset, NBD disconnected if it got
+    that far), bounded by STOP_TIMEOUT, then SIGKILL. A second Ctrl-C meanwhile must
+    not leave it running: SIGINT is ignored until it is gone."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.05)
+        print(f"virtio-user: the server for {path} (pid {pid}) did not stop within "
+              f"{STOP_TIMEOUT:g} s; killed", file=sys.stderr)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # already reaped
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _await_ready(pid: int, fd: int, path: str) -> int:
@@ -153,7 +212,12 @@ def _serve(dev: VirtioBlk, plan: NbdPlan) -> int:
 
     previous = {s: signal.signal(s, lambda signum, frame: stop.set())
                 for s in (signal.SIGTERM, signal.SIGINT)}
+    if plan.ready_fd is not None:  # blocked since the fork (_background)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     try:
+        if stop.is_set():  # the parent cancelled the start-up: connect nothing
+            log.info("%s: start-up cancelled; not connected", plan.path)
+            return 128 + signal.SIGTERM
         server = NbdServer(dev, ours, wait=max(dev.timeout, plan.kernel_timeout))
         grow_buffers(theirs)  # the kernel sends whole large writes through it
         kernel.configure(theirs, block_size=dev.block_size,

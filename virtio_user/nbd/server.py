@@ -19,6 +19,7 @@ import numpy as np
 
 from ..blk import VirtioBlk
 from ..errors import ProtocolError, VirtioError
+from ..numbers import MAX_SECONDS
 from ..request import Request
 from ..spec import (BLK_DWZ_DTYPE, SECTOR_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus,
                    Feature, ReqType)
@@ -579,8 +580,9 @@ class NbdServer:
 
     def _close_socket(self) -> None:
         if not self._socket_dead:
-            self.sock.setblocking(True)
-            self.sock.settimeout(self.dev.timeout)
+            # The CLI keeps --timeout within MAX_SECONDS; a Python caller may not have
+            # (settimeout overflows on 1e300).
+            self.sock.settimeout(min(self.dev.timeout, MAX_SECONDS))
             try:  # the last replies, then the end of the stream
                 for view in self._out:
                     self.sock.sendall(view)

@@ -47,13 +47,20 @@ class PciBackend:
         self.rebind = rebind
         self.translating = False
         self._bars: dict[int, Mmio] = {}
+        # Whether close() may hand the device to another driver (--rebind): only once it
+        # is ours, bound by us or opened. A device already bound to our driver that would
+        # not open (another process holds its VFIO group) stays where it is: unbinding it
+        # would pull it from under that process.
+        self._taken = False
         self._lock_fd: int | None = self._lock()
         try:
             self._preflight()
             if dev.driver != self.DRIVER:
                 pci.check_unused(dev)
+                self._taken = True
                 pci.bind(dev, self.DRIVER)
             self.config = self._open_config()
+            self._taken = True
             pci.enable_command(self.config, pci.COMMAND_IO | pci.COMMAND_BUS_MASTER)
             self.msix_enabled = self._msix_enabled()
         except BaseException:
@@ -138,7 +145,7 @@ class PciBackend:
         try:
             self._close_bars()
             self._release()
-            if self.rebind:
+            if self.rebind and self._taken:
                 pci.release(self.dev, REBIND_DRIVER)
         finally:
             if self._lock_fd is not None:

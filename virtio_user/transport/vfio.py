@@ -158,8 +158,9 @@ class VfioDevice:
                            f"{self.bdf}: {exc.strerror}") from exc
         self.mappings.append((iova, size))
 
-    def unmap_all(self) -> None:
-        while self.mappings:
+    def unmap_all(self, keep: int = 0) -> None:
+        """Unmap every mapping but the first ``keep`` (newest first)."""
+        while len(self.mappings) > keep:
             iova, size = self.mappings.pop()
             try:
                 ioctl.unmap_dma(self.container, iova, size)
@@ -207,10 +208,14 @@ class VfioBackend(PciBackend):
         if self.translating:
             return self._alloc_translated(size)
         region = DmaRegion.hugepages(size)
+        mapped = len(self.vfio.mappings)
         try:
             for offset, bus, length in region.runs():
                 self.vfio.map_dma(region.vaddr + offset, bus, length)
         except BaseException:
+            # The runs mapped so far pin the region's pages in the IOMMU until close:
+            # they go now, before the region's memory does.
+            self.vfio.unmap_all(keep=mapped)
             region.close()
             raise
         return region

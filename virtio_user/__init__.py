@@ -5,8 +5,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows it)
 if TYPE_CHECKING:
     from .blk import Request, VirtioBlk
 
@@ -15,9 +14,9 @@ from .options import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT  # re-exported: public A
 __all__ = ["Request", "VirtioBlk"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """Import the driver on first use, so ``virtio_user.host`` (the QEMU harness, on the
-    host) does not pay for numpy."""
+    host) does not pay for numpy, nor ``virtio-user --help`` for ``typing``."""
     if name in __all__:
         from . import blk
         return getattr(blk, name)

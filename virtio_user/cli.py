@@ -177,8 +177,6 @@ def _sigterm_raises() -> contextlib.AbstractContextManager[None]:
 def main(argv: Sequence[str] | None = None, opener: Opener | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _print_precomputed_help(argv)
-    import signal
-
     from .commands import report_error
     from .errors import Interrupted
     from .subcommand import Finished
@@ -198,6 +196,7 @@ def main(argv: Sequence[str] | None = None, opener: Opener | None = None) -> int
                 with (opener or default_opener)(args) as dev:
                     return cmd.run(dev, args, plan)
             except KeyboardInterrupt as exc:
+                import signal
                 raise Interrupted(signal.SIGINT) from exc
     except BrokenPipeError:
         return 0

@@ -40,8 +40,11 @@ def loaded(*argv: str) -> tuple[object, set[str]]:
 
 
 def heavy(modules: set[str]) -> set[str]:
+    """What parsing and checking arguments must not load: the driver and its numpy, and
+    (each a tenth of a second or more under TCG) dataclasses' inspect and typing."""
     return {m for m in modules
-            if m.split(".")[0] in ("numpy", "pyudev", "qemu")
+            if m.split(".")[0] in ("numpy", "pyudev", "qemu", "inspect", "dataclasses",
+                                   "typing")
             or m.startswith(("virtio_user.host", "virtio_user.blk", "virtio_user.bench",
                              "virtio_user.shell", "virtio_user.nbd", "virtio_user.transport"))}
 

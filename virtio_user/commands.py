@@ -428,7 +428,12 @@ def _timeout(text: str) -> float:
 
 def build_parser(commands: dict[str, Subcommand] | None = None) -> Parser:
     """The global options and a parser per subcommand of ``commands`` (by default the
-    ones that work on a device, COMMANDS), each filled in when it is chosen."""
+    ones that work on a device, COMMANDS), each filled in when it is chosen.
+
+    A global option or a subcommand added here changes the top-level ``--help``, which
+    ``cli`` prints from ``help_text.py``: make that file again with
+    ``VIRTIO_USER_REGENERATE_HELP=1 python -m pytest tests/unit/test_startup.py -k
+    precomputed`` (the test fails until then)."""
     parser = Parser(prog="virtio-user", allow_abbrev=False,
                      description="A user-space driver for virtio-blk PCI devices, "
                      "legacy (1af4:1001) and modern (1af4:1042).")

@@ -8,7 +8,7 @@ e.g. in the guest: ``scripts/run-in-qemu.sh -- .venv/bin/python scripts/startup_
 
     python scripts/startup_times.py [--runs N] [NAME=COMMAND ...]
 
-COMMAND is split on spaces; by default the floor, ``virtio-user --help`` and
+NAME must not contain "=" (the first one ends it); COMMAND is split on spaces; by default the floor, ``virtio-user --help`` and
 ``virtio-user read --help`` (the scripts next to this interpreter).
 """
 

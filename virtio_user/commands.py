@@ -6,18 +6,17 @@ for its arguments, a ``prepare(args)`` that validates before the device opens, a
 ``run(dev, args, plan)``. Start-up matters (under TCG every import is slow): nothing
 that needs numpy (the driver, ``spec``, ``bench``) is imported before a command needs
 it, and a subcommand's arguments are built only when it is the one chosen, so
-``--help`` and a bad option answer without loading the driver.
+``--help`` and a bad option answer without loading the driver. For the same reason the
+plans are plain classes (``dataclasses`` loads ``inspect``) and ``typing`` is for mypy
+only.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import stat
 import sys
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .errors import (FileAccessError, Interrupted, InvalidArgument, OutOfRange, VirtioError,
                      exit_code)
@@ -25,7 +24,10 @@ from .numbers import parse_number, parse_seconds
 from .options import BACKENDS, DEFAULT_TIMEOUT, RINGS, TRANSPORTS, WAIT_MODES
 from .subcommand import Subcommand
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows it)
 if TYPE_CHECKING:
+    from typing import IO, Any, Callable, Iterator, Sequence
+
     from .bench import BenchSpec
     from .blk import VirtioBlk
 
@@ -105,15 +107,14 @@ def _add_read(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="FILE", help="write raw bytes to FILE")
 
 
-@dataclass
 class ReadPlan:
     """What ``read`` does; its output file is open (and known writable) before the
     device is touched, and closed by ``main`` on the way out."""
 
-    sector: int
-    count: int
-    output: IO[bytes] | None  # None: standard output
-    name: str
+    def __init__(self, sector: int, count: int,
+                 output: IO[bytes] | None,  # None: standard output
+                 name: str) -> None:
+        self.sector, self.count, self.output, self.name = sector, count, output, name
 
     def __enter__(self) -> ReadPlan:
         return self
@@ -218,17 +219,17 @@ def _add_write(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", metavar="N", help="sectors to fill (with --pattern)")
 
 
-@dataclass
 class WritePlan:
     """What ``write`` does. The input is read in pieces of PIECE_SECTORS as they are
     written: a regular file's length is checked up front, a stream (a pipe, /dev/zero)
     is bounded by the capacity as it comes."""
 
-    sector: int
-    count: int | None  # None: a stream, as long as it turns out to be
-    source: IO[bytes] | None  # None: the pattern
-    pattern: int = 0
-    name: str = ""
+    def __init__(self, sector: int,
+                 count: int | None,  # None: a stream, as long as it turns out to be
+                 source: IO[bytes] | None,  # None: the pattern
+                 pattern: int = 0, name: str = "") -> None:
+        self.sector, self.count, self.source = sector, count, source
+        self.pattern, self.name = pattern, name
 
     def __enter__(self) -> WritePlan:
         return self
@@ -291,6 +292,7 @@ def _run_write(dev: VirtioBlk, args: argparse.Namespace, plan: WritePlan) -> int
             if fits < len(piece):
                 raise _beyond_end(dev, plan, done)
     except (Interrupted, KeyboardInterrupt) as exc:
+        import signal
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name} after "
                           f"{done} of {total} sectors written "
@@ -430,7 +432,12 @@ def _timeout(text: str) -> float:
 
 def build_parser(commands: dict[str, Subcommand] | None = None) -> Parser:
     """The global options and a parser per subcommand of ``commands`` (by default the
-    ones that work on a device, COMMANDS), each filled in when it is chosen."""
+    ones that work on a device, COMMANDS), each filled in when it is chosen.
+
+    A global option or a subcommand added here changes the top-level ``--help``, which
+    ``cli`` prints from ``help_text.py``: make that file again with
+    ``VIRTIO_USER_REGENERATE_HELP=1 python -m pytest tests/unit/test_startup.py -k
+    precomputed`` (the test fails until then)."""
     parser = Parser(prog="virtio-user", allow_abbrev=False,
                      description="A user-space driver for virtio-blk PCI devices, "
                      "legacy (1af4:1001) and modern (1af4:1042).")

@@ -29,8 +29,6 @@
 
 from __future__ import annotations
 
-import signal
-
 
 class VirtioError(Exception):
     """Base of every error this package raises on purpose."""
@@ -113,6 +111,7 @@ class Interrupted(VirtioError):
     """A signal asked us to stop; the device has been reset before memory was freed."""
 
     def __init__(self, signum: int, message: str = "") -> None:
+        import signal  # here: the command line parses before any signal (start-up)
         name = signal.Signals(signum).name
         super().__init__(message or f"interrupted by {name}")
         self.signum = signum

@@ -199,7 +199,9 @@ class CacheLock:
                 time.sleep(0.5)
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def installed_tree(folder: Path) -> Path | None:

@@ -316,9 +316,9 @@ class Machine:
         c = self.config
         args = ["-object", f"memory-backend-memfd,id=mem,size={c.memory_mib}M,share=on",
                 "-numa", "node,memdev=mem"]
-        for i, _ in enumerate(c.vhost_user_disks):
+        for i, disk in enumerate(c.vhost_user_disks):
             sock = qemu_escape(str(self.vhost_user_socket(i)))
-            slot = FIRST_DISK_SLOT + len(c.disks) + i
+            slot = disk.slot if disk.slot is not None else FIRST_DISK_SLOT + len(c.disks) + i
             args += ["-chardev", f"socket,id=vhost-user{i},path={sock}",
                      "-device", f"vhost-user-blk-pci,chardev=vhost-user{i},num-queues=1,"
                                 f"id=vhost-user-blk{i},disable-legacy=on,"

@@ -37,6 +37,7 @@ class VhostUserDisk:
     """A raw or qcow2 image exported by qemu-storage-daemon as vhost-user-blk."""
     path: Path
     readonly: bool = False
+    slot: int | None = None  # PCI slot on bus 0; None: the next one after the --disks
 
     @classmethod
     def parse(cls, spec: str) -> "VhostUserDisk":

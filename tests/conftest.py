@@ -26,12 +26,23 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 class Labs:
     """The lab guests of this session, each booted when its first module needs it
-    (a run that selects no module of the "next" lab never fetches or boots it)."""
+    (a run that selects no module of the "next" lab never fetches or boots it) and
+    powered off after its last one, so two labs do not share the CPUs for long."""
 
     def __init__(self, root: Path, modules: list) -> None:
         self.root = root
         self.modules = modules
         self.started: dict[str, Any] = {}
+        self.done: set[str] = set()
+
+    def release(self, name: str, module: Any) -> None:
+        """``module`` is finished with its lab; the last one out turns it off."""
+        from lab import lab_guest
+        self.done.add(module.__name__)
+        if all(m.__name__ in self.done for m in self.modules if lab_guest(m) == name):
+            lab = self.started.pop(name, None)
+            if lab is not None:
+                lab.__exit__(None, None, None)
 
     def get(self, name: str) -> Any:
         from lab import LAB_GUESTS, Lab, lab_guest
@@ -45,6 +56,7 @@ class Labs:
     def close(self) -> None:
         for lab in self.started.values():
             lab.__exit__(None, None, None)
+        self.started.clear()
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +70,12 @@ def labs(request: pytest.FixtureRequest,
 
 
 @pytest.fixture(scope="module")
-def bay(labs: Labs, request: pytest.FixtureRequest) -> Any:
+def bay(labs: Labs, request: pytest.FixtureRequest) -> Iterator[Any]:
     """This module's disks in its lab guest (tests/lab.py)."""
     from lab import lab_guest
-    return labs.get(lab_guest(request.module)).bay(request.module)
+    name = lab_guest(request.module)
+    yield labs.get(name).bay(request.module)
+    labs.release(name, request.module)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from images import RUN_IN_QEMU, make_image
+from images import REPO, RUN_IN_QEMU, make_image
 from lab import Bay
-from virtio_user.host import CommandResult, Disk, VhostUserDisk
+from virtio_user.host import CommandResult, Disk, VhostUserDisk, assets
 
 pytestmark = pytest.mark.qemu
 
@@ -82,7 +82,7 @@ def info(bay: Bay, disk: str, **kw: str) -> dict:
 
 
 def test_the_guest_is_kernel_6_12_under_qemu_10_with_ublk(bay: Bay) -> None:
-    r = bay.run("uname -r; ls -d /sys/module/ublk_drv /dev/ublk-control; "
+    r = bay.run("uname -r; ls -d /sys/module/ublk_drv; ls /dev/ublk-control; "
                 "test -e /sys/module/virtio_pci/initstate || echo virtio_pci built in")
     assert r.status == 0, r.err
     release, *rest = r.out.splitlines()
@@ -156,3 +156,45 @@ def test_run_in_qemu_kernel_6_12_qemu_10_as_the_docs_show_it(tmp_path: Path) -> 
                        timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("6.12.") and r.stdout.endswith("-amd64\n")
+
+
+def device_properties(qemu: assets.Qemu) -> dict[str, str]:
+    """``-device virtio-blk-pci,help``: property name to its help text."""
+    out = subprocess.run([qemu.binary("qemu-system-x86_64"), *qemu.args(), "-device",
+                          "virtio-blk-pci,help"], capture_output=True, text=True,
+                         timeout=60, env=qemu.env(), check=True).stdout
+    return {line.split("=", 1)[0].strip(): line.split("=", 1)[1]
+            for line in out.splitlines() if line.startswith("  ") and "=" in line}
+
+
+def test_the_docs_property_table_is_what_each_qemu_shows() -> None:
+    """docs/kernels-and-qemu.md's virtio-blk-pci table against both QEMUs' own help:
+    each row's presence, and its default where the table gives one."""
+    text = (REPO / "docs" / "kernels-and-qemu.md").read_text()
+    table = text.split("| `virtio-blk-pci` property |", 1)[1].split("\n\n", 1)[0]
+    props = {version: device_properties(assets.find_qemu(version))
+             for version in ("7.2", "10.0")}
+    rows = 0
+    for row in table.splitlines()[2:]:
+        names, on72, on100 = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        for name in names.replace("`", "").split(", "):
+            for version, cell in (("7.2", on72), ("10.0", on100)):
+                assert (name in props[version]) == cell.startswith("yes"), (name, version)
+                default = cell.partition("(")[2].rstrip(")")
+                if default in ("on", "off"):
+                    shown = props[version][name]
+                    assert f"default: {default}" in shown or \
+                        f"default: {'true' if default == 'on' else 'false'}" in shown, \
+                        (name, version, shown)
+            rows += 1
+    assert rows >= 9
+
+
+def test_qemu_7_2_names_a_property_it_does_not_have(tmp_path: Path) -> None:
+    """The docs' word: ``extra={"in_order": "on"}`` on 7.2 stops QEMU at start, and QEMU
+    names the property."""
+    r = subprocess.run(["qemu-system-x86_64", "-machine", "q35", "-display", "none",
+                        "-nodefaults", "-device", "virtio-blk-pci,in_order=on"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "Property 'virtio-blk-pci.in_order' not found" in r.stderr

@@ -156,7 +156,7 @@ def chunk_limit(pool: Sequence[DmaBuffer], limits: Limits, data_segs: int, bdf: 
 
 @dataclass
 class QueueSetup:
-    """Queue 0 as the block device drives it, and what was allocated with it."""
+    """One request queue as the block device drives it, and what was allocated with it."""
 
     queue: Queue
     data_segs: int
@@ -166,28 +166,33 @@ class QueueSetup:
 
 
 def set_up_queue(transport: Transport, limits: Limits, features: int, ring: str,
-                 pool_buffers: int, alloc_dma: Callable[[int], DmaRegion],
+                 index: int, pool_buffers: int, alloc_dma: Callable[[int], DmaRegion],
                  on_fault: Callable[[], bool | None], bdf: str) -> QueueSetup:
-    """Queue 0, its request slots and the bounce pool in one region from ``alloc_dma``,
-    and the queue's areas given to the device."""
-    qsize = transport.queue_size(0)
+    """Queue ``index`` (at the size the device reports for it), its request slots and
+    its bounce pool in one region from ``alloc_dma``, and the queue's areas given to
+    the device."""
+    qsize = transport.queue_size(index)
     if not qsize:
-        raise DeviceError(f"{bdf}: the device reports no queue 0")
+        raise DeviceError(f"{bdf}: the device reports no queue {index}")
     indirect = bool(features & Feature.VIRTIO_RING_F_INDIRECT_DESC)
     data_segs = data_segments(limits, qsize, indirect, bdf)
     packed = use_packed(ring, features, bdf, transport.kind)
     alloc = DmaAllocator(alloc_dma(dma_bytes(qsize, pool_buffers, packed)))
     queue_class = PackedQueue if packed else SplitQueue
     queue: Queue = queue_class(
-        alloc, qsize, transport.notifier(0), indirect=indirect,
+        alloc, qsize, transport.notifier(index), indirect=indirect,
         event_idx=bool(features & Feature.VIRTIO_RING_F_EVENT_IDX),
         on_fault=on_fault, max_chain=data_segs + 2)
     slots = alloc_slots(alloc, queue)
     pool = [DmaBuffer(alloc.alloc(MAX_CHUNK, MAX_CHUNK), limits.size_max, queue.framed_data)
             for _ in range(pool_buffers)]
     chunk = chunk_limit(pool, limits, data_segs, bdf)
-    transport.setup_queue(0, qsize, *queue_areas(queue))
+    transport.setup_queue(index, qsize, *queue_areas(queue))
     return QueueSetup(queue, data_segs, slots, pool, chunk // SECTOR_SIZE)
+
+
+def ring_name(queue: Queue) -> str:
+    return "packed" if isinstance(queue, PackedQueue) else "split"
 
 
 def queue_areas(queue: Any) -> tuple[int, int, int]:

@@ -295,7 +295,7 @@ def _summary(dev: VirtioBlk, spec: BenchSpec, done: int, seconds: float,
 
 
 def _ring(dev: VirtioBlk) -> str:
-    from .packed import PackedQueue
+    from .ring.packed import PackedQueue
     return "packed" if isinstance(dev.queue, PackedQueue) else "split"
 
 

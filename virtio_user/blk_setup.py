@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .errors import DeviceError, InvalidArgument, Unsupported
 from .memory import DmaAllocator, DmaRegion
 from .options import RINGS, WAIT_MODES
-from .packed import PackedQueue, packed_layout
+from .ring.packed import PackedQueue, packed_layout
 from .request import DmaBuffer, Request
 from .spec import SECTOR_SIZE, Feature
 from .transport import Backend, Transport
-from .virtqueue import SplitQueue
+from .ring.split import SplitQueue
 
 if TYPE_CHECKING:
     from .interrupts import Waiter
@@ -105,7 +105,7 @@ def data_segments(limits: Limits, qsize: int, indirect: bool, bdf: str) -> int:
 
 def dma_bytes(qsize: int, pool_buffers: int, packed: bool = False) -> int:
     """The one DMA region's size: ring, indirect tables, request slots, bounce pool."""
-    from .virtqueue import legacy_layout
+    from .ring.split import legacy_layout
     tables = qsize * 16 * (MAX_DATA_SEGS + 2)
     slots = qsize * (16 + 1) + 4096
     ring = packed_layout(qsize).total if packed else legacy_layout(qsize).total

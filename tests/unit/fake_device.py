@@ -28,7 +28,7 @@ from virtio_user.spec import (BLK_OUTHDR, VIRTQ_DESC, BLK_CONFIG_DTYPE, BLK_DWZ_
                     LEGACY_CONFIG_OFFSET_MSIX, LEGACY_PFN_SHIFT, SECTOR_SIZE,
                     VIRTIO_BLK_ID_BYTES, BlkStatus, DescFlag, Feature, IsrBit, LegacyReg,
                     ReqType, Reg, VIRTIO_PCI_LEGACY_BLK)
-from virtio_user.virtqueue import QueueLayout, legacy_layout
+from virtio_user.ring.split import QueueLayout, legacy_layout
 
 DEFAULT_FEATURES = (
     Feature.VIRTIO_BLK_F_SEG_MAX | Feature.VIRTIO_BLK_F_BLK_SIZE | Feature.VIRTIO_BLK_F_FLUSH

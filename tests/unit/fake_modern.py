@@ -17,7 +17,7 @@ from virtio_user.errors import DeviceError
 from virtio_user.spec import (PCI_CAP_ID_VNDR, PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST,
                     VIRTIO_PCI_MODERN_BLK, VIRTIO_PCI_VENDOR, CommonCfg, Feature, LegacyReg,
                     PciCapType, Status)
-from virtio_user.virtqueue import legacy_layout
+from virtio_user.ring.split import legacy_layout
 from fake_device import FakeBackend, FakeBlkDevice, FakeConfigSpace
 
 BAR = 4

@@ -11,7 +11,7 @@ from virtio_user.blk import Request
 from virtio_user.errors import (BlkIOError, DeviceError, DeviceTimeout, InvalidArgument,
                                 OutOfRange, ReadOnlyDevice, Unsupported)
 from virtio_user.spec import Feature, ReqType
-from virtio_user.virtqueue import QueueFull
+from virtio_user.ring.split import QueueFull
 from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
@@ -563,7 +563,7 @@ def test_one_framed_request_gets_every_check_of_a_batch(make_blk, bad: str) -> N
 
 
 def test_one_framed_request_on_a_full_queue_is_refused_untouched(make_blk) -> None:
-    from virtio_user.virtqueue import QueueFull
+    from virtio_user.ring.split import QueueFull
     blk, dev = make_blk(queue_size=4)
     req = _framed_read(blk)
     dev.auto = False
@@ -614,7 +614,7 @@ def test_a_misbehaving_device_is_caught_on_the_batch_api_too(make_blk, trick: st
 def test_one_framed_request_at_a_time_laps_a_packed_ring(monkeypatch) -> None:
     import random
     import virtio_user.blk as blk_module
-    from virtio_user.packed import PackedQueue
+    from virtio_user.ring.packed import PackedQueue
     from packed_device import PackedBlkTransport
     from fake_device import FakeBackend, FakeBlkDevice
     made: list[PackedBlkTransport] = []

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Callable, Generic, NoReturn, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import DeviceError, DeviceTimeout, DmaError, VirtioError
-from .memory import PAGE, Chunk, DmaAllocator
-from .spec import (VIRTQ_DESC, VIRTQ_DESC_DTYPE, LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE,
+from ..errors import DeviceError, DeviceTimeout, DmaError, VirtioError
+from ..memory import PAGE, Chunk, DmaAllocator
+from ..spec import (VIRTQ_DESC, VIRTQ_DESC_DTYPE, LEGACY_PFN_SHIFT, LEGACY_QUEUE_ALIGN, MAX_QUEUE_SIZE,
                    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, DescFlag)
 
 if TYPE_CHECKING:
-    from .interrupts import Waiter
+    from ..interrupts import Waiter
 
 assert sys.byteorder == "little", "the memoryview casts below assume a little-endian CPU"
 

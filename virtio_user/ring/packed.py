@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Callable, Generic, NoReturn, Sequence, TypeVar
 
 import numpy as np
 
-from .errors import DeviceTimeout, DmaError
-from .memory import PAGE, DmaAllocator
-from .spec import (MAX_QUEUE_SIZE, VIRTQ_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
+from ..errors import DeviceTimeout, DmaError
+from ..memory import PAGE, DmaAllocator
+from ..spec import (MAX_QUEUE_SIZE, VIRTQ_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, DescFlag,
                    RingEventFlags)
-from .virtqueue import (SPINS_PER_CLOCK, QueueFaults, QueueFull, fence_acquire, fence_release,
+from .split import (SPINS_PER_CLOCK, QueueFaults, QueueFull, fence_acquire, fence_release,
                         indirect_tables)
 
 if TYPE_CHECKING:
-    from .interrupts import Waiter
+    from ..interrupts import Waiter
 
 assert sys.byteorder == "little", "the memoryview casts below assume a little-endian CPU"
 

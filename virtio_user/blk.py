@@ -31,9 +31,9 @@ from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BY
                    feature_names)
 from .request import DmaBuffer as DmaBuffer, Request as Request  # re-exported: public API
 from .blk_queue import RequestQueue, status_error as status_error  # status_error: public
-from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, Limits, Queue, check_ring,
-                        chunk_limit, open_waiter, read_limits, ring_features, ring_name,
-                        set_up_queue)
+from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, Limits, Queue, check_queues,
+                        check_ring, choose_queues, chunk_limit, open_waiter, read_limits,
+                        ring_features, ring_name, set_up_queue)
 from .transport import Backend, Transport, initialize, open_transport
 
 if TYPE_CHECKING:
@@ -69,9 +69,11 @@ class VirtioBlk:
 
     def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
                  pool_buffers: int = POOL_BUFFERS,
-                 transport: str = "auto", wait: str = "poll", ring: str = "auto") -> None:
+                 transport: str = "auto", wait: str = "poll", ring: str = "auto",
+                 queues: int | None = None) -> None:
         try:
             check_ring(ring)
+            check_queues(queues)
             self.transport: Transport = open_transport(backend, transport)
         except BaseException:
             backend.close()
@@ -93,7 +95,7 @@ class VirtioBlk:
         try:
             self.features_offered, self.features = initialize(
                 self.transport, DRIVER_FEATURES | ring_features(ring),
-                lambda features: self._setup(pool_buffers, features))
+                lambda features: self._setup(pool_buffers, features, queues))
         except BaseException:
             self.close()
             raise
@@ -109,12 +111,13 @@ class VirtioBlk:
                    timeout=timeout, transport=transport, **kwargs)
 
     # -- set-up -------------------------------------------------------------------
-    def _setup(self, pool_buffers: int, features: int) -> None:
+    def _setup(self, pool_buffers: int, features: int, queues: int | None) -> None:
         """The block device's part of "Device Initialization" (blk_setup.py): config,
-        queues with their request slots and bounce buffers, interrupts."""
+        every request queue used (``queues``, or the default of choose_queues) with its
+        request slots and bounce buffers, interrupts."""
         self.features = features
         self.limits = read_limits(self.transport, features, self.bdf)
-        for index in range(1):
+        for index in range(choose_queues(queues, self.limits.num_queues, self.bdf)):
             self.queues.append(self._set_up_queue(index, pool_buffers))
         self.waiter = open_waiter(self.wait_mode, self.backend, self.transport, self.queue,
                                   self._config_changed)
@@ -204,6 +207,7 @@ class VirtioBlk:
             "interrupts": self.waiter.source.kind if self.waiter else None,
             "capacity_sectors": lim.capacity, "block_size": lim.block_size,
             "queue_size": self.queue_size,
+            "num_queues_offered": lim.num_queues, "num_queues": len(self.queues),
             "features_offered": feature_names(self.features_offered),
             "features_negotiated": feature_names(self.features),
             "read_only": self.read_only, "serial": self.serial,

@@ -11,12 +11,13 @@ wait modes, interrupt vectors routed before DRIVER_OK.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import DeviceError, InvalidArgument, Unsupported
 from .memory import DmaAllocator, DmaRegion
-from .options import RINGS, WAIT_MODES
+from .options import MAX_QUEUES, RINGS, WAIT_MODES
 from .ring.packed import PackedQueue, packed_layout
 from .request import DmaBuffer, Request
 from .spec import SECTOR_SIZE, Feature
@@ -46,6 +47,7 @@ class Limits:
     max_discard_sectors: int
     max_write_zeroes_sectors: int
     discard_sector_alignment: int = 1
+    num_queues: int = 1  # request queues offered (VIRTIO_BLK_F_MQ), else 1
 
 
 def read_limits(transport: Transport, features: int, bdf: str) -> Limits:
@@ -63,7 +65,37 @@ def read_limits(transport: Transport, features: int, bdf: str) -> Limits:
         else None,
         max_discard_sectors=int(cfg["max_discard_sectors"]) or DWZ_MAX_SECTORS,
         max_write_zeroes_sectors=int(cfg["max_write_zeroes_sectors"]) or DWZ_MAX_SECTORS,
-        discard_sector_alignment=int(cfg["discard_sector_alignment"]) or 1)
+        discard_sector_alignment=int(cfg["discard_sector_alignment"]) or 1,
+        # "Device configuration layout": num_queues counts only with VIRTIO_BLK_F_MQ; a
+        # device that says 0 has one (Linux's init_vq reads it the same way).
+        num_queues=max(1, int(cfg["num_queues"])) if features & Feature.VIRTIO_BLK_F_MQ
+        else 1)
+
+
+def check_queues(queues: int | None) -> None:
+    """--queues before anything is touched: 1..MAX_QUEUES, or None for the default."""
+    if queues is not None and (type(queues) is not int or not 1 <= queues <= MAX_QUEUES):
+        raise InvalidArgument(f"queues {queues!r} must be an integer from 1 to {MAX_QUEUES}")
+
+
+def default_queues() -> int:
+    """How many queues to use when not told: one per CPU this process may run on. A
+    queue is driven by one worker process at a time, and a worker without a CPU of its
+    own only takes turns with another (Linux's virtio_blk caps its queues at the CPU
+    count for the same reason)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def choose_queues(requested: int | None, offered: int, bdf: str) -> int:
+    """The queues to set up: what was asked for (at most what the device offers), or
+    the offer capped at ``default_queues()`` and MAX_QUEUES."""
+    if requested is None:
+        return min(offered, default_queues(), MAX_QUEUES)
+    if requested > offered:
+        raise InvalidArgument(f"--queues {requested} exceeds the {offered} request "
+                              f"queue{'s' if offered > 1 else ''} {bdf} offers "
+                              "(num_queues, VIRTIO_BLK_F_MQ)")
+    return requested
 
 
 def check_ring(ring: str) -> None:

@@ -129,11 +129,11 @@ class VirtioBlk:
     def _set_up_queue(self, index: int, pool_buffers: int) -> RequestQueue:
         qs = set_up_queue(self.transport, self.limits, self.features, self.ring, index,
                           pool_buffers, self._alloc_region,
-                          lambda: self._queue_fault(index, "a ring fault"), self.bdf)
+                          lambda: self.queue_fault(index, "a ring fault"), self.bdf)
         return RequestQueue(index, qs.queue, qs.slots, qs.pool, qs.data_segs,
-                            qs.chunk_sectors, self.bdf, self._queue_fault)
+                            qs.chunk_sectors, self.bdf, self.queue_fault)
 
-    def _queue_fault(self, index: int, message: str) -> bool:
+    def queue_fault(self, index: int, message: str) -> bool:
         """A fault on queue ``index``: the device is reset, which stops every queue, so
         every other queue is broken too. True if the reset took."""
         for q in self.queues:
@@ -325,19 +325,21 @@ class VirtioBlk:
         return sum(q.vq.completed for q in self.queues)
 
     # -- plain API ----------------------------------------------------------------
-    def read(self, sector: int, count: int) -> bytes:
-        """``count`` sectors from ``sector``."""
+    def read(self, sector: int, count: int, *, queue: int = 0) -> bytes:
+        """``count`` sectors from ``sector`` (through request queue ``queue``)."""
         self._check_open()
         self._poll_config_change()
         self.check_range(sector, count)
         pieces: list[bytes] = []
-        self._transfer(ReqType.VIRTIO_BLK_T_IN, sector, count, pieces)
+        self._transfer(ReqType.VIRTIO_BLK_T_IN, sector, count, pieces, queue)
         # One allocation for the result: under TCG, page faults on fresh memory cost more
         # than the copies, so no zero-filled bytearray that is copied again.
         return b"".join(pieces)
 
-    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` (a whole number of blocks) at ``sector``."""
+    def write(self, sector: int, data: bytes | bytearray | memoryview, *,
+              queue: int = 0) -> None:
+        """Write ``data`` (a whole number of blocks) at ``sector`` (through request
+        queue ``queue``)."""
         self._check_open()
         view = memoryview(data).cast("B")
         if not len(view) or len(view) % SECTOR_SIZE:
@@ -346,7 +348,8 @@ class VirtioBlk:
         self.check_writable("write")
         self._poll_config_change()
         self.check_range(sector, len(view) // SECTOR_SIZE)
-        self._transfer(ReqType.VIRTIO_BLK_T_OUT, sector, len(view) // SECTOR_SIZE, view)
+        self._transfer(ReqType.VIRTIO_BLK_T_OUT, sector, len(view) // SECTOR_SIZE, view,
+                       queue)
 
     def flush(self) -> None:
         """Make completed writes durable (VIRTIO_BLK_T_FLUSH)."""
@@ -400,11 +403,14 @@ class VirtioBlk:
             raise error
 
     def _transfer(self, rtype: ReqType, sector: int, count: int,
-                  data: memoryview | list[bytes]) -> None:
+                  data: memoryview | list[bytes], queue: int = 0) -> None:
         """Move ``count`` sectors between the device and ``data`` (a view to write from,
         or a list that collects what is read, in order) through queue 0's bounce pool,
         keeping every pool buffer busy (pipeline.py)."""
-        error = self.queues[0].transfer(rtype, sector, count, data, self.timeout)
+        if not 0 <= queue < len(self.queues):
+            raise InvalidArgument(f"queue {queue} is not one of the {len(self.queues)} "
+                                  "set up (--queues)")
+        error = self.queues[queue].transfer(rtype, sector, count, data, self.timeout)
         if error is not None:
             self._explain(error, sector, count)
             raise error

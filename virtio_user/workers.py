@@ -56,8 +56,14 @@ def run_workers(dev: VirtioBlk, job: Job, count: int, deadline: float) -> list[A
                               f"{len(dev.queues)} set up (--queues)")
     workers: list[_Worker] = []
     try:
-        for index in range(count):
-            workers.append(_fork(dev, job, index))
+        # A signal handler that raises inside fork()'s at-fork hooks is "ignored" by
+        # CPython: Ctrl-C waits until every worker is started.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for index in range(count):
+                workers.append(_fork(dev, job, index))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return _collect(dev, workers, time.monotonic() + deadline)
     finally:
         _stop(workers)
@@ -80,6 +86,7 @@ def _child(dev: VirtioBlk, job: Job, index: int, fd: int) -> None:
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             reply: tuple[Any, ...] = ("ok", job(dev, index))
         except BaseException as exc:  # noqa: B036 - every failure is reported, then _exit
@@ -138,8 +145,9 @@ def _reply(worker: _Worker) -> tuple[Any, ...]:
 def _fail(dev: VirtioBlk, workers: list[_Worker], index: int, message: str,
           code: int) -> None:
     """Reset the device (before anything is freed), stop every worker, raise."""
-    dev.queues[index].vq.broken = f"the worker on queue {index} failed: {message}"
-    reset = dev.queue_fault(index, dev.queues[index].vq.broken)
+    why = f"the worker on queue {index} failed: {message}"
+    dev.queues[index].vq.broken = why
+    reset = dev.queue_fault(index, why)
     _stop(workers)
     outcome = ("the device has been reset" if reset
                else "the device did not reset; its memory stays mapped")

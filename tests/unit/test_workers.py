@@ -100,6 +100,8 @@ def ctrl_c_the_parent(dev: VirtioBlk, index: int) -> int:
 
 
 def test_ctrl_c_stops_every_worker_and_the_device_resets_once(monkeypatch: Any) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh process
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     dev, model = open_mq(2)
     resets = model.resets
     start = time.monotonic()

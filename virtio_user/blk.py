@@ -86,6 +86,7 @@ class VirtioBlk:
         self._regions: list[DmaRegion] = []
         self._user_allocs: list[DmaAllocator] = []
         self.queues: list[RequestQueue] = []
+        self.worker: int | None = None  # in a worker process (workers.py): its queue
         self._serial: str | None = None
         self._config_polled = -1
         self.wait_mode = wait  # poll, interrupt or hybrid (interrupts.py)
@@ -270,8 +271,13 @@ class VirtioBlk:
 
     # -- batch API ----------------------------------------------------------------
     def alloc_buffer(self, nbytes: int) -> DmaBuffer:
-        """A DMA buffer for ``submit``; kept until close()."""
+        """A DMA buffer for ``submit``; kept until close(). Not in a worker (workers.py):
+        its allocator is a copy of the parent's, and memory mapped there alone could be
+        freed by its death while the device still writes it."""
         self._check_open()
+        if self.worker is not None:
+            raise InvalidArgument(f"worker {self.worker}: allocate DMA buffers before "
+                                  "the workers start")
         if nbytes <= 0:
             raise InvalidArgument(f"buffer size {nbytes} must be positive")
         for alloc in self._user_allocs:

@@ -130,3 +130,11 @@ def test_a_queue_that_is_not_set_up_is_refused() -> None:
     dev, _ = open_mq(2)
     with dev, pytest.raises(InvalidArgument, match="queue 2 is not one of the 2"):
         dev.read(0, 1, queue=2)
+
+
+def test_a_worker_may_not_allocate_dma_memory() -> None:
+    dev, _ = open_mq(2)
+    with dev, pytest.raises(WorkerFailed, match="worker 1: allocate DMA buffers before "
+                            "the workers start"):
+        run_workers(dev, lambda d, i: d.alloc_buffer(4096) if i else time.sleep(30), 2,
+                    deadline=30)

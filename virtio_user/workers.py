@@ -67,6 +67,14 @@ def run_workers(dev: VirtioBlk, job: Job, count: int, deadline: float) -> list[A
         return _collect(dev, workers, time.monotonic() + deadline)
     finally:
         _stop(workers)
+        for w in workers:
+            # This process's copy of the ring is as it was at the fork; the device's
+            # indices moved on with the worker. Using it would look like a protocol
+            # violation (used.idx ahead of what is in flight).
+            q = dev.queues[w.index].vq
+            if not q.broken:
+                q.broken = (f"queue {w.index} was driven by a worker process; its ring "
+                            "state left with it: close and reopen the device to use it")
 
 
 def _fork(dev: VirtioBlk, job: Job, index: int) -> _Worker:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from virtio_user.blk import VirtioBlk
-from virtio_user.errors import InvalidArgument, WorkerFailed, exit_code
+from virtio_user.errors import DeviceError, InvalidArgument, WorkerFailed, exit_code
 from virtio_user.workers import run_workers
 from fake_device import FakeBackend, FakeBlkDevice
 
@@ -138,3 +138,13 @@ def test_a_worker_may_not_allocate_dma_memory() -> None:
                             "the workers start"):
         run_workers(dev, lambda d, i: d.alloc_buffer(4096) if i else time.sleep(30), 2,
                     deadline=30)
+
+
+def test_after_the_workers_their_queues_are_theirs() -> None:
+    dev, model = open_mq(2)
+    with dev:
+        run_workers(dev, write_and_read_back, 2, deadline=30)
+        with pytest.raises(DeviceError, match="queue 0 was driven by a worker process; its "
+                           "ring state left with it: close and reopen"):
+            dev.read(0, 8)
+        assert model.resets == 1  # refused before anything reached the device

@@ -24,8 +24,10 @@ SECTOR = 512
 GUEST = Path(__file__).resolve().parents[1] / "guest" / "mq_workers.py"
 MODERN = {"disable-legacy": "on", "disable-modern": "off"}
 LEGACY = {"disable-legacy": "off", "disable-modern": "on"}
+DOC = Path(__file__).resolve().parents[2] / "docs" / "multi-queue.md"
+DOC_BDF = "0000:00:1d.0"  # the address docs/multi-queue.md's commands name
 DISKS = {"legacy4": {**LEGACY, "num-queues": "4"},
-         "split4": {**MODERN, "num-queues": "4"},
+         "split4": {**MODERN, "num-queues": "4", "addr": "0x" + DOC_BDF[8:10]},
          "packed4": {**MODERN, "packed": "on", "num-queues": "4"},
          "single": {**MODERN, "num-queues": "1"}}
 
@@ -115,3 +117,31 @@ def test_a_device_without_mq_has_one_queue(bay: Bay) -> None:
     assert "VIRTIO_BLK_F_MQ" not in r.out
     data = vu(bay, "uio", "single", "read", 0, 1)
     assert data.stdout == bay.images["single"].read_bytes()[:SECTOR]
+
+
+def doc_commands() -> list[str]:
+    """The ``virtio-user`` command lines of docs/multi-queue.md's code blocks."""
+    blocks = DOC.read_text().split("```")[1::2]
+    return [line.strip() for block in blocks for line in block.splitlines()
+            if line.strip().startswith("virtio-user ")]
+
+
+def test_the_docs_commands_run_as_written(bay: Bay) -> None:
+    commands = doc_commands()
+    assert len(commands) == 4 and all(DOC_BDF in c for c in commands)
+    assert bay.bdfs["split4"] == DOC_BDF
+    for command in commands:
+        r = bay.run(command.split())
+        assert r.status == 0, f"{command}: exit {r.status}: {r.err}"
+        if "--json" in command and " info" in command:
+            info = json.loads(r.out)
+            assert (info["num_queues_offered"], info["num_queues"]) == (4, 4)
+        elif " info" in command:
+            lines = r.out.splitlines()
+            assert f"{'num_queues_offered':20} 4" in lines and f"{'num_queues':20} 2" in lines
+        elif "--json" in command:
+            assert [j["queue"] for j in json.loads(r.out)["jobs"]] == [0, 1, 2, 3]
+        else:
+            out = r.out.splitlines()
+            assert "numjobs=2" in out[0] and "8000 ios" in out[0], r.out
+            assert out[-1].startswith("  job 1 (queue 1): IOPS")

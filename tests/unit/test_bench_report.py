@@ -332,3 +332,13 @@ def test_nbd_rows_and_the_three_way_table_in_the_outputs(tmp_path: Path) -> None
         "0.05x |  |" in md
     assert "| randread-4k-qd1 | 100, 0.4 (0.050x) | 2000, 8.2 | 3000, 12.3 (1.50x) |" in md
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_multi_queue_figure_command_selects_the_two_rows() -> None:
+    # docs/multi-queue.md: scripts/bench.sh --only randread-4k-qd32 --only
+    # randread-4k-qd16-j2 --no-variants
+    args = bench_harness.parse_args(["--only", "randread-4k-qd32", "--only",
+                                     "randread-4k-qd16-j2", "--no-variants"])
+    assert args.only == ["randread-4k-qd32", "randread-4k-qd16-j2"] and args.no_variants
+    picked = [w for w in bench_harness.WORKLOADS if w.name in args.only]
+    assert [(w.iodepth, w.numjobs) for w in picked] == [(32, 1), (16, 2)]

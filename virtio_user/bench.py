@@ -28,7 +28,7 @@ import numpy as np
 from .blk import DmaBuffer, Request, VirtioBlk
 from .blk_queue import RequestQueue
 from .blk_setup import ring_name
-from .errors import BlkIOError, InvalidArgument, Unsupported
+from .errors import BlkIOError, InvalidArgument
 from .options import MAX_QUEUES
 from .numbers import parse_number, parse_seconds, parse_size
 from .spec import SECTOR_SIZE, BlkStatus, ReqType
@@ -171,9 +171,6 @@ def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
     Offsets(spec, dev.capacity)  # refuse a --bs * --numjobs beyond the capacity up front
     if spec.numjobs == 1:
         return run_job(dev, spec, 0, _buffers(dev, spec))
-    if dev.waiter is not None:
-        raise Unsupported(f"bench: --numjobs {spec.numjobs} polls its queues; --wait "
-                          f"{dev.wait_mode} has interrupts for queue 0 only")
     from .workers import run_workers
     deadline = (spec.runtime or 600.0) + 60.0 + 4 * dev.timeout
     # Every DMA buffer is allocated here, before the fork: a worker may not map memory
@@ -239,7 +236,7 @@ def run_job(dev: VirtioBlk, spec: BenchSpec, queue: int, buffers: list[DmaBuffer
     cpu1 = os.times()
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     result = _summary(dev, spec, done, seconds, lat, q)
-    result.update(_cpu_and_wait(dev, done, seconds, cpu))
+    result.update(_cpu_and_wait(dev, q, done, seconds, cpu))
     if spec.verify:
         checked = (_verify_writes(dev, spec, reqs, track, queue) if track
                    else _verify_reads(dev, spec, reqs, port, queue))
@@ -388,15 +385,17 @@ def _summary(dev: VirtioBlk, spec: BenchSpec, done: int, seconds: float,
             "backend": dev.backend.name, "ring": ring_name(q.vq), "kicks": q.vq.kicks}
 
 
-def _cpu_and_wait(dev: VirtioBlk, done: int, seconds: float, cpu: float) -> dict[str, Any]:
+def _cpu_and_wait(dev: VirtioBlk, q: RequestQueue, done: int, seconds: float,
+                  cpu: float) -> dict[str, Any]:
     """What the waiting cost: this process's user + system CPU time over the timed
     loop, per completed I/O, and how the wait mode behaved (sleeps, interrupts,
     capacity changes reported by the config interrupt)."""
     out: dict[str, Any] = {"wait": dev.wait_mode, "cpu_s": round(cpu, 3),
                            "cpu_s_per_io": float(f"{cpu / max(done, 1):.3g}"),
                            "cpu_util": round(cpu / seconds, 3) if seconds else 0.0}
-    if dev.waiter is not None:
-        st = dev.waiter.stats()
+    waiter = q.vq.waiter
+    if waiter is not None:
+        st = waiter.stats()
         out.update({"irq": st["irq"], "sleeps": st["sleeps"], "interrupts": st["interrupts"],
                     "spurious": st["spurious"]})
     if dev.capacity_changes:

@@ -32,12 +32,12 @@ from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BY
 from .request import DmaBuffer as DmaBuffer, Request as Request  # re-exported: public API
 from .blk_queue import RequestQueue, status_error as status_error  # status_error: public
 from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, Limits, Queue, check_queues,
-                        check_ring, choose_queues, chunk_limit, open_waiter, read_limits,
+                        check_ring, choose_queues, chunk_limit, open_waiters, read_limits,
                         ring_features, ring_name, set_up_queue)
 from .transport import Backend, Transport, initialize, open_transport
 
 if TYPE_CHECKING:
-    from .interrupts import Waiter
+    from .interrupts import IrqSource, Waiter
 
 log = logging.getLogger(__name__)
 # The package stays quiet unless the application configures logging. Set here, where the
@@ -91,6 +91,7 @@ class VirtioBlk:
         self._config_polled = -1
         self.wait_mode = wait  # poll, interrupt or hybrid (interrupts.py)
         self.waiter: Waiter | None = None
+        self._irq: IrqSource | None = None  # the device's; each queue's waiter has a view
         self.capacity_changes: list[tuple[int, int]] = []  # (old, new), from interrupts
         _open_devices.add(self)
         try:
@@ -120,8 +121,9 @@ class VirtioBlk:
         self.limits = read_limits(self.transport, features, self.bdf)
         for index in range(choose_queues(queues, self.limits.num_queues, self.bdf)):
             self.queues.append(self._set_up_queue(index, pool_buffers))
-        self.waiter = open_waiter(self.wait_mode, self.backend, self.transport, self.queue,
-                                  self._config_changed)
+        self._irq, waiters = open_waiters(self.wait_mode, self.backend, self.transport,
+                                          [q.vq for q in self.queues], self._config_changed)
+        self.waiter = waiters[0] if waiters else None  # queue 0's
         q = self.queue
         log.debug("%s: %d %s queue(s) of %d, indirect %s, event_idx %s, features %s",
                   self.bdf, len(self.queues), ring_name(q), q.size, q.indirect,
@@ -133,6 +135,13 @@ class VirtioBlk:
                           lambda: self.queue_fault(index, "a ring fault"), self.bdf)
         return RequestQueue(index, qs.queue, qs.slots, qs.pool, qs.data_segs,
                             qs.chunk_sectors, self.bdf, self.queue_fault)
+
+    def after_fork(self, queue: int) -> None:
+        """In a worker process (workers.py) that drives ``queue`` alone."""
+        self.worker = queue
+        after = getattr(self._irq, "after_fork", None)
+        if after is not None:
+            after()
 
     def queue_fault(self, index: int, message: str) -> bool:
         """A fault on queue ``index``: the device is reset, which stops every queue, so
@@ -454,8 +463,8 @@ class VirtioBlk:
                 return
             self._closed = True
             reset = self._reset_quietly()
-            if self.waiter is not None:  # vectors freed after the reset, before release
-                self.waiter.close()
+            if self._irq is not None:  # vectors freed after the reset, before release
+                self._irq.close()
             for q in self.queues:
                 q.closed = True
                 q.vq.detach()

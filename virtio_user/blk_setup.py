@@ -25,7 +25,7 @@ from .transport import Backend, Transport
 from .ring.split import SplitQueue
 
 if TYPE_CHECKING:
-    from .interrupts import Waiter
+    from .interrupts import IrqSource, Waiter
 
 log = logging.getLogger(__name__)
 
@@ -236,19 +236,26 @@ def queue_areas(queue: Any) -> tuple[int, int, int]:
     return ring + lay.desc, ring + lay.avail, ring + lay.used
 
 
-def open_waiter(wait_mode: str, backend: Backend, transport: Transport, queue: Queue,
-                on_config: Callable[[], None]) -> Waiter | None:
+def open_waiters(wait_mode: str, backend: Backend, transport: Transport,
+                 queues: Sequence[Queue], on_config: Callable[[], None]
+                 ) -> tuple[IrqSource | None, list[Waiter]]:
     """For the interrupt and hybrid wait modes: vectors routed (before DRIVER_OK, as
-    "per-bus setup" in "Device Initialization"), and a waiter for the queue. None for
+    "per-bus setup" in "Device Initialization"; one per queue where the device has
+    them), and a waiter per queue, each sleeping on its queue's vector. (None, []) for
     polling."""
-    from .interrupts import Waiter, open_source
+    from .interrupts import Waiter, calibrate_spins, open_source, queue_source, HYBRID_SPIN_SECONDS
     if wait_mode not in WAIT_MODES:
         raise InvalidArgument(f"unknown wait mode {wait_mode!r}: choose "
                               f"{', '.join(WAIT_MODES)}")
     if wait_mode == "poll":
-        return None
-    source = open_source(backend, transport)
-    waiter = Waiter(wait_mode, source, on_config=on_config)
-    queue.waiter = waiter
+        return None, []
+    source = open_source(backend, transport, len(queues))
+    spins = calibrate_spins(HYBRID_SPIN_SECONDS) if wait_mode == "hybrid" else 0
+    waiters = []
+    for index, queue in enumerate(queues):
+        waiter = Waiter(wait_mode, queue_source(source, index), on_config=on_config,
+                        spins=spins)
+        queue.waiter = waiter
+        waiters.append(waiter)
     log.debug("%s: waiting by %s through %s", backend.bdf, wait_mode, source.kind)
-    return waiter
+    return source, waiters

@@ -95,7 +95,7 @@ def _child(dev: VirtioBlk, job: Job, index: int, fd: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-        dev.worker = index
+        dev.after_fork(index)
         try:
             reply: tuple[Any, ...] = ("ok", job(dev, index))
         except BaseException as exc:  # noqa: B036 - every failure is reported, then _exit

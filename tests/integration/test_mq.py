@@ -145,3 +145,16 @@ def test_the_docs_commands_run_as_written(bay: Bay) -> None:
             out = r.out.splitlines()
             assert "numjobs=2" in out[0] and "8000 ios" in out[0], r.out
             assert out[-1].startswith("  job 1 (queue 1): IOPS")
+
+
+def test_each_job_sleeps_on_its_own_queues_interrupt(bay: Bay) -> None:
+    # vfio: MSI-X vector 1 + i for queue i (QEMU gives num-queues + 1 vectors); uio: the
+    # one INTx line wakes both workers, each from its own /dev/uioN open file.
+    for backend, disk, irq in (("vfio", "packed4", "vfio-msix"), ("uio", "legacy4", "uio-intx")):
+        r = vu(bay, backend, disk, "--wait", "interrupt", "bench", "--numjobs", 2,
+               "--iodepth", 4, "--ios", 300, "--rw", "randread", "--verify", "--json")
+        assert r.status == 0, r.err
+        result = json.loads(r.out)
+        assert result["ios"] == 600 and result["wait"] == "interrupt"
+        for job in result["jobs"]:
+            assert job["irq"] == irq and job["sleeps"] > 0 and job["interrupts"] > 0, job

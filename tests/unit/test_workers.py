@@ -47,7 +47,10 @@ def test_each_worker_drives_its_own_queue_in_its_own_process() -> None:
 
 def fail_on_queue_1(dev: VirtioBlk, index: int) -> int:
     if index == 1:
-        dev.queues[1].fault("a hostile completion (test)")
+        # The device model, in this worker, completes its next request with used len
+        # 0: a completion that does not cover the status byte it must write.
+        dev.backend.device.misbehave = "zero_len"  # type: ignore[attr-defined]
+        dev.read(0, 8, queue=1)
     time.sleep(30)  # the others would run on: they must be stopped
     return index
 
@@ -57,16 +60,16 @@ def test_a_fault_on_one_queue_resets_the_device_and_stops_every_worker() -> None
     with dev:
         resets = model.resets
         start = time.monotonic()
-        with pytest.raises(WorkerFailed, match="the worker on queue 1 failed: .*hostile "
-                           "completion.*the device has been reset and every worker "
+        with pytest.raises(WorkerFailed, match="the worker on queue 1 failed: .*used len 0 "
+                           "does not cover.*the device has been reset and every worker "
                            "stopped") as err:
             run_workers(dev, fail_on_queue_1, 3, deadline=60)
         assert time.monotonic() - start < 10
         assert model.resets == resets + 1  # the parent's reset (the worker's was its own)
         assert err.value.reports == [
             "worker 0 (queue 0): stopped, since the worker on queue 1 failed",
-            "worker 1 (queue 1): 0000:00:10.0: a hostile completion (test); the device "
-            "has been reset",
+            "worker 1 (queue 1): 0000:00:10.0: IN sectors 0..7: used len 0 does not cover "
+            "the data and status byte the device must write; the device has been reset",
             "worker 2 (queue 2): stopped, since the worker on queue 1 failed"]
         assert exit_code(err.value) == 15
         for q in dev.queues:

@@ -35,8 +35,9 @@ from .request import DmaBuffer as DmaBuffer, Request as Request  # re-exported: 
 from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, Limits, check_ring, chunk_limit,
                         open_waiter, read_limits, ring_features, set_up_queue)
 from .transport import Backend, Transport, initialize, open_transport
+from .ring.core import QueueFull
 from .ring.packed import PackedQueue
-from .ring.split import QueueFull, SplitQueue
+from .ring.split import SplitQueue
 
 if TYPE_CHECKING:
     from .interrupts import Waiter

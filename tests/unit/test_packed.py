@@ -15,7 +15,7 @@ from virtio_user.memory import DmaAllocator, DmaRegion
 from virtio_user.ring.packed import (EVENT_SUPPRESS_DTYPE, PACKED_DESC_DTYPE, PackedQueue,
                                 packed_layout)
 from virtio_user.spec import RingEventFlags
-from virtio_user.ring.split import QueueFull
+from virtio_user.ring.core import QueueFull
 
 ENABLE, DISABLE, DESC = (int(f) for f in RingEventFlags)
 

@@ -364,8 +364,8 @@ class RingCore(Generic[T]):
         """Poll until at least one completion (or nothing is in flight); DeviceTimeout
         after ``timeout`` seconds. A timeout of 0 (or less) only looks: it returns what
         has completed, possibly nothing. A broken queue says so at once."""
-        if (not self.broken and timeout > 0 and self.in_flight
-                and self._u16[self._used_at] & self._used_mask == self._used_none):
+        if (timeout > 0 and self._u16[self._used_at] & self._used_mask == self._used_none
+                and self.in_flight and not self.broken):
             self._await_used(timeout)
         return self.reap()
 
@@ -373,8 +373,8 @@ class RingCore(Generic[T]):
         """``wait`` for one completion (``pop_used`` once the device has published one):
         for a caller with one chain in flight. None if nothing is in flight. A broken
         queue (say, after a timeout) says so at once: no second wait, no second reset."""
-        if (not self.broken and self.in_flight
-                and self._u16[self._used_at] & self._used_mask == self._used_none):
+        if (self._u16[self._used_at] & self._used_mask == self._used_none
+                and self.in_flight and not self.broken):
             self._await_used(timeout)
         return self.pop_used()
 

@@ -309,7 +309,7 @@ class PackedQueue(RingCore[T]):
         bits = u16[at] & _BOTH  # at: the u16 index of the used position's flags
         if bits == pending or not left:
             return []  # still available: nothing used yet
-        u32, tokens, writable, size = self._u32, self._token, self._writable, self.size
+        u32, tokens, writable = self._u32, self._token, self._writable
         chains, free, held = self._chain, self._free, self._held
         used_bits = pending ^ _USED  # AVAIL|USED in lap 1, neither in lap 0
         out: list[tuple[T, int]] = []
@@ -320,8 +320,11 @@ class PackedQueue(RingCore[T]):
                     break  # still available: not used yet
                 self._bad_wrap(at, bits)
             bid, length = u16[at - 1], u32[(at >> 1) - 1]  # id and len of that slot
-            if (bid >= size or (token := tokens[bid]) is None or length > writable[bid]
-                    or bid in held):
+            try:
+                token = tokens[bid]
+            except IndexError:  # a buffer ID beyond the queue: _bad_used says so
+                token = None
+            if token is None or length > writable[bid] or bid in held:
                 self._bad_used(bid, length, f" at slot {self._slot(at)}")
             tokens[bid] = None
             chain = chains[bid]
@@ -365,8 +368,11 @@ class PackedQueue(RingCore[T]):
             self._bad_wrap(at, bits)
         bid, length = u16[at - 1], self._u32[(at >> 1) - 1]  # id and len of that slot
         tokens = self._token
-        if (bid >= self.size or (token := tokens[bid]) is None
-                or length > self._writable[bid] or bid in self._held):
+        try:
+            token = tokens[bid]
+        except IndexError:  # as in reap
+            token = None
+        if token is None or length > self._writable[bid] or bid in self._held:
             self._bad_used(bid, length, f" at slot {self._slot(at)}")
         tokens[bid] = None
         chain = self._chain[bid]

@@ -10,8 +10,8 @@ import pytest
 from virtio_user.blk import Request
 from virtio_user.errors import (BlkIOError, DeviceError, DeviceTimeout, InvalidArgument,
                                 OutOfRange, ReadOnlyDevice, Unsupported)
-from virtio_user.spec import Feature, ReqType
 from virtio_user.ring.core import QueueFull
+from virtio_user.spec import Feature, ReqType
 from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512

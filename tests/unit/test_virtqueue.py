@@ -10,9 +10,9 @@ import pytest
 
 from virtio_user.errors import DeviceError, DeviceTimeout
 from virtio_user.memory import DmaAllocator, DmaRegion
-from virtio_user.spec import DescFlag
 from virtio_user.ring.core import QueueFull
 from virtio_user.ring.split import SplitQueue
+from virtio_user.spec import DescFlag
 
 NEXT, WRITE, INDIRECT = (int(f) for f in DescFlag)
 

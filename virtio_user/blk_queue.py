@@ -19,7 +19,7 @@ from .blk_setup import Queue, Slots
 from .errors import BlkIOError, DeviceError, InvalidArgument, Unsupported
 from .request import DmaBuffer, Request
 from .spec import BLK_OUTHDR, SECTOR_SIZE, BlkStatus, ReqType
-from .ring.split import QueueFull
+from .ring.core import QueueFull
 
 _HDR = BLK_OUTHDR
 _UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*

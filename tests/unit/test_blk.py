@@ -10,8 +10,8 @@ import pytest
 from virtio_user.blk import Request
 from virtio_user.errors import (BlkIOError, DeviceError, DeviceTimeout, InvalidArgument,
                                 OutOfRange, ReadOnlyDevice, Unsupported)
+from virtio_user.ring.core import QueueFull
 from virtio_user.spec import Feature, ReqType
-from virtio_user.ring.split import QueueFull
 from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
@@ -563,7 +563,7 @@ def test_one_framed_request_gets_every_check_of_a_batch(make_blk, bad: str) -> N
 
 
 def test_one_framed_request_on_a_full_queue_is_refused_untouched(make_blk) -> None:
-    from virtio_user.ring.split import QueueFull
+    from virtio_user.ring.core import QueueFull
     blk, dev = make_blk(queue_size=4)
     req = _framed_read(blk)
     dev.auto = False

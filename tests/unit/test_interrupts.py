@@ -17,9 +17,9 @@ from virtio_user.errors import DeviceTimeout
 from virtio_user.interrupts import UioIntx, Waiter
 from virtio_user.memory import DmaAllocator, DmaRegion
 from virtio_user.ring.packed import PackedQueue
+from virtio_user.ring.split import SplitQueue
 from virtio_user.spec import VIRTQ_AVAIL_F_NO_INTERRUPT, IsrBit, RingEventFlags
 from virtio_user.transport import vfio_ioctl
-from virtio_user.ring.split import SplitQueue
 
 SEG = [(0x1000, 16, False), (0x3000, 1, True)]
 

@@ -4,7 +4,7 @@ Virtqueue Layout") pinned: sizes, field offsets, 4096-aligned used ring."""
 import pytest
 
 from virtio_user.ring.split import (DESC_DTYPE, USED_ELEM_DTYPE, avail_dtype, legacy_layout,
-                                   used_dtype)
+                                    used_dtype)
 
 
 def test_descriptor_and_used_element_sizes() -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from .blk import DmaBuffer, Request, VirtioBlk
 from .blk_queue import RequestQueue
 from .blk_setup import ring_name
-from .errors import BlkIOError, InvalidArgument
+from .errors import BlkIOError, InvalidArgument, Unsupported
 from .options import MAX_QUEUES
 from .numbers import parse_number, parse_seconds, parse_size
 from .spec import SECTOR_SIZE, BlkStatus, ReqType
@@ -171,6 +171,12 @@ def run(dev: VirtioBlk, spec: BenchSpec) -> dict[str, Any]:
     Offsets(spec, dev.capacity)  # refuse a --bs * --numjobs beyond the capacity up front
     if spec.numjobs == 1:
         return run_job(dev, spec, 0, _buffers(dev, spec))
+    if dev.waiter is not None and dev.waiter.source.kind in ("uio-intx", "vfio-intx"):
+        # Every worker woken by the one line, each reading (clearing) the ISR: on QEMU
+        # 7.2 a job timed out waiting for its queue that way. Per-queue MSI-X works.
+        raise Unsupported(f"bench: --numjobs {spec.numjobs} with --wait {dev.wait_mode} "
+                          "needs a vector per queue (--backend vfio, MSI-X); "
+                          f"{dev.backend.name} has one INTx line for the whole device")
     from .workers import run_workers
     deadline = (spec.runtime or 600.0) + 60.0 + 4 * dev.timeout
     # Every DMA buffer is allocated here, before the fork: a worker may not map memory

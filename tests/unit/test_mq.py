@@ -122,3 +122,27 @@ def test_a_fault_on_one_queue_resets_the_device_and_stops_every_queue() -> None:
             if q.index != 2:
                 with pytest.raises(DeviceError, match="after a fault on queue 2"):
                     q.submit([reqs[q.index]])
+
+
+def test_notification_suppression_is_per_queue() -> None:
+    # VIRTIO_RING_F_EVENT_IDX: each queue's avail_event is its own ("Driver Requirements:
+    # Available Buffer Notification Suppression"); the model writes it when it serves.
+    blk, dev = open_blk(False, 2)
+    with blk:
+        dev.auto = False
+        q0, q1 = blk.queues
+        reqs = [Request(IN, 8 * i, 8, blk.alloc_buffer(4096), 4096) for i in range(4)]
+        before = list(dev.queue_notifies)
+        q1.submit([reqs[0]])
+        q1.submit([reqs[1]])  # the device has not caught up with the first: no kick
+        assert dev.queue_notifies == [before[0], before[1] + 1]
+        q0.submit([reqs[2]])  # queue 0's avail_event is its own: kicked
+        assert dev.queue_notifies == [before[0] + 1, before[1] + 1]
+        dev.process(queue=1)  # serves both, asks for the next one
+        q1.submit([reqs[3]])
+        assert dev.queue_notifies == [before[0] + 1, before[1] + 2]
+        dev.process(queue=0)
+        dev.process(queue=1)
+        assert sorted(r.tag or id(r) for r in q1.reap(1.0)) == sorted(
+            id(r) for r in (reqs[0], reqs[1], reqs[3]))
+        assert q0.reap(1.0) == [reqs[2]]

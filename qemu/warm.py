@@ -30,7 +30,7 @@ import traceback
 import numpy  # noqa: F401
 import virtio_user.blk  # noqa: F401
 import virtio_user.cli
-import virtio_user.packed  # noqa: F401
+import virtio_user.ring.packed  # noqa: F401
 import virtio_user.interrupts  # noqa: F401
 
 MAX_MESSAGE = 1 << 20

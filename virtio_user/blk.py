@@ -13,13 +13,12 @@ queue full: one kick per batch, one pass over the used ring per reap, no copies.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import math
 import signal
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -27,19 +26,18 @@ from .options import DEFAULT_TIMEOUT
 from .errors import (BlkIOError, DeviceError, InvalidArgument, OutOfRange,
                      ReadOnlyDevice, Unsupported)
 from .memory import HUGEPAGE, DmaAllocator, DmaRegion
-from . import pipeline
-from .spec import (BLK_DWZ_DTYPE, BLK_OUTHDR, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
-                   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus, Feature, IsrBit, ReqType,
+from .spec import (BLK_DWZ_DTYPE, DRIVER_FEATURES, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+                   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, Feature, IsrBit, ReqType,
                    feature_names)
 from .request import DmaBuffer as DmaBuffer, Request as Request  # re-exported: public API
-from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, Limits, check_ring, chunk_limit,
-                        open_waiter, read_limits, ring_features, set_up_queue)
+from .blk_queue import RequestQueue, status_error as status_error  # status_error: public
+from .blk_setup import (DWZ_MAX_SECTORS, POOL_BUFFERS, Limits, Queue, check_queues,
+                        check_ring, choose_queues, chunk_limit, open_waiters, read_limits,
+                        ring_features, ring_name, set_up_queue)
 from .transport import Backend, Transport, initialize, open_transport
-from .packed import PackedQueue
-from .virtqueue import QueueFull, SplitQueue
 
 if TYPE_CHECKING:
-    from .interrupts import Waiter
+    from .interrupts import IrqSource, Waiter
 
 log = logging.getLogger(__name__)
 # The package stays quiet unless the application configures logging. Set here, where the
@@ -47,17 +45,6 @@ log = logging.getLogger(__name__)
 logging.getLogger(__package__).addHandler(logging.NullHandler())
 
 CONFIG_POLL_CALLS = 64  # plain calls between looks at the ISR's config-change bit
-_HDR = BLK_OUTHDR
-_UNSET = 0xFF  # status byte before the device writes it: not a valid VIRTIO_BLK_S_*
-_DEVICE_WRITES = frozenset((ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_GET_ID))
-# Per VIRTIO_BLK_T_* value: 1 if the device writes the data, else 0. One lookup checks
-# the type and gives the direction (and, as nbytes * into + 1, the writable bytes).
-_INTO = {int(t): int(t in _DEVICE_WRITES) for t in ReqType}
-_REQ_TYPES = frozenset(int(t) for t in ReqType)
-_U64_MAX = (1 << 64) - 1  # virtio_blk_outhdr.sector is le64
-# The highest VIRTIO_BLK_S_* value, as a plain int: an enum member's attribute lookup
-# costs several times an int comparison, per completion.
-_LAST_STATUS = int(max(BlkStatus))
 
 
 # Strong references: a device dropped without close() must not be garbage collected
@@ -82,9 +69,11 @@ class VirtioBlk:
 
     def __init__(self, backend: Backend, *, timeout: float = DEFAULT_TIMEOUT,
                  pool_buffers: int = POOL_BUFFERS,
-                 transport: str = "auto", wait: str = "poll", ring: str = "auto") -> None:
+                 transport: str = "auto", wait: str = "poll", ring: str = "auto",
+                 queues: int | None = None) -> None:
         try:
             check_ring(ring)
+            check_queues(queues)
             self.transport: Transport = open_transport(backend, transport)
         except BaseException:
             backend.close()
@@ -96,17 +85,19 @@ class VirtioBlk:
         self._closed = False
         self._regions: list[DmaRegion] = []
         self._user_allocs: list[DmaAllocator] = []
-        self._orphans: list[Request] = []
+        self.queues: list[RequestQueue] = []
+        self.worker: int | None = None  # in a worker process (workers.py): its queue
         self._serial: str | None = None
         self._config_polled = -1
         self.wait_mode = wait  # poll, interrupt or hybrid (interrupts.py)
         self.waiter: Waiter | None = None
+        self._irq: IrqSource | None = None  # the device's; each queue's waiter has a view
         self.capacity_changes: list[tuple[int, int]] = []  # (old, new), from interrupts
         _open_devices.add(self)
         try:
             self.features_offered, self.features = initialize(
                 self.transport, DRIVER_FEATURES | ring_features(ring),
-                lambda features: self._setup(pool_buffers, features))
+                lambda features: self._setup(pool_buffers, features, queues))
         except BaseException:
             self.close()
             raise
@@ -122,26 +113,43 @@ class VirtioBlk:
                    timeout=timeout, transport=transport, **kwargs)
 
     # -- set-up -------------------------------------------------------------------
-    def _setup(self, pool_buffers: int, features: int) -> None:
+    def _setup(self, pool_buffers: int, features: int, queues: int | None) -> None:
         """The block device's part of "Device Initialization" (blk_setup.py): config,
-        queue, request slots, bounce buffers, interrupts."""
+        every request queue used (``queues``, or the default of choose_queues) with its
+        request slots and bounce buffers, interrupts."""
         self.features = features
         self.limits = read_limits(self.transport, features, self.bdf)
-        qs = set_up_queue(self.transport, self.limits, features, self.ring, pool_buffers,
-                          self._alloc_region, self._reset_quietly, self.bdf)
-        self.queue: SplitQueue[Request] | PackedQueue[Request] = qs.queue
-        self._data_segs = qs.data_segs
-        slots = qs.slots
-        self._mm, self._hdr_off, self._status_off = slots.mm, slots.hdr_off, slots.status_off
-        self._hdr_seg, self._status_seg = slots.hdr_seg, slots.status_seg
-        self._pool = qs.pool
-        self._chunk_sectors = qs.chunk_sectors
-        self.waiter = open_waiter(self.wait_mode, self.backend, self.transport, self.queue,
-                                  self._config_changed)
-        log.debug("%s: %s queue %d, indirect %s, event_idx %s, features %s", self.bdf,
-                  "packed" if isinstance(self.queue, PackedQueue) else "split",
-                  self.queue.size, self.queue.indirect, self.queue.event_idx,
-                  feature_names(self.features))
+        for index in range(choose_queues(queues, self.limits.num_queues, self.bdf)):
+            self.queues.append(self._set_up_queue(index, pool_buffers))
+        self._irq, waiters = open_waiters(self.wait_mode, self.backend, self.transport,
+                                          [q.vq for q in self.queues], self._config_changed)
+        self.waiter = waiters[0] if waiters else None  # queue 0's
+        q = self.queue
+        log.debug("%s: %d %s queue(s) of %d, indirect %s, event_idx %s, features %s",
+                  self.bdf, len(self.queues), ring_name(q), q.size, q.indirect,
+                  q.event_idx, feature_names(self.features))
+
+    def _set_up_queue(self, index: int, pool_buffers: int) -> RequestQueue:
+        qs = set_up_queue(self.transport, self.limits, self.features, self.ring, index,
+                          pool_buffers, self._alloc_region,
+                          lambda: self.queue_fault(index, "a ring fault"), self.bdf)
+        return RequestQueue(index, qs.queue, qs.slots, qs.pool, qs.data_segs,
+                            qs.chunk_sectors, self.bdf, self.queue_fault)
+
+    def after_fork(self, queue: int) -> None:
+        """In a worker process (workers.py) that drives ``queue`` alone."""
+        self.worker = queue
+        after = getattr(self._irq, "after_fork", None)
+        if after is not None:
+            after()
+
+    def queue_fault(self, index: int, message: str) -> bool:
+        """A fault on queue ``index``: the device is reset, which stops every queue, so
+        every other queue is broken too. True if the reset took."""
+        for q in self.queues:
+            if q.index != index and not q.vq.broken:
+                q.vq.broken = f"the device was reset after a fault on queue {index}"
+        return self._reset_quietly()
 
     def _alloc_region(self, size: int) -> DmaRegion:
         """DMA memory kept until close(), which frees it only once the device is reset."""
@@ -163,7 +171,7 @@ class VirtioBlk:
         ``alloc_buffer``): within seg_max segments of at most size_max bytes, a whole
         number of blocks. Callers that split their own I/O (the NBD server) split at
         this, as the plain read/write API does."""
-        return chunk_limit(pool, self.limits, self._data_segs, self.bdf)
+        return chunk_limit(pool, self.limits, self.queues[0].data_segs, self.bdf)
 
     # -- properties ---------------------------------------------------------------
     def has(self, feature: Feature) -> bool:
@@ -180,6 +188,11 @@ class VirtioBlk:
     @property
     def read_only(self) -> bool:
         return self.has(Feature.VIRTIO_BLK_F_RO)
+
+    @property
+    def queue(self) -> Queue:
+        """Queue 0's ring (the single-queue API's)."""
+        return self.queues[0].vq
 
     @property
     def queue_size(self) -> int:
@@ -204,12 +217,13 @@ class VirtioBlk:
             "interrupts": self.waiter.source.kind if self.waiter else None,
             "capacity_sectors": lim.capacity, "block_size": lim.block_size,
             "queue_size": self.queue_size,
+            "num_queues_offered": lim.num_queues, "num_queues": len(self.queues),
             "features_offered": feature_names(self.features_offered),
             "features_negotiated": feature_names(self.features),
             "read_only": self.read_only, "serial": self.serial,
             "size_max": lim.size_max, "seg_max": lim.seg_max,
             "indirect": self.queue.indirect, "event_idx": self.queue.event_idx,
-            "ring": "packed" if isinstance(self.queue, PackedQueue) else "split",
+            "ring": ring_name(self.queue),
         }
 
     # -- validation ---------------------------------------------------------------
@@ -231,7 +245,11 @@ class VirtioBlk:
             self.refresh_config()
 
     def check_range(self, sector: int, count: int) -> None:
-        """Refuse what the device would: negative, empty, unaligned or beyond capacity."""
+        """Refuse what the device would: negative, empty, unaligned or beyond capacity,
+        and what no device could take: a sector or count that is not an integer."""
+        for name, value in (("sector", sector), ("count", count)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise InvalidArgument(f"{name} {value!r} is not an integer")
         if sector < 0:
             raise InvalidArgument(f"sector {sector} is negative")
         if count <= 0:
@@ -262,8 +280,13 @@ class VirtioBlk:
 
     # -- batch API ----------------------------------------------------------------
     def alloc_buffer(self, nbytes: int) -> DmaBuffer:
-        """A DMA buffer for ``submit``; kept until close()."""
+        """A DMA buffer for ``submit``; kept until close(). Not in a worker (workers.py):
+        its allocator is a copy of the parent's, and memory mapped there alone could be
+        freed by its death while the device still writes it."""
         self._check_open()
+        if self.worker is not None:
+            raise InvalidArgument(f"worker {self.worker}: allocate DMA buffers before "
+                                  "the workers start")
         if nbytes <= 0:
             raise InvalidArgument(f"buffer size {nbytes} must be positive")
         for alloc in self._user_allocs:
@@ -277,226 +300,61 @@ class VirtioBlk:
                          self.queue.framed_data)
 
     def submit(self, requests: Sequence[Request], kick: bool = True) -> None:
-        """Queue every request and kick once, or none of them: the whole batch is
-        checked first (type, sector within u64, data within its buffer and within
-        seg_max segments, room in the queue). The sectors are not checked against the
-        capacity: callers of the batch API do that up front (``check_range``).
+        """Queue every request on queue 0 and kick once, or none of them: the whole
+        batch is checked first (type, sector an integer within u64, data within its
+        buffer and within seg_max segments, room in the queue). The sectors are not
+        checked against the capacity: callers of the batch API do that up front
+        (``check_range``).
 
         With ``kick=False`` the requests are written into the ring but not published:
         the device cannot see them until the next ``kick`` (or submit). A caller at
         queue depth 1 builds its next request that way while the current one is in
         flight, and publishes it the moment that one completes."""
-        if self._closed:
-            self._check_open()
-        if len(requests) == 1 and self._add_one(requests[0]):
-            if kick:
-                self.queue.kick()
-            return
-        framed = self._plan(requests)
-        try:
-            self._add(requests, framed)
-        except BaseException:
-            self._interrupted()
-            raise
-        if kick:
-            self.queue.kick()
+        self.queues[0].submit(requests, kick)
 
     def kick(self) -> None:
         """Publish every request submitted with ``kick=False`` (and notify the device
         unless it said it need not be)."""
-        if self._closed:
-            self._check_open()
-        self.queue.kick()
-
-    def _add_one(self, req: Request) -> bool:
-        """QD1's case, inline (a Python call costs as much as a dozen operations): queue
-        one request whose data is one segment already framed for its buffer, with the
-        same checks as _plan. False, with nothing queued, for anything else: the general
-        path checks it and says what is wrong. add_framed refuses a full or broken queue
-        before any write."""
-        q = self.queue
-        nbytes, buf = req.nbytes, req.buffer
-        try:
-            into = _INTO[req.type]
-            data = buf.framed_descs[2 * nbytes + into]  # type: ignore[union-attr]
-        except (KeyError, TypeError, AttributeError):  # bad type, no buffer, unframed
-            return False
-        if (data is None or not q.framed or not 0 < nbytes <= buf.size  # type: ignore[union-attr]
-                or not 0 <= req.sector <= _U64_MAX):
-            return False
-        try:
-            head = q.add_framed(data, req, nbytes * into + 1)
-            _HDR.pack_into(self._mm, self._hdr_off + 16 * head, req.type, 0, req.sector)
-            self._mm[self._status_off + head] = _UNSET
-            req.status = None
-            req.head = head
-        except QueueFull:  # refused before any write: requests held back stay valid
-            raise
-        except BaseException:
-            self._interrupted()
-            raise
-        return True
-
-    def _interrupted(self) -> None:
-        """Only a signal (or a full or broken queue, before anything was added) stops
-        a checked batch. Chains added but not kicked must never go out (their headers
-        may be half written): break the queue and reset."""
-        q = self.queue
-        if q.outstanding != q.in_flight and not q.broken:
-            q.broken = "a submit was interrupted with requests half queued"
-            self._reset_quietly()
-
-    def _plan(self, requests: Sequence[Request]) -> list[bytes | None]:
-        """Check the batch; per request its framed data descriptor (None: a chain of
-        its own segments). Raises before anything is queued."""
-        q = self.queue
-        framed, descriptors, max_segs = q.framed, q.descriptors_needed, self._data_segs
-        plan: list[bytes | None] = []
-        need = 0
-        for req in requests:
-            rtype, nbytes, data = req.type, req.nbytes, None
-            if rtype not in _REQ_TYPES:
-                raise InvalidArgument(f"request type {rtype!r} is not a VIRTIO_BLK_T_* type")
-            if not 0 <= req.sector <= _U64_MAX:
-                raise InvalidArgument(f"{req}: sector {req.sector} is outside 0..2**64-1")
-            if nbytes:
-                buf = req.buffer
-                if buf is None or not 0 < nbytes <= buf.size:
-                    raise InvalidArgument(f"{req}: {nbytes} bytes do not fit its buffer of "
-                                          f"{buf.size if buf else 0}")
-                into = rtype in _DEVICE_WRITES
-                if framed:
-                    try:
-                        data = buf.framed_descs[nbytes * 2 + into]
-                    except KeyError:
-                        data = buf.framed(nbytes, into)
-                if data is None:
-                    nsegs = len(buf.segments(nbytes))
-                    if nsegs > max_segs:
-                        raise InvalidArgument(f"{req}: {nsegs} segments exceed {max_segs}")
-                    need += descriptors(nsegs + 2)
-                else:
-                    need += 1
-            else:
-                need += descriptors(2)
-            plan.append(data)
-        if need > q.num_free:
-            raise QueueFull(f"{len(requests)} requests need {need} descriptors, "
-                            f"{q.num_free} free")
-        return plan
-
-    def _add(self, requests: Sequence[Request], framed: list[bytes | None]) -> None:
-        """Queue checked requests (the hot path: names bound to locals once per batch).
-        A framed request writes only its data descriptor; the header goes in the head's
-        preallocated slot, where only type and sector change."""
-        q = self.queue
-        mm, hdr_off, status_off = self._mm, self._hdr_off, self._status_off
-        add_framed, pack, device_writes = q.add_framed, _HDR.pack_into, _DEVICE_WRITES
-        for req, data in zip(requests, framed):
-            if data is None:
-                head = self._add_chain(req)
-            else:
-                nbytes = req.nbytes
-                head = add_framed(data, req, nbytes + 1 if req.type in device_writes else 1)
-            pack(mm, hdr_off + 16 * head, req.type, 0, req.sector)
-            mm[status_off + head] = _UNSET
-            req.status = None
-            req.head = head
-
-    def _add_chain(self, req: Request) -> int:
-        """Queue a request as a chain of its own segments (header, data, status)."""
-        head = self.queue.next_head()
-        nbytes = req.nbytes
-        if nbytes:
-            into = req.type in _DEVICE_WRITES
-            data = req.buffer.chain(nbytes, into)  # type: ignore[union-attr]
-            segs = (self._hdr_seg[head], *data, self._status_seg[head])
-            writable = nbytes + 1 if into else 1
-        else:
-            segs = (self._hdr_seg[head], self._status_seg[head])
-            writable = 1
-        return self.queue.add(segs, req, writable)
-
-    def _descriptors(self, buf: DmaBuffer, nbytes: int) -> int:
-        """Descriptors a request from ``buf`` takes: header, data segments, status."""
-        return self.queue.descriptors_needed(2 + len(buf.segments(nbytes)))
+        self.queues[0].kick()
 
     def reap(self, timeout: float | None = None) -> list[Request]:
-        """Completed requests (waiting up to ``timeout`` for at least one while any is in
-        flight), each with ``status`` set. A status byte the device did not write is a
-        device error."""
-        if self._closed or self._orphans:
-            self._check_open()
-            done, self._orphans = self._orphans, []
-            return done
-        got = self.queue.wait(self.timeout if timeout is None else timeout)
-        mm, off = self._mm, self._status_off
-        out = []
-        for req, length in got:
-            # Inline, as in reap_one (a Python call per request costs as much as the
-            # checks): _bad_completion says what is wrong.
-            status = mm[off + req.head]
-            if (not length or status > _LAST_STATUS
-                    or (length <= req.nbytes and req.type in _DEVICE_WRITES)):
-                self._bad_completion(req, length, status)
-            req.status = status
-            req.used_len = length
-            out.append(req)
-        return out
+        """Completed requests of queue 0 (waiting up to ``timeout`` for at least one
+        while any is in flight), each with ``status`` set. A status byte the device did
+        not write is a device error."""
+        return self.queues[0].reap(self.timeout if timeout is None else timeout)
 
     def reap_one(self, timeout: float | None = None) -> Request | None:
         """The next completed request, waiting up to ``timeout`` while any is in flight
         (None if none is), checked as ``reap`` checks each: for a caller with one
         request in flight, with no batch to build."""
-        if self._closed or self._orphans:
-            self._check_open()
-            return self._orphans.pop(0)
-        got = self.queue.wait_one(self.timeout if timeout is None else timeout)
-        if got is None:
-            return None
-        req, length = got
-        status = self._mm[self._status_off + req.head]
-        if (not length or status > _LAST_STATUS
-                or (length <= req.nbytes and req.type in _DEVICE_WRITES)):
-            self._bad_completion(req, length, status)
-        req.status = status
-        req.used_len = length
-        return req
-
-    def _bad_completion(self, req: Request, length: int, status: int) -> NoReturn:
-        """The fault for a completion that cannot be trusted. The status byte is the
-        last device-writable byte: a used len that stops short of it (or of the data,
-        for IN and GET_ID) means the device did not write them, and what the buffer
-        holds is stale ("The Virtqueue Used Ring")."""
-        if not length or (length <= req.nbytes and req.type in _DEVICE_WRITES):
-            self._fault(f"{req}: used len {length} does not cover the data and "
-                        "status byte the device must write")
-        self._fault(f"{req}: status byte {status:#x} is not a VIRTIO_BLK_S_* value")
+        return self.queues[0].reap_one(self.timeout if timeout is None else timeout)
 
     @property
     def in_flight(self) -> int:
-        return self.queue.in_flight
+        return self.queues[0].in_flight
 
     @property
     def requests_completed(self) -> int:
-        """Requests reaped since the device was opened (the queue counts them, so the
+        """Requests reaped since the device was opened (the queues count them, so the
         reap path does not count twice)."""
-        return self.queue.completed
+        return sum(q.vq.completed for q in self.queues)
 
     # -- plain API ----------------------------------------------------------------
-    def read(self, sector: int, count: int) -> bytes:
-        """``count`` sectors from ``sector``."""
+    def read(self, sector: int, count: int, *, queue: int = 0) -> bytes:
+        """``count`` sectors from ``sector`` (through request queue ``queue``)."""
         self._check_open()
         self._poll_config_change()
         self.check_range(sector, count)
         pieces: list[bytes] = []
-        self._transfer(ReqType.VIRTIO_BLK_T_IN, sector, count, pieces)
+        self._transfer(ReqType.VIRTIO_BLK_T_IN, sector, count, pieces, queue)
         # One allocation for the result: under TCG, page faults on fresh memory cost more
         # than the copies, so no zero-filled bytearray that is copied again.
         return b"".join(pieces)
 
-    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` (a whole number of blocks) at ``sector``."""
+    def write(self, sector: int, data: bytes | bytearray | memoryview, *,
+              queue: int = 0) -> None:
+        """Write ``data`` (a whole number of blocks) at ``sector`` (through request
+        queue ``queue``)."""
         self._check_open()
         view = memoryview(data).cast("B")
         if not len(view) or len(view) % SECTOR_SIZE:
@@ -505,7 +363,8 @@ class VirtioBlk:
         self.check_writable("write")
         self._poll_config_change()
         self.check_range(sector, len(view) // SECTOR_SIZE)
-        self._transfer(ReqType.VIRTIO_BLK_T_OUT, sector, len(view) // SECTOR_SIZE, view)
+        self._transfer(ReqType.VIRTIO_BLK_T_OUT, sector, len(view) // SECTOR_SIZE, view,
+                       queue)
 
     def flush(self) -> None:
         """Make completed writes durable (VIRTIO_BLK_T_FLUSH)."""
@@ -516,7 +375,7 @@ class VirtioBlk:
     def get_id(self) -> str:
         """The device's ID string (VIRTIO_BLK_T_GET_ID: up to 20 bytes)."""
         self._check_open()
-        buf = self._pool[0]
+        buf = self.queues[0].pool[0]
         buf.mv[:VIRTIO_BLK_ID_BYTES] = bytes(VIRTIO_BLK_ID_BYTES)
         self._run_one(Request(ReqType.VIRTIO_BLK_T_GET_ID, buffer=buf,
                               nbytes=VIRTIO_BLK_ID_BYTES))
@@ -543,7 +402,7 @@ class VirtioBlk:
         self._require(feature)
         self._poll_config_change()
         self.check_range(sector, count)
-        buf = self._pool[0]
+        buf = self.queues[0].pool[0]
         entry = np.ndarray((), BLK_DWZ_DTYPE, buf.mv)
         for start, n in range_pieces(self.limits, rtype, sector, count, max_sectors,
                                      self.bdf):
@@ -552,49 +411,23 @@ class VirtioBlk:
         del entry
 
     def _run_one(self, req: Request) -> None:
-        self._transfer_requests([req])
-
-    # -- the pipeline behind the plain API ----------------------------------------
-    def _transfer(self, rtype: ReqType, sector: int, count: int,
-                  data: memoryview | list[bytes]) -> None:
-        """Move ``count`` sectors between the device and ``data`` (a view to write from,
-        or a list that collects what is read, in order) in pieces of at most one bounce
-        buffer, keeping every pool buffer busy."""
-        with self._pool_guard():
-            self._pipeline(rtype, sector, count, data)
-
-    @contextlib.contextmanager
-    def _pool_guard(self) -> Iterator[None]:
-        """If a plain call is cut short (a signal, a device error) while its requests
-        are still out, their bounce buffers may not be reused: reset the device and
-        refuse further use, as after a protocol error."""
-        try:
-            yield
-        except BaseException:
-            if not self._closed and self.queue.outstanding and not self.queue.broken:
-                self.queue.broken = "a call was interrupted with requests in flight"
-                self._reset_quietly()
-            raise
-
-    def _pipeline(self, rtype: ReqType, sector: int, count: int,
-                  data: memoryview | list[bytes]) -> None:
-        error = pipeline.transfer(_PipelinePort(self, rtype), self._pool,
-                                  self._chunk_sectors, sector, count, data)
+        error = self.queues[0].run([req], self.timeout)
         if error is not None:
-            self._explain(error, sector, count)
+            if req.count:
+                self._explain(error, req.sector, req.count)
             raise error
 
-    def _transfer_requests(self, requests: list[Request]) -> None:
-        inflight = {id(r): r for r in requests}
-        error = None
-        with self._pool_guard():
-            self.submit(requests)
-            while inflight:
-                for req in self._reap_own(inflight):
-                    error = error or status_error(req, self.bdf)
+    def _transfer(self, rtype: ReqType, sector: int, count: int,
+                  data: memoryview | list[bytes], queue: int = 0) -> None:
+        """Move ``count`` sectors between the device and ``data`` (a view to write from,
+        or a list that collects what is read, in order) through queue 0's bounce pool,
+        keeping every pool buffer busy (pipeline.py)."""
+        if not 0 <= queue < len(self.queues):
+            raise InvalidArgument(f"queue {queue} is not one of the {len(self.queues)} "
+                                  "set up (--queues)")
+        error = self.queues[queue].transfer(rtype, sector, count, data, self.timeout)
         if error is not None:
-            if requests[0].count:
-                self._explain(error, requests[0].sector, requests[0].count)
+            self._explain(error, sector, count)
             raise error
 
     def _explain(self, error: BaseException, sector: int, count: int) -> None:
@@ -606,21 +439,6 @@ class VirtioBlk:
                                  f"{self.limits.capacity}", sector, count,
                                  self.limits.capacity) from error
 
-    def _reap_own(self, inflight: dict[int, Request]) -> list[Request]:
-        """Reap; requests of the batch API's callers are kept for their next reap()."""
-        held, self._orphans = self._orphans, []  # reap() would hand these out first
-        try:
-            got = self.reap()
-        finally:
-            self._orphans = held
-        mine = []
-        for req in got:
-            if inflight.pop(id(req), None) is None:
-                self._orphans.append(req)
-            else:
-                mine.append(req)
-        return mine
-
     # -- failure and teardown -----------------------------------------------------
     def _reset_quietly(self) -> bool:
         """Reset; True if the status read back 0 (the device let go of its queues)."""
@@ -630,12 +448,6 @@ class VirtioBlk:
             log.warning("%s: reset failed", self.bdf, exc_info=True)
             return False
         return True
-
-    def _fault(self, message: str) -> NoReturn:
-        self.queue.broken = message
-        outcome = ("the device has been reset" if self._reset_quietly()
-                   else "the device did not reset; its memory stays mapped")
-        raise DeviceError(f"{self.bdf}: {message}; {outcome}")
 
     def close(self) -> None:
         """Reset the device, THEN release its memory: a device that is not reset may
@@ -651,13 +463,14 @@ class VirtioBlk:
                 return
             self._closed = True
             reset = self._reset_quietly()
-            if self.waiter is not None:  # vectors freed after the reset, before release
-                self.waiter.close()
-            if hasattr(self, "queue"):
-                self.queue.detach()
-            for buf in getattr(self, "_pool", []):
-                buf.mv.release()
-            self._pool = []
+            if self._irq is not None:  # vectors freed after the reset, before release
+                self._irq.close()
+            for q in self.queues:
+                q.closed = True
+                q.vq.detach()
+                for buf in q.pool:
+                    buf.mv.release()
+                q.pool = []
             if reset:
                 for region in self._regions:
                     region.close()
@@ -681,17 +494,6 @@ class VirtioBlk:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-def status_error(req: Request, bdf: str) -> BaseException | None:
-    """The error a completed request's status byte stands for (None: VIRTIO_BLK_S_OK)."""
-    if req.status == BlkStatus.VIRTIO_BLK_S_OK:
-        return None
-    if req.status == BlkStatus.VIRTIO_BLK_S_UNSUPP:
-        return Unsupported(f"{bdf}: the device does not support {req} "
-                           "(VIRTIO_BLK_S_UNSUPP)")
-    return BlkIOError(f"{bdf}: I/O error on {req} (VIRTIO_BLK_S_IOERR)",
-                      int(req.status or 0), req.sector, req.count)
 
 
 def range_pieces(limits: Limits, rtype: ReqType, sector: int, count: int,
@@ -719,34 +521,6 @@ def range_pieces(limits: Limits, rtype: ReqType, sector: int, count: int,
             stop = stop // unit * unit
         yield start, stop - start
         start = stop
-
-
-class _PipelinePort:
-    """The device as the bounce-buffer pipeline sees it (``pipeline.Port``)."""
-
-    def __init__(self, dev: VirtioBlk, rtype: ReqType) -> None:
-        self.dev, self.rtype = dev, rtype
-
-    def request(self, sector: int, count: int, buf: DmaBuffer) -> Request:
-        return Request(self.rtype, sector, count, buf, count * SECTOR_SIZE)
-
-    def room(self) -> int:
-        return self.dev.queue.num_free
-
-    def cost(self, buf: DmaBuffer, nbytes: int) -> int:
-        return self.dev._descriptors(buf, nbytes)
-
-    def submit(self, requests: Sequence[Request]) -> None:
-        self.dev.submit(requests)
-
-    def reap(self, mine: dict[int, Request]) -> list[Request]:
-        return self.dev._reap_own(mine)
-
-    def in_flight(self) -> int:
-        return self.dev.queue.in_flight
-
-    def error(self, req: Request) -> BaseException | None:
-        return status_error(req, self.dev.bdf)
 
 
 def _block_signals() -> set[Any] | None:

@@ -11,20 +11,21 @@ wait modes, interrupt vectors routed before DRIVER_OK.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import DeviceError, InvalidArgument, Unsupported
 from .memory import DmaAllocator, DmaRegion
-from .options import RINGS, WAIT_MODES
-from .packed import PackedQueue, packed_layout
+from .options import MAX_QUEUES, RINGS, WAIT_MODES
+from .ring.packed import PackedQueue, packed_layout
 from .request import DmaBuffer, Request
 from .spec import SECTOR_SIZE, Feature
 from .transport import Backend, Transport
-from .virtqueue import SplitQueue
+from .ring.split import SplitQueue
 
 if TYPE_CHECKING:
-    from .interrupts import Waiter
+    from .interrupts import IrqSource, Waiter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Limits:
     max_discard_sectors: int
     max_write_zeroes_sectors: int
     discard_sector_alignment: int = 1
+    num_queues: int = 1  # request queues offered (VIRTIO_BLK_F_MQ), else 1
 
 
 def read_limits(transport: Transport, features: int, bdf: str) -> Limits:
@@ -63,7 +65,37 @@ def read_limits(transport: Transport, features: int, bdf: str) -> Limits:
         else None,
         max_discard_sectors=int(cfg["max_discard_sectors"]) or DWZ_MAX_SECTORS,
         max_write_zeroes_sectors=int(cfg["max_write_zeroes_sectors"]) or DWZ_MAX_SECTORS,
-        discard_sector_alignment=int(cfg["discard_sector_alignment"]) or 1)
+        discard_sector_alignment=int(cfg["discard_sector_alignment"]) or 1,
+        # "Device configuration layout": num_queues counts only with VIRTIO_BLK_F_MQ; a
+        # device that says 0 has one (Linux's init_vq reads it the same way).
+        num_queues=max(1, int(cfg["num_queues"])) if features & Feature.VIRTIO_BLK_F_MQ
+        else 1)
+
+
+def check_queues(queues: int | None) -> None:
+    """--queues before anything is touched: 1..MAX_QUEUES, or None for the default."""
+    if queues is not None and (type(queues) is not int or not 1 <= queues <= MAX_QUEUES):
+        raise InvalidArgument(f"queues {queues!r} must be an integer from 1 to {MAX_QUEUES}")
+
+
+def default_queues() -> int:
+    """How many queues to use when not told: one per CPU this process may run on. A
+    queue is driven by one worker process at a time, and a worker without a CPU of its
+    own only takes turns with another (Linux's virtio_blk caps its queues at the CPU
+    count for the same reason)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def choose_queues(requested: int | None, offered: int, bdf: str) -> int:
+    """The queues to set up: what was asked for (at most what the device offers), or
+    the offer capped at ``default_queues()`` and MAX_QUEUES."""
+    if requested is None:
+        return min(offered, default_queues(), MAX_QUEUES)
+    if requested > offered:
+        raise InvalidArgument(f"--queues {requested} exceeds the {offered} request "
+                              f"queue{'s' if offered > 1 else ''} {bdf} offers "
+                              "(num_queues, VIRTIO_BLK_F_MQ)")
+    return requested
 
 
 def check_ring(ring: str) -> None:
@@ -105,7 +137,7 @@ def data_segments(limits: Limits, qsize: int, indirect: bool, bdf: str) -> int:
 
 def dma_bytes(qsize: int, pool_buffers: int, packed: bool = False) -> int:
     """The one DMA region's size: ring, indirect tables, request slots, bounce pool."""
-    from .virtqueue import legacy_layout
+    from .ring.split import legacy_layout
     tables = qsize * 16 * (MAX_DATA_SEGS + 2)
     slots = qsize * (16 + 1) + 4096
     ring = packed_layout(qsize).total if packed else legacy_layout(qsize).total
@@ -156,7 +188,7 @@ def chunk_limit(pool: Sequence[DmaBuffer], limits: Limits, data_segs: int, bdf: 
 
 @dataclass
 class QueueSetup:
-    """Queue 0 as the block device drives it, and what was allocated with it."""
+    """One request queue as the block device drives it, and what was allocated with it."""
 
     queue: Queue
     data_segs: int
@@ -166,28 +198,33 @@ class QueueSetup:
 
 
 def set_up_queue(transport: Transport, limits: Limits, features: int, ring: str,
-                 pool_buffers: int, alloc_dma: Callable[[int], DmaRegion],
+                 index: int, pool_buffers: int, alloc_dma: Callable[[int], DmaRegion],
                  on_fault: Callable[[], bool | None], bdf: str) -> QueueSetup:
-    """Queue 0, its request slots and the bounce pool in one region from ``alloc_dma``,
-    and the queue's areas given to the device."""
-    qsize = transport.queue_size(0)
+    """Queue ``index`` (at the size the device reports for it), its request slots and
+    its bounce pool in one region from ``alloc_dma``, and the queue's areas given to
+    the device."""
+    qsize = transport.queue_size(index)
     if not qsize:
-        raise DeviceError(f"{bdf}: the device reports no queue 0")
+        raise DeviceError(f"{bdf}: the device reports no queue {index}")
     indirect = bool(features & Feature.VIRTIO_RING_F_INDIRECT_DESC)
     data_segs = data_segments(limits, qsize, indirect, bdf)
     packed = use_packed(ring, features, bdf, transport.kind)
     alloc = DmaAllocator(alloc_dma(dma_bytes(qsize, pool_buffers, packed)))
     queue_class = PackedQueue if packed else SplitQueue
     queue: Queue = queue_class(
-        alloc, qsize, transport.notifier(0), indirect=indirect,
+        alloc, qsize, transport.notifier(index), indirect=indirect,
         event_idx=bool(features & Feature.VIRTIO_RING_F_EVENT_IDX),
         on_fault=on_fault, max_chain=data_segs + 2)
     slots = alloc_slots(alloc, queue)
     pool = [DmaBuffer(alloc.alloc(MAX_CHUNK, MAX_CHUNK), limits.size_max, queue.framed_data)
             for _ in range(pool_buffers)]
     chunk = chunk_limit(pool, limits, data_segs, bdf)
-    transport.setup_queue(0, qsize, *queue_areas(queue))
+    transport.setup_queue(index, qsize, *queue_areas(queue))
     return QueueSetup(queue, data_segs, slots, pool, chunk // SECTOR_SIZE)
+
+
+def ring_name(queue: Queue) -> str:
+    return "packed" if isinstance(queue, PackedQueue) else "split"
 
 
 def queue_areas(queue: Any) -> tuple[int, int, int]:
@@ -199,19 +236,26 @@ def queue_areas(queue: Any) -> tuple[int, int, int]:
     return ring + lay.desc, ring + lay.avail, ring + lay.used
 
 
-def open_waiter(wait_mode: str, backend: Backend, transport: Transport, queue: Queue,
-                on_config: Callable[[], None]) -> Waiter | None:
+def open_waiters(wait_mode: str, backend: Backend, transport: Transport,
+                 queues: Sequence[Queue], on_config: Callable[[], None]
+                 ) -> tuple[IrqSource | None, list[Waiter]]:
     """For the interrupt and hybrid wait modes: vectors routed (before DRIVER_OK, as
-    "per-bus setup" in "Device Initialization"), and a waiter for the queue. None for
+    "per-bus setup" in "Device Initialization"; one per queue where the device has
+    them), and a waiter per queue, each sleeping on its queue's vector. (None, []) for
     polling."""
-    from .interrupts import Waiter, open_source
+    from .interrupts import Waiter, calibrate_spins, open_source, queue_source, HYBRID_SPIN_SECONDS
     if wait_mode not in WAIT_MODES:
         raise InvalidArgument(f"unknown wait mode {wait_mode!r}: choose "
                               f"{', '.join(WAIT_MODES)}")
     if wait_mode == "poll":
-        return None
-    source = open_source(backend, transport)
-    waiter = Waiter(wait_mode, source, on_config=on_config)
-    queue.waiter = waiter
+        return None, []
+    source = open_source(backend, transport, len(queues))
+    spins = calibrate_spins(HYBRID_SPIN_SECONDS) if wait_mode == "hybrid" else 0
+    waiters = []
+    for index, queue in enumerate(queues):
+        waiter = Waiter(wait_mode, queue_source(source, index), on_config=on_config,
+                        spins=spins)
+        queue.waiter = waiter
+        waiters.append(waiter)
     log.debug("%s: waiting by %s through %s", backend.bdf, wait_mode, source.kind)
-    return waiter
+    return source, waiters

@@ -140,7 +140,7 @@ def default_opener(args: argparse.Namespace) -> VirtioBlk:
     _warnings_to_stderr()
     return VirtioBlk.open(args.device, backend=args.backend, rebind=args.rebind,
                           timeout=args.timeout, wait=args.wait, ring=args.ring,
-                          transport=args.transport)
+                          transport=args.transport, queues=args.queues)
 
 
 def _closing(plan: Any) -> contextlib.AbstractContextManager[Any]:

@@ -21,7 +21,7 @@ import sys
 from .errors import (FileAccessError, Interrupted, InvalidArgument, OutOfRange, VirtioError,
                      exit_code)
 from .numbers import parse_number, parse_seconds
-from .options import BACKENDS, DEFAULT_TIMEOUT, RINGS, TRANSPORTS, WAIT_MODES
+from .options import BACKENDS, DEFAULT_TIMEOUT, MAX_QUEUES, RINGS, TRANSPORTS, WAIT_MODES
 from .subcommand import Subcommand
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows it)
@@ -430,6 +430,13 @@ def _timeout(text: str) -> float:
     return parse_seconds(text, "--timeout")
 
 
+def _queues(text: str) -> int:
+    n = parse_number(text, "--queues")
+    if not 1 <= n <= MAX_QUEUES:
+        raise InvalidArgument(f"--queues {n} must be from 1 to {MAX_QUEUES}")
+    return n
+
+
 def build_parser(commands: dict[str, Subcommand] | None = None) -> Parser:
     """The global options and a parser per subcommand of ``commands`` (by default the
     ones that work on a device, COMMANDS), each filled in when it is chosen.
@@ -459,6 +466,9 @@ def build_parser(commands: dict[str, Subcommand] | None = None) -> Parser:
     parser.add_argument("--ring", choices=RINGS, default="auto",
                         help="virtqueue layout: packed where the device offers "
                         "VIRTIO_F_RING_PACKED (auto, the default), or insist on one")
+    parser.add_argument("--queues", type=_queues, metavar="N",
+                        help="request queues to set up on a VIRTIO_BLK_F_MQ device "
+                        "(default: as many as it offers, at most one per CPU)")
     parser.add_argument("--progress", action="store_true", help="report progress on stderr")
     parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,

@@ -20,6 +20,9 @@
      |         |                        a register access failed); a reset was attempted and
      |         |                        the message says whether it took
      |         +-- DeviceTimeout    33  no completion before the deadline; reset likewise
+     |         +-- WorkerFailed     (*)  a worker process driving one queue failed or died;
+     |                                  the device has been reset, every worker stopped;
+     |                                  (*) the first failed worker's code (15 if it died)
      +-- Interrupted(signum)   128+sig  SIGINT / SIGTERM arrived; the device has been reset
      +-- ProtocolError          99  a peer broke its protocol (a malformed NBD request);
                                     the connection has been ended
@@ -107,6 +110,17 @@ class DeviceTimeout(DeviceError):
     """No completion arrived before the deadline; reset as for DeviceError."""
 
 
+class WorkerFailed(DeviceError):
+    """One of the worker processes that each drive one request queue failed (its error)
+    or died; the device has been reset and every other worker stopped. ``reports`` has
+    one line per worker; ``code`` is the exit code of the first failure."""
+
+    def __init__(self, message: str, reports: list[str], code: int) -> None:
+        super().__init__(message)
+        self.reports = reports
+        self.code = code
+
+
 class Interrupted(VirtioError):
     """A signal asked us to stop; the device has been reset before memory was freed."""
 
@@ -138,6 +152,8 @@ def exit_code(exc: BaseException) -> int:
     """The CLI exit code for ``exc``: the nearest class in EXIT_CODES, else 99."""
     if isinstance(exc, Interrupted):
         return 128 + exc.signum
+    if isinstance(exc, WorkerFailed):
+        return exc.code
     for cls in type(exc).__mro__:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]

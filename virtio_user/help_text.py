@@ -14,7 +14,8 @@ TEXT = """\
 usage: virtio-user [-h] [--device BDF] [--backend {uio,vfio}]
                    [--transport {auto,legacy,modern}] [--timeout SECONDS]
                    [--rebind] [--wait {poll,interrupt,hybrid}]
-                   [--ring {auto,split,packed}] [--progress] [--debug]
+                   [--ring {auto,split,packed}] [--queues N] [--progress]
+                   [--debug]
                    COMMAND ...
 
 A user-space driver for virtio-blk PCI devices, legacy (1af4:1001) and modern
@@ -54,6 +55,8 @@ options:
                         virtqueue layout: packed where the device offers
                         VIRTIO_F_RING_PACKED (auto, the default), or insist on
                         one
+  --queues N            request queues to set up on a VIRTIO_BLK_F_MQ device
+                        (default: as many as it offers, at most one per CPU)
   --progress            report progress on stderr
   --debug               tracebacks on errors
 """

@@ -13,7 +13,16 @@ Sources (``IrqSource``), one per device, every wait bounded by a timeout:
   config space. uio_pci_generic has no irqcontrol: a write of 1 to /dev/uioN, which
   other uio drivers take as "unmask", fails there with ENOSYS.
 - ``VfioMsix``: MSI-X through VFIO_DEVICE_SET_IRQS, one eventfd per vector: vector 0
-  for configuration changes, vector 1 for queue 0 ("MSI-X Vector Configuration").
+  for configuration changes, vector 1 + i for request queue i ("MSI-X Vector
+  Configuration"; Linux's first choice in vp_find_vqs). A device with fewer vectors
+  than queues + 1 gets Linux's second choice: vector 1 shared by every queue. Each
+  queue's owner sleeps on its own eventfd (``for_queue``), so no owner drains
+  another's wake-up; with the shared vector they do, and an owner that missed one
+  notices its completions at the end of its sleep slice (MAX_SLEEP).
+
+With several queues, uio has one INTx line for the whole device and the ISR says only
+"some queue": every owner is woken (each worker process reopens /dev/uioN after the
+fork, so each has its own event count) and looks at its own queue.
 - ``VfioIntx``: INTx through one eventfd when the device has no MSI-X; vfio-pci
   masks it like uio does and is told to unmask through SET_IRQS.
 
@@ -122,6 +131,17 @@ class UioIntx:
             os.close(self.fd)
             self.fd = -1
 
+    def for_queue(self, index: int) -> IrqSource:
+        return self  # one line for every queue
+
+    def after_fork(self) -> None:
+        """In a worker process: an open file of its own, so that uio wakes this
+        process on every interrupt (uio counts events per open file; an inherited
+        descriptor shares its count with the parent and the other workers)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        os.close(self.fd)
+        self.fd = fd
+
 
 class _Eventfds:
     """eventfds handed to VFIO_DEVICE_SET_IRQS, torn down before the device is released."""
@@ -180,10 +200,24 @@ class _Eventfds:
 
 
 class VfioMsix(_Eventfds):
-    """Vector CONFIG_VECTOR for configuration changes, QUEUE_VECTOR for queue 0."""
+    """Vector CONFIG_VECTOR for configuration changes, QUEUE_VECTOR + i for queue i (or
+    QUEUE_VECTOR for all of them, ``shared``)."""
 
     kind = "vfio-msix"
     index = 2  # VFIO_PCI_MSIX_IRQ_INDEX
+
+    def __init__(self, device: int, count: int, shared: bool = False) -> None:
+        super().__init__(device, count)
+        self.shared = shared
+
+    def vector(self, queue: int) -> int:
+        return QUEUE_VECTOR if self.shared else QUEUE_VECTOR + queue
+
+    def for_queue(self, index: int) -> IrqSource:
+        return _QueueVector(self, self.vector(index))
+
+    def after_fork(self) -> None:
+        pass
 
     def wait(self, timeout: float) -> IsrBit | None:
         fired = self._fired(timeout)
@@ -193,6 +227,31 @@ class VfioMsix(_Eventfds):
         for vector in fired:
             bits |= IsrBit.CONFIG if vector == CONFIG_VECTOR else IsrBit.QUEUE
         return bits
+
+
+class _QueueVector:
+    """One queue's view of the MSI-X vectors: its own and the config vector. Closing it
+    closes nothing: the device's source is closed with the device."""
+
+    kind = "vfio-msix"
+
+    def __init__(self, msix: VfioMsix, vector: int) -> None:
+        self.msix = msix
+        self.vector = vector
+
+    def wait(self, timeout: float) -> IsrBit | None:
+        fds = [self.msix.fds[CONFIG_VECTOR], self.msix.fds[self.vector]]
+        bits = IsrBit(0)
+        for fd in _poll_fds(fds, timeout):
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:  # another owner drained it (config, shared vector)
+                continue
+            bits |= IsrBit.CONFIG if fd == fds[0] else IsrBit.QUEUE
+        return bits or None
+
+    def close(self) -> None:
+        pass
 
 
 class VfioIntx(_Eventfds):
@@ -214,6 +273,12 @@ class VfioIntx(_Eventfds):
         except OSError as exc:
             raise DeviceError(f"cannot unmask INTx: {exc.strerror}") from exc
         return bits
+
+    def for_queue(self, index: int) -> IrqSource:
+        return self
+
+    def after_fork(self) -> None:
+        pass
 
 
 def calibrate_spins(seconds: float) -> int:
@@ -297,9 +362,16 @@ class Transport(Protocol):
     def set_queue_vector(self, index: int, vector: int) -> int: ...
 
 
-def open_source(backend: Any, transport: Transport) -> IrqSource:
-    """The best interrupt source the backend has: MSI-X on vfio if the device has two
-    vectors and accepts them, else INTx (uio, or vfio without MSI-X)."""
+def queue_source(source: IrqSource, index: int) -> IrqSource:
+    """What queue ``index``'s owner sleeps on (sources without queues: the source)."""
+    for_queue = getattr(source, "for_queue", None)
+    return source if for_queue is None else for_queue(index)
+
+
+def open_source(backend: Any, transport: Transport, queues: int = 1) -> IrqSource:
+    """The best interrupt source the backend has, in Linux's vp_find_vqs order: on vfio
+    MSI-X with a vector per queue plus the config vector, else with one vector shared
+    by the queues (at least two vectors), else INTx (uio, or vfio without MSI-X)."""
     if backend.name == "uio":
         return UioIntx(backend.bdf, transport.isr, backend.config)
     if backend.name != "vfio":
@@ -307,10 +379,12 @@ def open_source(backend: Any, transport: Transport) -> IrqSource:
                                  "use --wait poll")
     from .transport import vfio_ioctl
     device = backend.vfio.device
-    if vfio_ioctl.irq_info(device, vfio_ioctl.VFIO_PCI_MSIX_IRQ_INDEX).count >= 2:
-        msix = VfioMsix(device, 2)
+    vectors = vfio_ioctl.irq_info(device, vfio_ioctl.VFIO_PCI_MSIX_IRQ_INDEX).count
+    if vectors >= 2:
+        shared = vectors < queues + 1
+        msix = VfioMsix(device, 2 if shared else queues + 1, shared)
         try:
-            _route_vectors(backend, transport)
+            _route_vectors(backend, transport, [msix.vector(i) for i in range(queues)])
             return msix
         except BaseException:
             msix.close()
@@ -321,14 +395,17 @@ def open_source(backend: Any, transport: Transport) -> IrqSource:
     return VfioIntx(device, transport.isr)
 
 
-def _route_vectors(backend: Any, transport: Transport) -> None:
+def _route_vectors(backend: Any, transport: Transport,
+                   queue_vectors: list[int] | None = None) -> None:
     """With MSI-X now on (a legacy device's config moves from 20 to 24), point config
-    changes and queue 0 at their vectors and check the device kept them."""
+    changes and each queue i at its vector (``queue_vectors[i]``, by default queue 0
+    at QUEUE_VECTOR) and check the device kept them."""
     if not backend.refresh_msix():
         raise DeviceError(f"{backend.bdf}: MSI-X did not come on after SET_IRQS")
-    for what, got, want in (
-            ("config", transport.set_config_vector(CONFIG_VECTOR), CONFIG_VECTOR),
-            ("queue 0", transport.set_queue_vector(0, QUEUE_VECTOR), QUEUE_VECTOR)):
+    routes = [("config", transport.set_config_vector(CONFIG_VECTOR), CONFIG_VECTOR)]
+    routes += [(f"queue {i}", transport.set_queue_vector(i, v), v)
+               for i, v in enumerate(queue_vectors or [QUEUE_VECTOR])]
+    for what, got, want in routes:
         if got != want:
             refused = "refused it" if got == VIRTIO_MSI_NO_VECTOR else f"reads back {got}"
             raise DeviceError(f"{backend.bdf}: MSI-X vector {want} for {what}: the device "

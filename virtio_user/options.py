@@ -9,3 +9,7 @@ BACKENDS = ("uio", "vfio")  # who owns the PCI function: uio_pci_generic or vfio
 TRANSPORTS = ("auto", "legacy", "modern")  # auto: modern where the device has it
 RINGS = ("auto", "split", "packed")  # auto: packed where the device offers it
 WAIT_MODES = ("poll", "interrupt", "hybrid")  # how to wait for completions
+# The most request queues --queues may ask for: each costs its own DMA region (ring,
+# request slots, bounce pool: about 5 MiB of hugepages) and, to run in parallel, a
+# worker process and a CPU. Linux caps virtio_blk's queues at the CPU count the same way.
+MAX_QUEUES = 64

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .memory import Chunk
 from .spec import ReqType
-from .virtqueue import SplitQueue
+from .ring.split import SplitQueue
 
 
 class DmaBuffer:

@@ -38,10 +38,10 @@ from .blk import VirtioBlk
 from .request import DmaBuffer, Request
 from .errors import Interrupted, InvalidArgument, Unsupported
 from .numbers import parse_number
-from .packed import PackedQueue
+from .ring.packed import PackedQueue
 from .spec import (SECTOR_SIZE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, BlkStatus, DescFlag,
                    Feature, ReqType)
-from .virtqueue import DESC_DTYPE, SplitQueue
+from .ring.split import DESC_DTYPE, SplitQueue
 
 MAX_SUBMIT_SECTORS = 2048  # one submitted request carries at most 1 MiB
 SHOWN = 16  # ring entries and free ids listed before "..."

@@ -28,7 +28,7 @@ from virtio_user.spec import (BLK_OUTHDR, VIRTQ_DESC, BLK_CONFIG_DTYPE, BLK_DWZ_
                     LEGACY_CONFIG_OFFSET_MSIX, LEGACY_PFN_SHIFT, SECTOR_SIZE,
                     VIRTIO_BLK_ID_BYTES, BlkStatus, DescFlag, Feature, IsrBit, LegacyReg,
                     ReqType, Reg, VIRTIO_PCI_LEGACY_BLK)
-from virtio_user.virtqueue import QueueLayout, legacy_layout
+from virtio_user.ring.split import QueueLayout, legacy_layout
 
 DEFAULT_FEATURES = (
     Feature.VIRTIO_BLK_F_SEG_MAX | Feature.VIRTIO_BLK_F_BLK_SIZE | Feature.VIRTIO_BLK_F_FLUSH
@@ -61,7 +61,7 @@ class FakeBlkDevice:
                  features: int = DEFAULT_FEATURES, size_max: int = 0, seg_max: int = 126,
                  blk_size: int = 512, serial: str = "fake-serial", msix: bool = False,
                  max_discard_sectors: int = 1 << 16,
-                 discard_sector_alignment: int = 1) -> None:
+                 discard_sector_alignment: int = 1, num_queues: int = 1) -> None:
         self.disk = bytearray(capacity * SECTOR_SIZE)
         self.queue_size_reported = queue_size
         self.host_features = int(features)
@@ -75,6 +75,12 @@ class FakeBlkDevice:
         self.config["discard_sector_alignment"] = discard_sector_alignment
         self.config["max_write_zeroes_sectors"] = max_discard_sectors
         self.config["max_write_zeroes_seg"] = 1
+        self.config["num_queues"] = num_queues
+        self.num_queues = num_queues
+        if num_queues > 1:
+            self.host_features |= Feature.VIRTIO_BLK_F_MQ
+        # per-queue notifies, by queue index (QUEUE_NOTIFY's value)
+        self.queue_notifies = [0] * num_queues
         self.serial = serial.encode()
         self.msix = msix
         self.regions: list[DmaRegion] = []
@@ -105,6 +111,29 @@ class FakeBlkDevice:
         self.last_avail = 0
         self.used_idx = 0
         self._pending = []
+        # Queue 0's state lives in the attributes above; the others' here, swapped in
+        # while one of them is served (``_use``).
+        self._served = 0
+        self._others = {q: (0, 0, 0, []) for q in range(1, getattr(self, "num_queues", 1))}
+
+    def _use(self, queue: int) -> None:
+        """Make ``queue`` the one whose state is in pfn, last_avail, used_idx, _pending."""
+        if queue == self._served:
+            return
+        self._others[self._served] = (self.pfn, self.last_avail, self.used_idx, self._pending)
+        self.pfn, self.last_avail, self.used_idx, self._pending = self._others.pop(queue)
+        self._served = queue
+
+    def queue_pfn(self, queue: int) -> int:
+        self._use(queue)
+        pfn = self.pfn
+        self._use(0)
+        return pfn
+
+    def set_queue_pfn(self, queue: int, pfn: int) -> None:
+        self._use(queue)
+        self.pfn = pfn
+        self._use(0)
 
     @property
     def config_offset(self) -> int:
@@ -124,9 +153,10 @@ class FakeBlkDevice:
         return {
             LegacyReg.HOST_FEATURES.offset: self.host_features,
             LegacyReg.GUEST_FEATURES.offset: self.guest_features,
-            LegacyReg.QUEUE_ADDRESS.offset: self.pfn if self.queue_select == 0 else 0,
-            LegacyReg.QUEUE_SIZE.offset: self.queue_size_reported if self.queue_select == 0
-            else 0,
+            LegacyReg.QUEUE_ADDRESS.offset: self.queue_pfn(self.queue_select)
+            if self.queue_select < self.num_queues else 0,
+            LegacyReg.QUEUE_SIZE.offset: self.queue_size_reported
+            if self.queue_select < self.num_queues else 0,
             LegacyReg.QUEUE_SELECT.offset: self.queue_select,
             LegacyReg.DEVICE_STATUS.offset: self.status,
         }.get(offset, 0)
@@ -146,13 +176,16 @@ class FakeBlkDevice:
             self.guest_features = value
         elif reg == LegacyReg.QUEUE_SELECT:
             self.queue_select = value
-        elif reg == LegacyReg.QUEUE_ADDRESS and self.queue_select == 0:
-            self.pfn = value
-            self.log.append(f"pfn {value:#x}")
+        elif reg == LegacyReg.QUEUE_ADDRESS and self.queue_select < self.num_queues:
+            self.set_queue_pfn(self.queue_select, value)
+            self.log.append(f"pfn {value:#x}" if not self.queue_select
+                            else f"queue {self.queue_select} pfn {value:#x}")
         elif reg == LegacyReg.QUEUE_NOTIFY:
             self.notifies += 1
-            if self.auto and not self.stall and value == 0:
-                self.process()
+            if value < self.num_queues:
+                self.queue_notifies[value] += 1
+            if self.auto and not self.stall and value < self.num_queues:
+                self.process(queue=value)
 
     def poker(self, reg: Reg, value: int) -> Callable[[], None]:
         return lambda: self.write(reg, value)
@@ -174,8 +207,16 @@ class FakeBlkDevice:
         self._mem(bus, 2)[:] = (value & 0xFFFF).to_bytes(2, "little")
 
     # -- the queue ------------------------------------------------------------------
-    def process(self, limit: int | None = None) -> int:
-        """Take new available chains and complete up to ``limit`` pending ones."""
+    def process(self, limit: int | None = None, queue: int = 0) -> int:
+        """Take new available chains of ``queue`` and complete up to ``limit`` pending
+        ones."""
+        self._use(queue)
+        try:
+            return self._process(limit)
+        finally:
+            self._use(0)
+
+    def _process(self, limit: int | None) -> int:
         assert self.status & 4, "notified before DRIVER_OK"
         assert self.pfn, "notified with no queue address"
         size = self.queue_size_reported

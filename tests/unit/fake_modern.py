@@ -17,7 +17,7 @@ from virtio_user.errors import DeviceError
 from virtio_user.spec import (PCI_CAP_ID_VNDR, PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST,
                     VIRTIO_PCI_MODERN_BLK, VIRTIO_PCI_VENDOR, CommonCfg, Feature, LegacyReg,
                     PciCapType, Status)
-from virtio_user.virtqueue import legacy_layout
+from virtio_user.ring.split import legacy_layout
 from fake_device import FakeBackend, FakeBlkDevice, FakeConfigSpace
 
 BAR = 4
@@ -84,7 +84,7 @@ class _Queue:
 class FakeModernDevice:
     """The modern register protocol in front of a FakeBlkDevice (its ``blk``)."""
 
-    def __init__(self, blk: FakeBlkDevice | None = None, *, num_queues: int = 1,
+    def __init__(self, blk: FakeBlkDevice | None = None, *, num_queues: int | None = None,
                  max_queue_size: int | None = None,
                  extra_features: int = Feature.VIRTIO_F_VERSION_1,
                  caps: list[CapSpec] | None = None,
@@ -93,7 +93,9 @@ class FakeModernDevice:
         self.blk.host_features |= int(extra_features)
         self.max_queue_size = (self.blk.queue_size_reported if max_queue_size is None
                                else max_queue_size)
-        self.num_queues = num_queues
+        # The block model serves as many queues as it has; the register block may
+        # pretend to more (then their notifies go nowhere).
+        self.num_queues = self.blk.num_queues if num_queues is None else num_queues
         self.config = build_config(default_caps() if caps is None else caps, device_id)
         self.device_id = device_id
         self.refuse_features_ok = False
@@ -213,7 +215,7 @@ class FakeModernDevice:
             "the fake serves only the legacy layout"
         assert self.blk.status & Status.FEATURES_OK, "queue enabled before FEATURES_OK"
         self.blk.queue_size_reported = q.size
-        self.blk.pfn = q.desc >> 12
+        self.blk.set_queue_pfn(self.queue_select, q.desc >> 12)
         self.blk.log.append(f"enable queue {self.queue_select} size {q.size} desc {q.desc:#x}")
         q.enable = 1
 

@@ -113,3 +113,46 @@ def test_iodepth_counts_the_descriptors_a_request_takes_without_indirect(
 def test_iodepth_that_fits_three_descriptors_each_runs(capsys: Any) -> None:
     env = Env(queue_size=16, features=DEFAULT_FEATURES & ~Feature.VIRTIO_RING_F_INDIRECT_DESC)
     assert env.run("bench", "--bs", "4k", "--iodepth", 5, "--ios", 50) == 0
+
+
+class MqEnv(Env):
+    """Env with a multi-queue device, the CLI's --queues passed through."""
+
+    def opener(self, args: Any) -> Any:
+        from virtio_user.blk import VirtioBlk
+        from fake_device import FakeBackend
+        self.opened += 1
+        return VirtioBlk(FakeBackend(self.device), timeout=args.timeout, queues=args.queues)
+
+
+@pytest.mark.parametrize("rw", ["randread", "randwrite"])
+def test_bench_numjobs_runs_one_worker_per_queue_and_sums(rw: str, capsys: Any,
+                                                          monkeypatch: Any) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    env = MqEnv(num_queues=2)
+    assert env.run("bench", "--rw", rw, "--bs", "4k", "--iodepth", 8, "--ios", 200,
+                   "--numjobs", 2, "--verify", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    jobs = result["jobs"]
+    assert result["numjobs"] == 2 and [j["queue"] for j in jobs] == [0, 1]
+    assert result["ios"] == 400 and [j["ios"] for j in jobs] == [200, 200]
+    assert result["cpu_s"] == pytest.approx(sum(j["cpu_s"] for j in jobs), abs=0.002)
+    assert result["cpu_s_per_io"] > 0
+    assert result["verified_blocks"] == sum(j["verified_blocks"] for j in jobs) > 2 * 150
+    assert result["iops"] == pytest.approx(400 / max(j["seconds"] for j in jobs), rel=0.01)
+    assert "_lat" not in jobs[0] and 0 < result["lat_us"]["p50"] <= result["lat_us"]["p99"]
+    # the text form: the total, then a line per job
+    assert env.run("bench", "--bs", "4k", "--iodepth", 4, "--ios", 50, "--numjobs", 2) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "numjobs=2" in out[0] and "100 ios" in out[0]
+    assert [line.split(":")[0] for line in out[-2:]] == ["  job 0 (queue 0)", "  job 1 (queue 1)"]
+
+
+def test_bench_numjobs_beyond_the_queues_is_refused(capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    env = MqEnv(num_queues=4)
+    assert env.run("--queues", 1, "bench", "--ios", 10, "--numjobs", 2) == 1
+    assert ("--numjobs 2 needs as many request queues; 0000:00:10.0 has 1 set up "
+            "(it offers 4; see --queues)") in capsys.readouterr().err
+    assert env.run("bench", "--ios", 10, "--numjobs", 0) == 1
+    assert "--numjobs 0 must be from 1 to 64" in capsys.readouterr().err

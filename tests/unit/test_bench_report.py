@@ -58,7 +58,13 @@ def test_medians_are_taken_figure_by_figure() -> None:
 def test_workload_names_and_the_kernel_command() -> None:
     names = [w.name for w in bench_harness.WORKLOADS]
     assert names == ["randread-4k-qd1", "randread-4k-qd8", "randread-4k-qd32",
-                     "randwrite-4k-qd1", "randwrite-4k-qd32", "read-1m-qd8", "write-1m-qd8"]
+                     "randwrite-4k-qd1", "randwrite-4k-qd32", "read-1m-qd8", "write-1m-qd8",
+                     "randread-4k-qd16-j2"]
+    jobs = bench_harness.WORKLOADS[-1]
+    assert {"--numjobs=2", "--group_reporting"} <= set(
+        bench_harness.fio_argv("/dev/vdb", jobs, bench_harness.Amount(runtime=5)))
+    ours = bench_harness.ours_argv("0000:00:14.0", "uio", jobs, bench_harness.Amount(ios=9))
+    assert ours[ours.index("--numjobs") + 1] == "2" and ours[ours.index("--iodepth") + 1] == "16"
     argv = bench_harness.fio_argv("/dev/vdb", bench_harness.WORKLOADS[2], bench_harness.Amount(runtime=5))
     for opt in ("--ioengine=io_uring", "--direct=1", "--rw=randread", "--bs=4096",
                 "--iodepth=32", "--runtime=5000ms", "--time_based"):
@@ -179,8 +185,8 @@ def test_variants_get_their_own_pairs_and_only_the_workloads_that_tell_them_apar
     assert "addr=0x16" in " ".join(null_co)
     jobs = bench_harness.plan(all_pairs, bench_harness.WORKLOADS, variants)
     # The wait modes and NBD join the legacy raw rows' jobs: one kernel run per round.
-    assert len(jobs) == 2 * 7 + 2 * 3
-    assert sum(len(vs) + 1 for _, _, vs in jobs) == 2 * 7 * 2 + 2 * 3 * 2 + 3 * 3
+    assert len(jobs) == 2 * 8 + 2 * 3
+    assert sum(len(vs) + 1 for _, _, vs in jobs) == 2 * 8 * 2 + 2 * 3 * 2 + 3 * 3
     runs = {(p.device, p.backend_file, w.name): [v.name for v in vs] for p, w, vs in jobs}
     assert runs[("legacy", "raw", "randread-4k-qd1")] == ["legacy", "interrupt", "hybrid",
                                                           "nbd"]
@@ -381,3 +387,13 @@ def test_nbd_rows_and_the_three_way_table_in_the_outputs(tmp_path: Path) -> None
         "0.05x |  |" in md
     assert "| randread-4k-qd1 | 100, 0.4 (0.050x) | 2000, 8.2 | 3000, 12.3 (1.50x) |" in md
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_multi_queue_figure_command_selects_the_two_rows() -> None:
+    # docs/multi-queue.md: scripts/bench.sh --only randread-4k-qd32 --only
+    # randread-4k-qd16-j2 --no-variants
+    args = bench_harness.parse_args(["--only", "randread-4k-qd32", "--only",
+                                     "randread-4k-qd16-j2", "--no-variants"])
+    assert args.only == ["randread-4k-qd32", "randread-4k-qd16-j2"] and args.no_variants
+    picked = [w for w in bench_harness.WORKLOADS if w.name in args.only]
+    assert [(w.iodepth, w.numjobs) for w in picked] == [(32, 1), (16, 2)]

@@ -10,8 +10,8 @@ import pytest
 from virtio_user.blk import Request
 from virtio_user.errors import (BlkIOError, DeviceError, DeviceTimeout, InvalidArgument,
                                 OutOfRange, ReadOnlyDevice, Unsupported)
+from virtio_user.ring.core import QueueFull
 from virtio_user.spec import Feature, ReqType
-from virtio_user.virtqueue import QueueFull
 from fake_device import DEFAULT_FEATURES
 
 SECTOR = 512
@@ -529,7 +529,7 @@ def test_one_framed_request_skips_the_batch_planner(make_blk, monkeypatch) -> No
 
     def no_plan(requests: Any) -> Any:
         raise AssertionError("the batch path was taken")
-    monkeypatch.setattr(blk, "_plan", no_plan)
+    monkeypatch.setattr(blk.queues[0], "_plan", no_plan)
     for sector in (8, 4088, 16):
         req.sector = sector
         blk.submit([req])
@@ -563,7 +563,7 @@ def test_one_framed_request_gets_every_check_of_a_batch(make_blk, bad: str) -> N
 
 
 def test_one_framed_request_on_a_full_queue_is_refused_untouched(make_blk) -> None:
-    from virtio_user.virtqueue import QueueFull
+    from virtio_user.ring.core import QueueFull
     blk, dev = make_blk(queue_size=4)
     req = _framed_read(blk)
     dev.auto = False
@@ -580,7 +580,7 @@ def test_one_framed_request_on_a_full_queue_is_refused_untouched(make_blk) -> No
 
 
 def test_a_signal_inside_the_inline_submit_resets_the_device(make_blk, monkeypatch) -> None:
-    import virtio_user.blk as blk_module
+    import virtio_user.blk_queue as blk_module
     blk, dev = make_blk()
     req = _framed_read(blk)
 
@@ -614,7 +614,7 @@ def test_a_misbehaving_device_is_caught_on_the_batch_api_too(make_blk, trick: st
 def test_one_framed_request_at_a_time_laps_a_packed_ring(monkeypatch) -> None:
     import random
     import virtio_user.blk as blk_module
-    from virtio_user.packed import PackedQueue
+    from virtio_user.ring.packed import PackedQueue
     from packed_device import PackedBlkTransport
     from fake_device import FakeBackend, FakeBlkDevice
     made: list[PackedBlkTransport] = []
@@ -696,3 +696,39 @@ def test_requests_resubmitted_in_reaped_order_keep_their_heads(make_blk) -> None
         blk.submit(batch)
         batch = blk.reap(timeout=1.0)
         assert {r.tag: r.head for r in batch} == heads
+
+
+@pytest.mark.parametrize("framed", [True, False], ids=["inline", "batch"])
+def test_a_float_sector_is_a_bad_argument_not_a_device_reset(make_blk, framed) -> None:
+    # Issue 22: 1.5 passed the range check, then struct.pack failed after the chain was
+    # in the ring, which broke the queue and reset the device.
+    blk, dev = make_blk(capacity=4096)
+    req = _framed_read(blk) if framed else Request(IN, 0, 8, blk.alloc_buffer(4096), 4096)
+    resets = dev.resets
+    req.sector = 1.5  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument, match="not an integer"):
+        blk.submit([req])
+    assert dev.resets == resets and not blk.queue.broken and blk.in_flight == 0
+    req.sector = 8
+    blk.submit([req])
+    assert blk.reap(timeout=1.0) == [req] and req.status == 0
+
+
+@pytest.mark.parametrize("call", ["read", "discard"])
+def test_plain_calls_refuse_a_float_sector_before_the_device(make_blk, call) -> None:
+    blk, dev = make_blk(capacity=4096, features=DEFAULT_FEATURES | Feature.VIRTIO_BLK_F_DISCARD)
+    resets, requests = dev.resets, len(dev.requests)
+    with pytest.raises(InvalidArgument, match="sector 2.0 is not an integer"):
+        getattr(blk, call)(2.0, 8)
+    with pytest.raises(InvalidArgument, match="count 8.0 is not an integer"):
+        getattr(blk, call)(2, 8.0)
+    assert dev.resets == resets and len(dev.requests) == requests
+
+
+def test_the_single_queue_api_is_queue_0s_request_path(make_blk) -> None:
+    from virtio_user.blk_queue import RequestQueue
+    blk, dev = make_blk(capacity=4096)
+    assert [type(q) for q in blk.queues] == [RequestQueue]
+    assert blk.queue is blk.queues[0].vq and blk.queues[0].index == 0
+    blk.write(0, b"\1" * 4096)
+    assert blk.requests_completed == blk.queues[0].vq.completed > 0

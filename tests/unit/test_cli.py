@@ -3,6 +3,7 @@ input never reaches the device."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -110,6 +111,9 @@ BAD = [  # argv, exit code, text in the message
     (["read", "0\u00a0", "1"], 1, "sector"), (["read", "0", "\u20031"], 1, "count"),
     (["bench", "--bs", "4k\u00a0"], 1, "--bs"), (["--timeout", "\u00a05", "info"], 1, "timeout"),
     (["--device", "00:10.0\u00a0", "info"], 1, "PCI address"),
+    (["--queues", "0", "info"], 1, "--queues 0 must be from 1 to 64"),
+    (["--queues", "65", "info"], 1, "--queues"), (["--queues", "1.5", "info"], 1, "--queues"),
+    (["--queues", "\u0663", "info"], 1, "--queues"),
 ]
 
 
@@ -362,3 +366,29 @@ def test_write_input_that_grows_after_the_check_writes_only_what_was_checked(
     disk = bytes(env.device.disk)
     assert disk[10 * SECTOR:12 * SECTOR] == b"a" * 2 * SECTOR
     assert disk[12 * SECTOR:] == before[12 * SECTOR:], "sectors past the checked length"
+
+
+def _mq_opener(device: FakeBlkDevice) -> Any:
+    def opener(args: Any) -> VirtioBlk:
+        return VirtioBlk(FakeBackend(device), timeout=args.timeout, queues=args.queues)
+    return opener
+
+
+@pytest.mark.parametrize("argv, used", [(["info"], 2), (["--queues", "1", "info"], 1),
+                                        (["--queues", "4", "info"], 4)])
+def test_info_shows_the_queues_offered_and_used(argv: list[str], used: int, capsys: Any,
+                                                monkeypatch: Any) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # default: one per CPU
+    device = FakeBlkDevice(capacity=64, num_queues=4)
+    assert cli.main(argv, opener=_mq_opener(device)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"{'num_queues_offered':20} 4" in lines and f"{'num_queues':20} {used}" in lines
+    assert cli.main(["--queues", "2", "info", "--json"], opener=_mq_opener(device)) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["num_queues_offered"], info["num_queues"]) == (4, 2)
+
+
+def test_more_queues_than_the_device_offers_is_exit_1(capsys: Any) -> None:
+    device = FakeBlkDevice(capacity=64, num_queues=2)
+    assert cli.main(["--queues", "3", "info"], opener=_mq_opener(device)) == 1
+    assert "--queues 3 exceeds the 2 request queues" in capsys.readouterr().err

@@ -16,10 +16,10 @@ from virtio_user import interrupts, pci
 from virtio_user.errors import DeviceTimeout
 from virtio_user.interrupts import UioIntx, Waiter
 from virtio_user.memory import DmaAllocator, DmaRegion
-from virtio_user.packed import PackedQueue
+from virtio_user.ring.packed import PackedQueue
+from virtio_user.ring.split import SplitQueue
 from virtio_user.spec import VIRTQ_AVAIL_F_NO_INTERRUPT, IsrBit, RingEventFlags
 from virtio_user.transport import vfio_ioctl
-from virtio_user.virtqueue import SplitQueue
 
 SEG = [(0x1000, 16, False), (0x3000, 1, True)]
 
@@ -378,7 +378,7 @@ def model_irqs(monkeypatch: Any) -> list[ModelSource]:
     """open_source gives a ModelSource for the fake backend; the list collects them."""
     made: list[ModelSource] = []
 
-    def open_source(backend: Any, transport: Any) -> ModelSource:
+    def open_source(backend: Any, transport: Any, queues: int = 1) -> ModelSource:
         backend.device.auto = False  # completions only come while the driver sleeps
         made.append(ModelSource(backend.device))
         return made[-1]
@@ -482,3 +482,93 @@ def test_uio_source_closes_its_fd_when_unmasking_fails(tmp_path: Any,
     with pytest.raises(interrupts.DeviceError):
         UioIntx("0000:00:10.0", lambda: 0, Broken(0x0006 | pci.PCI_COMMAND_INTX_DISABLE))
     assert _open_fds() == before, "/dev/uioN left open"
+
+
+
+# -- several request queues: a vector each (Linux's vp_find_vqs order), or one shared --
+
+class FakeVfio:
+    """irq_info and SET_IRQS of a vfio device with ``msix`` MSI-X vectors."""
+
+    def __init__(self, monkeypatch: Any, msix: int) -> None:
+        self.msix = msix
+        monkeypatch.setattr(vfio_ioctl, "_ioctl", lambda fd, request, arg: 0)
+        monkeypatch.setattr(vfio_ioctl, "irq_info", self.irq_info)
+
+    def irq_info(self, device: int, index: int) -> Any:
+        class Info:
+            count = self.msix if index == vfio_ioctl.VFIO_PCI_MSIX_IRQ_INDEX else 1
+        return Info()
+
+
+class RoutingTransport:
+    def __init__(self) -> None:
+        self.vectors: dict[str, int] = {}
+
+    def isr(self) -> IsrBit:
+        return IsrBit(0)
+
+    def set_config_vector(self, vector: int) -> int:
+        self.vectors["config"] = vector
+        return vector
+
+    def set_queue_vector(self, index: int, vector: int) -> int:
+        self.vectors[f"queue {index}"] = vector
+        return vector
+
+
+class VfioBackend:
+    name = "bench"
+    bdf = "0000:00:10.0"
+
+    def __init__(self) -> None:
+        class Vfio:
+            device = 7
+        self.name = "vfio"
+        self.vfio = Vfio()
+
+    def refresh_msix(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("msix,shared", [(5, False), (4, True), (2, True)])
+def test_vfio_gives_each_queue_its_vector_or_one_shared(monkeypatch: Any, msix: int,
+                                                        shared: bool) -> None:
+    FakeVfio(monkeypatch, msix)
+    transport = RoutingTransport()
+    source = interrupts.open_source(VfioBackend(), transport, queues=4)
+    try:
+        assert isinstance(source, interrupts.VfioMsix) and source.shared == shared
+        assert len(source.fds) == (2 if shared else 5)
+        want = {"config": 0, **{f"queue {i}": 1 if shared else 1 + i for i in range(4)}}
+        assert transport.vectors == want
+        # Each queue's owner sleeps on its own vector (and the config one) only.
+        views = [interrupts.queue_source(source, i) for i in range(4)]
+        os.eventfd_write(source.fds[source.vector(2)], 1)
+        assert views[2].wait(0.5) == IsrBit.QUEUE
+        if not shared:
+            assert views[1].wait(0.01) is None  # queue 2's interrupt is not queue 1's
+        os.eventfd_write(source.fds[0], 1)
+        assert views[3].wait(0.5) == IsrBit.CONFIG
+        views[0].close()  # a view closes nothing
+        assert len(source.fds) == (2 if shared else 5)
+    finally:
+        source.close()
+
+
+def test_uio_wakes_every_owner_from_its_own_open_file(tmp_path: Any, monkeypatch: Any) -> None:
+    (tmp_path / "0000:00:10.0" / "uio" / "uio3").mkdir(parents=True)
+    dev_file = tmp_path / "uio3"
+    dev_file.write_bytes(b"")
+    monkeypatch.setattr(interrupts, "SYSFS_PCI", tmp_path)
+    monkeypatch.setattr(interrupts.UioIntx, "find", staticmethod(lambda bdf: dev_file))
+    monkeypatch.setattr(interrupts.pci, "unmask_intx", lambda config: None)
+    src = interrupts.UioIntx("0000:00:10.0", lambda: 0, None)  # type: ignore[arg-type]
+    try:
+        assert interrupts.queue_source(src, 3) is src  # one line for every queue
+        inherited = src.fd
+        os.set_inheritable(inherited, True)
+        src.after_fork()
+        assert src.fd != inherited and os.path.samefile(f"/proc/self/fd/{src.fd}", dev_file)
+    finally:
+        src.close()

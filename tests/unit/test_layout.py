@@ -3,8 +3,8 @@ Virtqueue Layout") pinned: sizes, field offsets, 4096-aligned used ring."""
 
 import pytest
 
-from virtio_user.virtqueue import (DESC_DTYPE, USED_ELEM_DTYPE, avail_dtype, legacy_layout,
-                                   used_dtype)
+from virtio_user.ring.split import (DESC_DTYPE, USED_ELEM_DTYPE, avail_dtype, legacy_layout,
+                                    used_dtype)
 
 
 def test_descriptor_and_used_element_sizes() -> None:

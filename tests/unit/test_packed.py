@@ -12,10 +12,10 @@ import pytest
 from packed_device import AVAIL, INDIRECT, NEXT, USED, WRITE, PackedDevice
 from virtio_user.errors import DeviceError, DeviceTimeout
 from virtio_user.memory import DmaAllocator, DmaRegion
-from virtio_user.packed import (EVENT_SUPPRESS_DTYPE, PACKED_DESC_DTYPE, PackedQueue,
-                                packed_layout)
+from virtio_user.ring.core import QueueFull
+from virtio_user.ring.packed import (EVENT_SUPPRESS_DTYPE, PACKED_DESC_DTYPE, PackedQueue,
+                                     packed_layout)
 from virtio_user.spec import RingEventFlags
-from virtio_user.virtqueue import QueueFull
 
 ENABLE, DISABLE, DESC = (int(f) for f in RingEventFlags)
 

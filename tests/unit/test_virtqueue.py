@@ -10,8 +10,9 @@ import pytest
 
 from virtio_user.errors import DeviceError, DeviceTimeout
 from virtio_user.memory import DmaAllocator, DmaRegion
+from virtio_user.ring.core import QueueFull
+from virtio_user.ring.split import SplitQueue
 from virtio_user.spec import DescFlag
-from virtio_user.virtqueue import QueueFull, SplitQueue
 
 NEXT, WRITE, INDIRECT = (int(f) for f in DescFlag)
 
@@ -265,7 +266,7 @@ def test_fault_message_says_whether_the_reset_took() -> None:
 
 
 def test_packed_wait_with_zero_timeout_is_a_poll_too() -> None:
-    from virtio_user.packed import PackedQueue
+    from virtio_user.ring.packed import PackedQueue
     faults: list[int] = []
     q: PackedQueue[Any] = PackedQueue(
         DmaAllocator(DmaRegion.anonymous(1 << 20, contiguous=1 << 20)), 8, lambda: None,
@@ -280,8 +281,8 @@ def test_ring_views_kept_past_close_keep_their_memory(kind: str) -> None:
     import subprocess
     import sys
     code = ("from virtio_user.memory import DmaAllocator, DmaRegion\n"
-            "from virtio_user.packed import PackedQueue\n"
-            "from virtio_user.virtqueue import SplitQueue\n"
+            "from virtio_user.ring.packed import PackedQueue\n"
+            "from virtio_user.ring.split import SplitQueue\n"
             "region = DmaRegion.anonymous(1 << 20, contiguous=1 << 20)\n"
             f"q = {'PackedQueue' if kind == 'packed' else 'SplitQueue'}(DmaAllocator(region),"
             " 8, lambda: None, indirect=False, event_idx=False, on_fault=lambda: True)\n"
@@ -298,7 +299,7 @@ def test_indirect_tables_are_power_of_two_sized_aligned_and_within_a_page() -> N
     """Both rings take their tables from indirect_tables: each the next power of two of
     its descriptors' bytes, aligned to that size (so none crosses a page), with the bus
     address of each; more than a page of descriptors per table is refused."""
-    from virtio_user.virtqueue import indirect_tables
+    from virtio_user.ring.core import indirect_tables
     region = DmaRegion.anonymous(64 << 10, contiguous=8 << 10)
     chunk, table_bytes, bus = indirect_tables(DmaAllocator(region), 40, 5)
     assert table_bytes == 128 and chunk.size == 40 * 128 and chunk.offset % 128 == 0

@@ -23,7 +23,7 @@ from ..numbers import MAX_SECONDS
 from ..request import Request
 from ..spec import (BLK_DWZ_DTYPE, SECTOR_SIZE, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, BlkStatus,
                    Feature, ReqType)
-from ..virtqueue import QueueFull
+from ..ring.core import QueueFull
 
 from .wire import (CMD_NAMES, FUA_FLAG, NEEDS_FLAG, NO_HOLE_FLAG, REPLY, REQUEST,
                    SIMPLE_REPLY_MAGIC, Cmd, Flag, NbdRequest, pack_reply, parse_request,

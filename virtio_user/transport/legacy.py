@@ -73,7 +73,7 @@ class LegacyTransport(DeviceStatus):
         legacy layout ("Legacy Interfaces: A Note on Virtqueue Layout"), contiguous from
         a 4096-byte aligned descriptor table, used ring on the next 4096-byte boundary
         after the available ring."""
-        from ..virtqueue import legacy_layout
+        from ..ring.split import legacy_layout
         if not self.queue_size(index):
             raise DeviceError(f"{self.backend.bdf}: queue {index} does not exist (its size "
                               "reads 0)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -76,39 +75,20 @@ def prepare(args: argparse.Namespace) -> Any:
 
 
 def _background(plan: NbdPlan, finished: Callable[[int], Any]) -> Any:
-    """Fork a detached child that becomes the server; the parent returns once the child
-    says /dev/nbdN is usable, or with the child's exit status if it failed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    r, w = os.pipe()
-    pid = os.fork()
+    """Fork a detached child that becomes the server (daemon.py); the parent returns once
+    the child says /dev/nbdN is usable, or with the child's exit status if it failed."""
+    from ..daemon import await_ready, fork_server
+    pid, fd = fork_server()
     if pid == 0:
-        os.close(r)
-        os.setsid()  # out of the caller's session and process group
-        plan.ready_fd = w
+        plan.ready_fd = fd
         return plan
-    os.close(w)
-    try:
-        return finished(_await_ready(pid, r, plan.path))
-    finally:
-        os.close(r)
-
-
-def _await_ready(pid: int, fd: int, path: str) -> int:
-    deadline = time.monotonic() + READY_TIMEOUT + 30.0  # the child also opens the device
-    while time.monotonic() < deadline:
-        readable, _, _ = select.select([fd], [], [], 0.2)
-        if readable:
-            line = os.read(fd, 64)
-            if line.startswith(b"ready"):
-                print(f"{path}: connected, server pid {pid}")
-                return 0
-            _, status = os.waitpid(pid, 0)  # it failed and said why on stderr
-            code = os.waitstatus_to_exitcode(status)
-            return code if code > 0 else 128 - code if code < 0 else 99
-    os.kill(pid, signal.SIGTERM)
-    raise DeviceTimeout(f"{path}: the server did not get ready within "
-                        f"{READY_TIMEOUT + 30.0:g} s")
+    code, _ = await_ready(pid, fd, READY_TIMEOUT + 30.0)  # the child also opens the device
+    if code < 0:
+        raise DeviceTimeout(f"{plan.path}: the server did not get ready within "
+                            f"{READY_TIMEOUT + 30.0:g} s")
+    if code == 0:
+        print(f"{plan.path}: connected, server pid {pid}")
+    return finished(code)
 
 
 def run(dev: VirtioBlk, args: argparse.Namespace, plan: NbdPlan) -> int:
@@ -183,28 +163,12 @@ def _announce(plan: NbdPlan, dev: VirtioBlk) -> None:
 
 
 def _detach(plan: NbdPlan) -> None:
+    from ..daemon import detach
     assert plan.ready_fd is not None
-    os.write(plan.ready_fd, b"ready\n")
-    os.close(plan.ready_fd)
-    # Detach from the caller's output: whoever waits for its end must not wait for us.
-    target = os.open(plan.log_file or os.devnull,
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(target, 1)
-    os.dup2(target, 2)
-    os.close(target)
-    os.close(devnull)
+    detach(plan.ready_fd, plan.path, plan.log_file)
 
 
 def _log_to_stderr() -> None:
     """The whole package's messages (server, kernel side, this module) to stderr."""
-    log = logging.getLogger(__package__)
-    if any(getattr(h, "_virtio_user_nbd", False) for h in log.handlers):
-        return
-    handler = logging.StreamHandler()  # sys.stderr at each write: follows the dup2
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s virtio-user nbd[{os.getpid()}]: %(levelname)s %(message)s"))
-    handler._virtio_user_nbd = True  # type: ignore[attr-defined]
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    from ..daemon import log_to_stderr
+    log_to_stderr(__package__ or "virtio_user.nbd", "nbd")

@@ -16,6 +16,7 @@ debian_packages() {
     [ -x /bin/busybox ] || missing+=(busybox-static)
     command -v fio >/dev/null || missing+=(fio)
     command -v cpio >/dev/null || missing+=(cpio)
+    command -v zstd >/dev/null || missing+=(zstd)  # the 6.12 kernel is zstd-compressed
     [ ${#missing[@]} -eq 0 ] && return
     say "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -202,6 +202,9 @@ class MachineConfig:
     # after the disks on the bus: 0000:00:(10 + len(disks) + i).0
     vhost_user_disks: list[VhostUserDisk] = field(default_factory=list)
     accel: str = "tcg"  # already resolved: kvm or tcg
+    kernel: str = assets.DEFAULT_KERNEL  # a key of assets.KERNELS: 6.1 or 6.12
+    qemu: str = assets.DEFAULT_QEMU  # a key of assets.QEMUS: 7.2 or 10.0
+    modules: list[str] = field(default_factory=list)  # loaded at boot after modules.txt
     backend: str = "uio"  # vfio adds a virtual IOMMU
     memory_mib: int = 1024
     cpus: int = 2
@@ -228,8 +231,9 @@ class Machine:
 
     def __init__(self, config: MachineConfig) -> None:
         self.config = config
-        self.kernel = assets.find_kernel()
-        self.initramfs = assets.build_initramfs(self.kernel)
+        self.kernel = assets.find_kernel(config.kernel)
+        self.qemu = assets.find_qemu(config.qemu)
+        self.initramfs = assets.build_initramfs(self.kernel, config.modules)
         self.kernel_image = assets.boot_image(self.kernel)
         self.tmp = Path(tempfile.mkdtemp(prefix="vu-qemu-"))
         self.serial_log = self.tmp / "serial.log"
@@ -272,7 +276,8 @@ class Machine:
     def command(self) -> list[str]:
         c = self.config
         cpu = "host" if c.accel == "kvm" else "max"  # numpy 2 needs x86-64-v2 under TCG
-        cmd = ["qemu-system-x86_64", "-machine", f"q35,accel={c.accel}", "-cpu", cpu,
+        cmd = [self.qemu.binary("qemu-system-x86_64"), *self.qemu.args(),
+               "-machine", f"q35,accel={c.accel}", "-cpu", cpu,
                "-smp", str(c.cpus), "-m", str(c.memory_mib),
                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                "-kernel", str(self.kernel_image), "-initrd", str(self.initramfs),
@@ -337,12 +342,13 @@ class Machine:
         self._agent_listener.listen(1)
         for i, disk in enumerate(self.config.vhost_user_disks):
             daemon = StorageDaemon(disk, self.vhost_user_socket(i),
-                                   self.tmp / f"vhost-user{i}.log")
+                                   self.tmp / f"vhost-user{i}.log", self.qemu)
             self._daemons.enter_context(daemon)  # QEMU connects to it at start-up
         record_boot()
         with self.qemu_log.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=self.qemu.env())
         try:
             self.qmp = self._qmp_server
             self.qmp.accept(timeout=30)

@@ -31,7 +31,7 @@ SCRATCH_MIB = 64
 MEMORY_MIB = (256, 1 << 20)
 # The harness's options that take a value (the command's own options come after it).
 VALUE_OPTIONS = ("--disk", "--vhost-user-disk", "--accel", "--backend", "--memory",
-                 "--qemu-arg", "--timeout")
+                 "--qemu-arg", "--timeout", "--kernel", "--qemu")
 
 
 def split_qemu_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -122,6 +122,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "repeatable; PATH[,readonly=on|off]")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     p.add_argument("--backend", choices=("uio", "vfio"), default="uio")
+    p.add_argument("--kernel", choices=assets.KERNELS, default=assets.DEFAULT_KERNEL,
+                   help="guest kernel: Debian 12's 6.1 (default) or bookworm-backports' "
+                        "6.12 (fetched into the cache on first use)")
+    p.add_argument("--qemu", choices=assets.QEMUS, default=assets.DEFAULT_QEMU,
+                   help="QEMU: the system's 7.2 (default) or bookworm-backports' 10.0 "
+                        "(unpacked into the cache on first use)")
     p.add_argument("--memory", type=mebibytes, default=1024, metavar="MIB",
                    help=f"guest memory ({MEMORY_MIB[0]} to {MEMORY_MIB[1]}, default 1024)")
     p.add_argument("--qemu-arg", action="append", default=[], metavar="ARG",
@@ -158,6 +164,7 @@ def run(args: argparse.Namespace, scratch_dir: Path) -> int:
     deadline = time.monotonic() + args.timeout
     vm = GuestSession(disks, vhost_user_disks=args.vhost_user_disk,
                       accel=args.accel, backend=args.backend,
+                      kernel=args.kernel, qemu=args.qemu,
                       memory_mib=args.memory, qemu_args=args.qemu_arg,
                       boot_timeout=args.timeout)
     with vm:

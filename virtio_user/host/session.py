@@ -95,13 +95,18 @@ class GuestSession:
                  qemu_args: Sequence[str] = (), cwd: Path | None = None,
                  boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
                  vhost_user_disks: Sequence[VhostUserDisk | str | Path] = (),
-                 warm_start: bool = False) -> None:
-        kernel = assets.find_kernel()
+                 warm_start: bool = False, kernel: str = assets.DEFAULT_KERNEL,
+                 qemu: str = assets.DEFAULT_QEMU, modules: Sequence[str] = ()) -> None:
+        """``kernel`` (6.1 or 6.12) and ``qemu`` (7.2 or 10.0) as run-in-qemu.sh's
+        --kernel and --qemu (a backports one is fetched on first use); ``modules`` are
+        kernel modules to load at boot beyond qemu/modules.txt (``ublk_drv``, say)."""
+        guest_kernel = assets.find_kernel(kernel)
         self.config = MachineConfig(
             disks=[d if isinstance(d, Disk) else Disk.parse(str(d)) for d in disks],
             vhost_user_disks=[d if isinstance(d, VhostUserDisk)
                               else VhostUserDisk.parse(str(d)) for d in vhost_user_disks],
-            accel=accel_mod.choose(accel, kernel.vmlinuz), backend=backend,
+            accel=accel_mod.choose(accel, guest_kernel.vmlinuz), backend=backend,
+            kernel=kernel, qemu=qemu, modules=list(modules),
             memory_mib=memory_mib, qemu_args=list(qemu_args), cwd=cwd or Path.cwd())
         self.boot_timeout = boot_timeout
         # virtio-user commands fork from a guest interpreter that has imported the driver

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .assets import DEFAULT_QEMU, Qemu
 from .errors import BadOption, VMLaunchFailure
 from .options import image_format, split_spec, switch
 
@@ -52,7 +53,8 @@ class VhostUserDisk:
             disk.readonly = switch(key, value, f"vhost-user disk {spec}")
         return disk
 
-    def daemon_command(self, socket: Path) -> list[str]:
+    def daemon_command(self, socket: Path,
+                       binary: str = "qemu-storage-daemon") -> list[str]:
         """qemu-storage-daemon's command line (JSON options: no escaping to get wrong)."""
         image: dict[str, Any] = {"driver": "file", "node-name": "file",
                                  "filename": str(self.path.resolve()),
@@ -62,7 +64,7 @@ class VhostUserDisk:
         export = {"type": "vhost-user-blk", "id": "export", "node-name": "fmt",
                   "writable": not self.readonly,
                   "addr": {"type": "unix", "path": str(socket)}}
-        return ["qemu-storage-daemon", "--blockdev", json.dumps(image),
+        return [binary, "--blockdev", json.dumps(image),
                 "--blockdev", json.dumps(fmt), "--export", json.dumps(export)]
 
 
@@ -76,17 +78,21 @@ class StorageDaemon:
     """One running qemu-storage-daemon. ``with StorageDaemon(...)``: started on entry
     (ready when its socket exists), stopped on exit whatever happened."""
 
-    def __init__(self, disk: VhostUserDisk, socket: Path, log: Path) -> None:
+    def __init__(self, disk: VhostUserDisk, socket: Path, log: Path,
+                 qemu: Qemu | None = None) -> None:
         self.disk = disk
+        self.qemu = qemu or Qemu(DEFAULT_QEMU)  # whose qemu-storage-daemon
         self.socket = socket
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = START_SECONDS) -> None:
-        cmd = self.disk.daemon_command(self.socket)
+        cmd = self.disk.daemon_command(self.socket,
+                                       self.qemu.binary("qemu-storage-daemon"))
         with self.log.open("wb") as log:
             try:
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                             env=self.qemu.env(),
                                              stderr=subprocess.STDOUT,
                                              start_new_session=True,
                                              preexec_fn=_die_with_parent)

@@ -77,8 +77,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory):
     bad_sector = _sector_of(images["eio"], "/bad.bin", 5)
     disks = [Disk(images["fs"]), Disk(images["eio"], inject_errors=[("read_aio", bad_sector)]),
              Disk(images["ro"], readonly=True), Disk(images["scratch"])]
-    with GuestSession(disks, cwd=d, warm_start=True, kernel="6.12",
-                      modules=["ublk_drv"]) as vm:
+    with GuestSession(disks, cwd=d, warm_start=True, kernel="6.12") as vm:
         yield Guest(vm, d, images, tree, "bad.bin")
 
 

@@ -165,3 +165,82 @@ def test_bad_ublk_arguments_are_exit_code_1(argv: list[str], capsys: Any) -> Non
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("virtio-user: ") and err.count("\n") == 1
+
+
+class _StubRing:
+    """Records the commands a queue would send (tag, result) instead of a kernel."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int, int]] = []
+
+
+def _queue(shape: DiskShape, depth: int = 4, buf_bytes: int = BUF) -> Any:
+    """A UblkQueue without a kernel: descriptors in a bytearray, commands recorded."""
+    import types
+
+    from virtio_user.ublk import server
+    q = server.UblkQueue.__new__(server.UblkQueue)
+    bufs = [types.SimpleNamespace(size=buf_bytes, mv=memoryview(bytearray(buf_bytes)))
+            for _ in range(depth)]
+    q.depth, q.shape, q.buffers, q.buf_bytes = depth, shape, bufs, buf_bytes
+    q._capacity, q._read_only = shape.capacity, shape.read_only
+    q.reqs = [server.Request(ReqType.VIRTIO_BLK_T_IN, buffer=b, tag=t)  # type: ignore[arg-type]
+              for t, b in enumerate(bufs)]
+    q.results, q.stats, q.live, q._waiting = [0] * depth, server.QueueStats(), depth, []
+    q.descs = memoryview(bytearray(depth * IO_DESC_DTYPE.itemsize))
+    sent: list[tuple[int, int, int]] = []
+    q._queue_cmd = lambda cmd, tag, result: sent.append((cmd, tag, result))
+    q.sent = sent
+    return q
+
+
+def _desc(q: Any, tag: int, op_flags: int, nr: int, sector: int) -> None:
+    from virtio_user.ublk.spec import IO_DESC
+    IO_DESC.pack_into(q.descs, tag * IO_DESC_DTYPE.itemsize, op_flags, nr, sector, 0)
+
+
+@pytest.mark.parametrize("op_flags,nr,sector", [
+    (READ, 8, 0), (WRITE, 1024, 8), (READ, 1025, 0), (READ, 8, (1 << 20) - 7), (READ, 0, 0),
+    (int(IoOp.UBLK_IO_OP_FLUSH), 0, 0), (int(IoOp.UBLK_IO_OP_DISCARD), 64, 8),
+    (int(IoOp.UBLK_IO_OP_WRITE_ZEROES) | IoFlag.UBLK_IO_F_NOUNMAP, 8, 0), (0x7F, 8, 0)])
+def test_the_queue_builds_what_translate_says(op_flags: int, nr: int, sector: int) -> None:
+    """The queue's inline READ/WRITE path and its general path agree with translate()."""
+    from virtio_user.ublk.server import IoCmd
+    q = _queue(FULL)
+    _desc(q, 2, op_flags, nr, sector)
+    q._arrived(2, 0)
+    plan = translate(op_flags, nr, sector, FULL, BUF)
+    if isinstance(plan, int):
+        assert q.sent == [(IoCmd.UBLK_U_IO_COMMIT_AND_FETCH_REQ, 2, plan)] and not q._waiting
+        return
+    assert q.sent == [] and q._waiting == [q.reqs[2]]
+    req = q.reqs[2]
+    assert (req.type, req.sector, req.count, req.nbytes) == plan[:4]
+    assert q.results[2] == plan.result
+    if plan.type in (ReqType.VIRTIO_BLK_T_DISCARD, ReqType.VIRTIO_BLK_T_WRITE_ZEROES):
+        entry = np.frombuffer(q.buffers[2].mv, np.dtype([("sector", "<u8"),
+                              ("num_sectors", "<u4"), ("flags", "<u4")]), 1)[0]
+        assert (int(entry["sector"]), int(entry["num_sectors"]), int(entry["flags"])) == (
+            plan.sector, plan.sectors, plan.dwz_flags)
+
+
+def test_device_status_becomes_the_commit_result() -> None:
+    from virtio_user.spec import BlkStatus
+    from virtio_user.ublk.server import IoCmd
+    q = _queue(FULL)
+    q.dev = type("Dev", (), {"bdf": "0000:00:10.0"})()
+    commit = IoCmd.UBLK_U_IO_COMMIT_AND_FETCH_REQ
+    for tag, status in enumerate((BlkStatus.VIRTIO_BLK_S_OK, BlkStatus.VIRTIO_BLK_S_IOERR,
+                                  BlkStatus.VIRTIO_BLK_S_UNSUPP)):
+        _desc(q, tag, READ, 8, 0)
+        q._arrived(tag, 0)
+        q.reqs[tag].status = int(status)
+    q._completed(q.reqs[:3])
+    assert q.sent == [(commit, 0, 4096), (commit, 1, -errno.EIO), (commit, 2, -errno.EOPNOTSUPP)]
+    assert q.stats.errors == 2
+
+
+def test_an_aborted_tag_is_not_fetched_again() -> None:
+    q = _queue(FULL)
+    q._arrived(1, -errno.ENODEV)
+    assert q.live == 3 and q.sent == [] and q.stats.requests == 0

@@ -28,7 +28,7 @@ from ..spec import BLK_DWZ_DTYPE, BlkStatus, ReqType
 from ..virtqueue import QueueFull
 from .params import DiskShape, Plan, translate
 from .spec import (IO_CMD_SQE, IO_DESC, IO_DESC_DTYPE, UBLK_IO_RES_ABORT, UBLK_IO_RES_OK,
-                   UBLKSRV_CMD_BUF_OFFSET, IoCmd, desc_area_bytes)
+                   UBLKSRV_CMD_BUF_OFFSET, IoCmd, IoOp, desc_area_bytes)
 
 if TYPE_CHECKING:
     from ..blk import VirtioBlk
@@ -48,6 +48,8 @@ _DESC_BYTES = IO_DESC_DTYPE.itemsize
 _OK = int(BlkStatus.VIRTIO_BLK_S_OK)
 _UNSUPP = int(BlkStatus.VIRTIO_BLK_S_UNSUPP)
 _DWZ = {ReqType.VIRTIO_BLK_T_DISCARD, ReqType.VIRTIO_BLK_T_WRITE_ZEROES}
+_WRITE_OP = int(IoOp.UBLK_IO_OP_WRITE)
+_RW_TYPES = (ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_OUT)  # by UBLK_IO_OP_READ/WRITE
 _DWZ_STRUCT = struct_of(BLK_DWZ_DTYPE)  # the one range of a discard or write-zeroes
 
 
@@ -85,6 +87,8 @@ class UblkQueue:
                      for t, b in enumerate(buffers)]
         self.results = [0] * self.depth  # what to commit for each tag on success
         self.stats = QueueStats()
+        self._capacity = shape.capacity
+        self._read_only = shape.read_only
         self.live = 0  # tags the kernel may still hand us (FETCH outstanding)
         self._waiting: list[Request] = []  # for room on the virtqueue
         # Queue q's descriptors sit at q * (the largest area) on /dev/ublkcN (ublk_ch_mmap).
@@ -152,6 +156,18 @@ class UblkQueue:
             return
         op_flags, nr, sector, _ = IO_DESC.unpack_from(self.descs, tag * _DESC_BYTES)
         self.stats.requests += 1
+        op = op_flags & 0xFF
+        nbytes = nr << 9
+        if (op <= _WRITE_OP and 0 < nbytes <= self.buf_bytes and sector + nr <= self._capacity
+                and not (op and self._read_only)):
+            # READ or WRITE that fits (what translate() would say, without its tuple):
+            # the hot path.
+            req = self.reqs[tag]
+            req.type, req.sector, req.count, req.nbytes = _RW_TYPES[op], sector, nr, nbytes
+            req.buffer = self.buffers[tag]
+            self.results[tag] = nbytes
+            self._waiting.append(req)
+            return
         plan = translate(op_flags, nr, sector, self.shape, self.buf_bytes)
         if type(plan) is int:
             if plan:

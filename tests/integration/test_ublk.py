@@ -85,7 +85,7 @@ def test_mkfs_mount_a_tree_del_and_the_host_reads_it_back(guest: Guest) -> None:
     g = guest
     assert g.add("fs")[0] == "/dev/ublkb0"  # the docs' lines, as written there
     g.ok("mkfs.ext4 -q -F /dev/ublkb0 && mkdir -p /tmp/fs && mount /dev/ublkb0 /tmp/fs")
-    g.ok(f"cp -a {g.dir}/tree /tmp/fs/tree && sync")
+    g.ok("cp -a tree /tmp/fs/tree && sync")  # tree: a directory in the current one
     listed = g.ok(["virtio-user", "ublk", "list"])
     assert listed.startswith("/dev/ublkb0: LIVE, ") and "server pid" in listed, listed
     busy = g.sh(["virtio-user", "ublk", "del", "0"])

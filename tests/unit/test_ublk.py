@@ -244,3 +244,41 @@ def test_an_aborted_tag_is_not_fetched_again() -> None:
     q = _queue(FULL)
     q._arrived(1, -errno.ENODEV)
     assert q.live == 3 and q.sent == [] and q.stats.requests == 0
+
+
+def test_the_interrupt_poll_goes_through_the_real_ring() -> None:
+    """IORING_OP_POLL_ADD on an interrupt fd (an eventfd here, as vfio's): its
+    completion comes back as the interrupt, which the device's source acknowledges."""
+    import os
+    import types
+
+    from virtio_user.io_uring import Ring
+    from virtio_user.ublk import server
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    acked: list[int] = []
+
+    def wait(timeout: float) -> int:
+        acked.append(os.eventfd_read(efd))
+        return 0
+
+    source = types.SimpleNamespace(fds=[efd], wait=wait)
+    dev = types.SimpleNamespace(waiter=types.SimpleNamespace(source=source,
+                                                              on_config=lambda: None))
+    q = _queue(FULL)
+    q.dev = dev
+    q._irq_fds = server.interrupt_fds(dev)  # type: ignore[arg-type]
+    q._polling = [False]
+    with Ring(8) as ring:
+        q.ring = ring
+        q._arm_polls()
+        q._arm_polls()  # armed once only
+        assert ring.queued == 1
+        ring.enter(0)
+        assert ring.enter(1, 0.1) == 0 and ring.reap() == []  # nothing fired yet
+        os.eventfd_write(efd, 1)
+        ring.enter(1, 5.0)
+        (user_data, res, _), = ring.reap()
+        assert user_data == server._IRQ and res & 1  # POLLIN
+        q._interrupted(user_data - server._IRQ)
+        assert acked == [1] and q._polling == [False]
+    os.close(efd)

@@ -16,15 +16,17 @@ import ctypes
 import errno
 import logging
 import os
+import select
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import DeviceError, VirtioError
+from ..errors import DeviceError, DeviceTimeout, VirtioError
 from ..io_uring import Ring, map_readonly
-from ..io_uring.spec import Op, struct_of
+from ..io_uring.spec import URING_CMD_HEAD, Op, struct_of
 from ..request import Request
-from ..spec import BLK_DWZ_DTYPE, BlkStatus, ReqType
+from ..spec import BLK_DWZ_DTYPE, BlkStatus, IsrBit, ReqType
 from ..virtqueue import QueueFull
 from .params import DiskShape, Plan, translate
 from .spec import (IO_CMD_SQE, IO_DESC, IO_DESC_DTYPE, UBLK_IO_RES_ABORT, UBLK_IO_RES_OK,
@@ -48,9 +50,27 @@ _DESC_BYTES = IO_DESC_DTYPE.itemsize
 _OK = int(BlkStatus.VIRTIO_BLK_S_OK)
 _UNSUPP = int(BlkStatus.VIRTIO_BLK_S_UNSUPP)
 _DWZ = {ReqType.VIRTIO_BLK_T_DISCARD, ReqType.VIRTIO_BLK_T_WRITE_ZEROES}
+_POLL_ADD = int(Op.IORING_OP_POLL_ADD)
+# The same 48-byte head (op_flags is poll32_events), then addr3 and __pad2 zeroed.
+_POLL_SQE = struct.Struct(URING_CMD_HEAD.format + "QQ")
+_IRQ = 1 << 32  # user_data of the interrupt polls (+ index): above every tag
 _WRITE_OP = int(IoOp.UBLK_IO_OP_WRITE)
 _RW_TYPES = (ReqType.VIRTIO_BLK_T_IN, ReqType.VIRTIO_BLK_T_OUT)  # by UBLK_IO_OP_READ/WRITE
 _DWZ_STRUCT = struct_of(BLK_DWZ_DTYPE)  # the one range of a discard or write-zeroes
+
+
+def interrupt_fds(dev: VirtioBlk) -> list[int]:
+    """The fds the device's interrupts arrive on (``--wait interrupt`` or ``hybrid``),
+    or none (``--wait poll``): uio's /dev/uioN, or vfio's eventfds."""
+    waiter = dev.waiter
+    if waiter is None:
+        return []
+    source = waiter.source
+    fd = getattr(source, "fd", None)
+    if isinstance(fd, int):
+        return [fd] if fd >= 0 else []
+    fds = getattr(source, "fds", [])
+    return [int(f) for f in fds]
 
 
 def buffer_address(buf: DmaBuffer) -> int:
@@ -96,7 +116,10 @@ class UblkQueue:
                                       UBLKSRV_CMD_BUF_OFFSET
                                       + q_id * desc_area_bytes(4096))
         self.descs = memoryview(self._descs_mm)
-        self.ring = Ring(self.depth)
+        # One SQE per tag at most, plus the interrupt polls.
+        self._irq_fds = interrupt_fds(dev)
+        self._polling = [False] * len(self._irq_fds)
+        self.ring = Ring(self.depth + len(self._irq_fds))
 
     # -- the commands -------------------------------------------------------------
     def _queue_cmd(self, cmd: int, tag: int, result: int) -> None:
@@ -117,7 +140,12 @@ class UblkQueue:
     # -- the loop -----------------------------------------------------------------
     def serve(self, until: Callable[[], bool]) -> None:
         """Serve until ``until()`` is true (looked at each turn) or the kernel aborted
-        every tag."""
+        every tag: polling the used ring while the device works, or (``--wait
+        interrupt`` or ``hybrid``) sleeping in the same io_uring_enter that waits for
+        the kernel's requests, woken by either."""
+        if self._irq_fds:
+            self._serve_sleeping(until)
+            return
         dev, ring = self.dev, self.ring
         while self.live and not until():
             idle = not dev.in_flight and not self._waiting
@@ -128,6 +156,65 @@ class UblkQueue:
                 self._submit()
             if dev.in_flight:
                 self._await_device()
+
+    def _serve_sleeping(self, until: Callable[[], bool]) -> None:
+        """The interrupt-driven loop: while requests are on the device, its interrupt
+        fd (uio's /dev/uioN, vfio's eventfds) is polled through the ring
+        (IORING_OP_POLL_ADD), so one io_uring_enter sleeps until the kernel hands over
+        a request or the device completes one. The lost wake-up is avoided as the
+        Waiter does: arm the queue's notifications, then look at the used ring once
+        more before sleeping ("Used Buffer Notification Suppression")."""
+        dev, ring, queue = self.dev, self.ring, self.dev.queue
+        silent = 0  # turns that ended at TICK with requests on the device
+        try:
+            while self.live and not until():
+                wait = 1
+                if dev.in_flight:
+                    if queue.arm_interrupts():
+                        wait = 0  # completions already there
+                    else:
+                        self._arm_polls()
+                got = ring.enter(wait, TICK) if wait or ring.queued else 0
+                cqes = ring.reap()
+                for tag, res, _ in cqes:
+                    if tag >= _IRQ:
+                        self._interrupted(tag - _IRQ)
+                    else:
+                        self._arrived(tag, res)
+                if self._waiting:
+                    self._submit()
+                done = dev.reap(0) if dev.in_flight else []
+                if done:
+                    self._completed(done)
+                if dev.in_flight and not (done or cqes or got):
+                    silent += 1
+                    if silent * TICK > dev.timeout:
+                        raise DeviceTimeout(f"{dev.bdf}: no completion within "
+                                            f"{dev.timeout:g} s")
+                else:
+                    silent = 0
+        finally:
+            queue.disarm_interrupts()
+
+    def _arm_polls(self) -> None:
+        for i, fd in enumerate(self._irq_fds):
+            if not self._polling[i]:
+                off = self.ring.next_sqe()
+                _POLL_SQE.pack_into(self.ring.sqes_mv, off, _POLL_ADD, 0, 0, fd, 0, 0, 0, 0,
+                                    select.POLLIN, _IRQ + i, 0, 0, 0, 0, 0)
+                self._polling[i] = True
+
+    def _interrupted(self, index: int) -> None:
+        """An interrupt fd became readable: acknowledge (and unmask) through the
+        device's IrqSource, as its Waiter would after poll(2)."""
+        if not 0 <= index < len(self._irq_fds):
+            raise DeviceError(f"ublk ring: unknown completion {_IRQ + index:#x}")
+        self._polling[index] = False
+        waiter = self.dev.waiter
+        assert waiter is not None
+        bits = waiter.source.wait(0)
+        if bits is not None and bits & IsrBit.CONFIG:
+            waiter.on_config()
 
     def _await_device(self) -> None:
         """Completions from the device; commits queued for the next enter. Looks at the

@@ -25,7 +25,8 @@ class Setup(IntFlag):
     IORING_SETUP_CQSIZE = 1 << 3
     IORING_SETUP_CLAMP = 1 << 4
     IORING_SETUP_SUBMIT_ALL = 1 << 7
-    IORING_SETUP_COOP_TASKRUN = 1 << 8
+    IORING_SETUP_COOP_TASKRUN = 1 << 8  # no IPI for task work: it runs at our next entry
+    IORING_SETUP_TASKRUN_FLAG = 1 << 9  # ...and sq.flags says when some is pending
     IORING_SETUP_SQE128 = 1 << 10  # 128-byte SQEs: room for a URING_CMD's 80-byte payload
     IORING_SETUP_CQE32 = 1 << 11  # 32-byte CQEs
     IORING_SETUP_SINGLE_ISSUER = 1 << 12
@@ -36,6 +37,13 @@ class Feat(IntFlag):
     IORING_FEAT_SINGLE_MMAP = 1 << 0
     IORING_FEAT_NODROP = 1 << 1
     IORING_FEAT_EXT_ARG = 1 << 8
+
+
+class SqFlag(IntFlag):
+    """The SQ ring's flags word (IORING_SQ_*)."""
+    IORING_SQ_NEED_WAKEUP = 1 << 0
+    IORING_SQ_CQ_OVERFLOW = 1 << 1
+    IORING_SQ_TASKRUN = 1 << 2  # task work waits for an io_uring_enter (TASKRUN_FLAG)
 
 
 class Enter(IntFlag):

@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import CannotOpen, VirtioError
 from .spec import (CQE, CQE32_DTYPE, CQE_DTYPE, Enter, Feat, GETEVENTS_ARG_DTYPE,
                    IORING_OFF_CQ_RING, IORING_OFF_SQ_RING, IORING_OFF_SQES, PARAMS_DTYPE,
-                   SQE128_BYTES, SQE_BYTES, SYS_io_uring_enter, SYS_io_uring_setup, Setup,
+                   SQE128_BYTES, SQE_BYTES, SYS_io_uring_enter, SYS_io_uring_setup, Setup, SqFlag,
                    TIMESPEC_DTYPE)
 
 assert platform.machine() in ("x86_64", "AMD64"), "ordering argued for x86-64 (TSO) only"
@@ -42,6 +42,7 @@ _syscall.restype = ctypes.c_long
 _WORD = 4
 _GETEVENTS = int(Enter.IORING_ENTER_GETEVENTS)
 _EXT_ARG = int(Enter.IORING_ENTER_EXT_ARG)
+_TASKRUN = int(SqFlag.IORING_SQ_TASKRUN)
 
 
 class RingFull(VirtioError):
@@ -121,6 +122,7 @@ class Ring:
         self._sq_head = int(sq_off["head"]) // _WORD
         self._sq_tail = int(sq_off["tail"]) // _WORD
         self._sq_mask = self._sq[int(sq_off["ring_mask"]) // _WORD]
+        self._sq_flags = int(sq_off["flags"]) // _WORD
         self._cq_head = int(cq_off["head"]) // _WORD
         self._cq_tail = int(cq_off["tail"]) // _WORD
         self._cq_mask = self._cq[int(cq_off["ring_mask"]) // _WORD]
@@ -180,6 +182,12 @@ class Ring:
     def ready(self) -> int:
         """Completions waiting in the CQ (no system call)."""
         return (self._cq[self._cq_tail] - self._cq_head_val) & 0xFFFF_FFFF
+
+    def work_pending(self) -> bool:
+        """Completions to reap, or (IORING_SETUP_TASKRUN_FLAG) task work that posts
+        them at our next io_uring_enter: no system call."""
+        return bool(self._cq[self._cq_tail] != self._cq_head_val
+                    or self._sq[self._sq_flags] & _TASKRUN)
 
     def reap(self) -> list[tuple[int, int, int]]:
         """Every waiting completion as (user_data, res, flags), oldest first; their

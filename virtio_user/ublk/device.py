@@ -47,7 +47,7 @@ def _wait_for(path: str, timeout: float) -> None:
     while not os.path.exists(path):
         if time.monotonic() > deadline:
             raise DeviceTimeout(f"{path} did not appear within {timeout:g} s")
-        time.sleep(0.01)
+        time.sleep(0.05)  # each look is a stat over devtmpfs; slow under TCG
 
 
 class _Background:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import DeviceError, DeviceTimeout, VirtioError
 from ..io_uring import Ring, map_readonly
-from ..io_uring.spec import URING_CMD_HEAD, Op, struct_of
+from ..io_uring.spec import URING_CMD_HEAD, Op, Setup, struct_of
 from ..request import Request
 from ..spec import BLK_DWZ_DTYPE, BlkStatus, IsrBit, ReqType
 from ..virtqueue import QueueFull
@@ -119,7 +119,13 @@ class UblkQueue:
         # One SQE per tag at most, plus the interrupt polls.
         self._irq_fds = interrupt_fds(dev)
         self._polling = [False] * len(self._irq_fds)
-        self.ring = Ring(self.depth + len(self._irq_fds))
+        # COOP_TASKRUN: the kernel posts new requests at our next io_uring_enter
+        # instead of interrupting this CPU (an IPI, dear under TCG) while we poll the
+        # device; TASKRUN_FLAG tells the polling loop when to enter (ublksrv does the
+        # same).
+        self.ring = Ring(self.depth + len(self._irq_fds), Setup.IORING_SETUP_SQE128
+                         | Setup.IORING_SETUP_CQE32 | Setup.IORING_SETUP_COOP_TASKRUN
+                         | Setup.IORING_SETUP_TASKRUN_FLAG)
 
     # -- the commands -------------------------------------------------------------
     def _queue_cmd(self, cmd: int, tag: int, result: int) -> None:
@@ -227,7 +233,7 @@ class UblkQueue:
                 if done:
                     self._completed(done)
                     return
-            if ring.ready():
+            if ring.work_pending():
                 return
             # fio and the kernel's side of each request need a CPU too (2 vCPUs).
             os.sched_yield()

@@ -46,9 +46,10 @@ class Guest:
         assert r.status == 0, f"{script!r}: exit {r.status}\n{r.out}\n{r.err}"
         return r.out
 
-    def add(self, disk: str, *extra: str) -> tuple[str, int]:
+    def add(self, disk: str, *extra: str, wait: str = "poll") -> tuple[str, int]:
         """``virtio-user ublk add`` in the background form: (/dev/ublkbN, server pid)."""
-        out = self.ok(["virtio-user", "--device", DISKS[disk], "ublk", "add", *extra])
+        before = [] if wait == "poll" else ["--wait", wait]
+        out = self.ok(["virtio-user", *before, "--device", DISKS[disk], "ublk", "add", *extra])
         path, _, rest = out.strip().partition(": ready, server pid ")
         assert path.startswith("/dev/ublkb") and rest.isdigit(), out
         assert int(self.ok(f"cat /sys/block/{path[5:]}/size")) > 0
@@ -119,7 +120,8 @@ def test_fio_verify_at_qd32(guest: Guest) -> None:
 def test_an_eio_sector_fails_its_file_only(guest: Guest) -> None:
     g = guest
     log = g.dir / "eio-server.log"
-    path, pid = g.add("eio", "--log", str(log))
+    # served with the device's interrupt polled through the ring (--wait interrupt)
+    path, pid = g.add("eio", "--log", str(log), wait="interrupt")
     g.ok(f"mkdir -p /tmp/eio && mount -o ro {path} /tmp/eio")
     bad = g.sh(f"cat /tmp/eio/{g.bad_file} > /dev/null")
     assert bad.status != 0 and "Input/output error" in bad.err, bad.err

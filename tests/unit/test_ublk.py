@@ -152,7 +152,7 @@ def test_a_read_only_disk_refuses_every_change() -> None:
 def test_mount_point_is_read_from_the_mount_table(tmp_path: Any) -> None:
     table = tmp_path / "mounts"
     table.write_text("proc /proc proc rw 0 0\n/dev/ublkb3 /mnt/x\\040y ext4 rw 0 0\n")
-    assert mount_point("/dev/ublkb3", str(table)) == "/mnt/x\\040y"
+    assert mount_point("/dev/ublkb3", str(table)) == "/mnt/x y"
     assert mount_point("/dev/ublkb1", str(table)) is None
     assert mount_point(str(tmp_path / "nothing")) is None
     check_unused(str(tmp_path / "nothing"))  # no such device: nothing holds it

@@ -167,7 +167,8 @@ def mount_point(path: str, table: str = "/proc/self/mounts") -> str | None:
             for line in f:
                 fields = line.split()
                 if len(fields) > 1 and os.path.realpath(fields[0]) == real:
-                    return fields[1]
+                    # the table escapes space, tab, newline and backslash as \ooo
+                    return fields[1].encode().decode("unicode_escape")
     except OSError:
         pass
     return None

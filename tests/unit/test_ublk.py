@@ -282,3 +282,16 @@ def test_the_interrupt_poll_goes_through_the_real_ring() -> None:
         q._interrupted(user_data - server._IRQ)
         assert acked == [1] and q._polling == [False]
     os.close(efd)
+
+
+def test_add_without_the_ublk_driver_says_so_before_taking_the_device(
+        capsys: Any, monkeypatch: Any, tmp_path: Any) -> None:
+    from virtio_user.ublk import spec
+
+    def opener(args: Any) -> Any:
+        raise AssertionError("the device must not be opened")
+
+    monkeypatch.setattr(spec, "CONTROL_PATH", str(tmp_path / "ublk-control"))
+    assert cli.main(["ublk", "add", "--foreground"], opener=opener) == 15
+    err = capsys.readouterr().err
+    assert "ublk-control: no such file (is the ublk_drv module loaded?" in err, err

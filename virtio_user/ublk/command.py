@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FileAccessError, InvalidArgument, VirtioError, exit_code
+from ..errors import CannotOpen, FileAccessError, InvalidArgument, VirtioError, exit_code
 
 if TYPE_CHECKING:
     from ..blk import VirtioBlk
@@ -67,6 +67,10 @@ def prepare(args: argparse.Namespace) -> Any:
         return Finished(0)
     if args.number is not None and not 0 <= args.number < 1 << 20:
         raise InvalidArgument(f"--number {args.number} is not in 0..{(1 << 20) - 1}")
+    from . import spec
+    if not os.path.exists(spec.CONTROL_PATH):  # before the virtio device is taken
+        raise CannotOpen(f"{spec.CONTROL_PATH}: no such file (is the ublk_drv module "
+                         "loaded? Linux 6.0 or later with CONFIG_BLK_DEV_UBLK)")
     if args.log is not None:
         try:
             open(args.log, "a").close()

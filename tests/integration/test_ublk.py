@@ -156,8 +156,9 @@ def test_kill_9_fails_io_in_bounded_time_and_del_cleans_up(guest: Guest) -> None
     assert "removed (its server had gone)" in out, out
     g.ok(f"! test -e /sys/block/{path[5:]}")
     path, _ = g.add("scratch")  # the virtio device binds again
-    data = g.ok(f"dd if={path} bs=4096 count=1 iflag=direct status=none | head -c 21")
-    assert data == "scratch through ublk\n"
+    data = g.ok(f"dd if={path} bs=4096 count=1 iflag=direct status=none | od -An -tx1 -v")
+    with g.images["scratch"].open("rb") as f:
+        assert bytes.fromhex("".join(data.split())) == f.read(4096)
     g.delete(path)
 
 
@@ -167,6 +168,8 @@ def test_a_signal_flushes_and_removes_the_foreground_server(guest: Guest, signal
     server = g.vm.spawn(["virtio-user", "--device", DISKS["scratch"], "ublk", "add",
                          "--foreground"])
     server.wait_output(b"/dev/ublkb0: ready, serving in the foreground", timeout=120)
+    server.wait_output(b")\n", timeout=30)  # the whole line, with the pid
+    assert server.status is None, server.wait(1).err
     pid = int(server.stdout.decode().rpartition("(pid ")[2].split(")")[0])
     text = f"written before SIG{signal}".encode()
     g.ok(f"printf '{text.decode()}' | dd of=/dev/ublkb0 bs=4096 seek=100 conv=sync "

@@ -43,6 +43,7 @@ TICK = 0.2  # seconds an idle loop sleeps in io_uring_enter before looking at ``
 # between two looks at the CQ, and rounds of that before a blocking device wait.
 RING_LOOKS = 32
 SPIN_ROUNDS = 2000
+IDLE_ROUNDS = 200  # rounds of looks at the ring before an idle server sleeps
 _URING_CMD = int(Op.IORING_OP_URING_CMD)
 _FETCH = int(IoCmd.UBLK_U_IO_FETCH_REQ)
 _COMMIT = int(IoCmd.UBLK_U_IO_COMMIT_AND_FETCH_REQ)
@@ -155,6 +156,10 @@ class UblkQueue:
         dev, ring = self.dev, self.ring
         while self.live and not until():
             idle = not dev.in_flight and not self._waiting
+            if idle:
+                if ring.queued:
+                    ring.enter()  # the commits first: they let the kernel send more
+                self._await_kernel()
             ring.enter(1 if idle else 0, TICK)
             for tag, res, _ in ring.reap():
                 self._arrived(tag, res)
@@ -221,6 +226,19 @@ class UblkQueue:
         bits = waiter.source.wait(0)
         if bits is not None and bits & IsrBit.CONFIG:
             waiter.on_config()
+
+    def _await_kernel(self) -> None:
+        """Look at the ring for the kernel's next request a while before sleeping in
+        io_uring_enter: a sleeping server is woken by an inter-processor interrupt,
+        which costs a TCG guest about as much as the request itself. With
+        COOP_TASKRUN a polling server costs the kernel no IPI: the TASKRUN flag says
+        when to enter."""
+        ring = self.ring
+        for _ in range(IDLE_ROUNDS):
+            for _ in range(RING_LOOKS):
+                if ring.work_pending():
+                    return
+            os.sched_yield()
 
     def _await_device(self) -> None:
         """Completions from the device; commits queued for the next enter. Looks at the

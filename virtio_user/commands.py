@@ -410,6 +410,21 @@ def _run_nbd(dev: VirtioBlk, args: argparse.Namespace, plan: Any) -> int:
     return nbd.run(dev, args, plan)
 
 
+def _add_ublk(p: argparse.ArgumentParser) -> None:
+    from . import ublk
+    ublk.add_args(p)
+
+
+def _prepare_ublk(args: argparse.Namespace) -> Any:
+    from . import ublk
+    return ublk.prepare(args)
+
+
+def _run_ublk(dev: VirtioBlk, args: argparse.Namespace, plan: Any) -> int:
+    from . import ublk
+    return ublk.run(dev, args, plan)
+
+
 COMMANDS: dict[str, Subcommand] = {
     "info": Subcommand(_add_info, no_prepare, _run_info, "show the device and its features"),
     "read": Subcommand(_add_read, _prepare_read, _run_read, "read sectors"),
@@ -423,6 +438,8 @@ COMMANDS: dict[str, Subcommand] = {
                         "measure IOPS, bandwidth and latency at a queue depth"),
     "nbd": Subcommand(_add_nbd, _prepare_nbd, _run_nbd,
                       "serve the device to the kernel as /dev/nbdN (mkfs, mount)"),
+    "ublk": Subcommand(_add_ublk, _prepare_ublk, _run_ublk,
+                       "serve the device to the kernel as /dev/ublkbN (add, del N, list)"),
 }
 
 

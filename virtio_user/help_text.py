@@ -33,6 +33,8 @@ positional arguments:
     bench               measure IOPS, bandwidth and latency at a queue depth
     nbd                 serve the device to the kernel as /dev/nbdN (mkfs,
                         mount)
+    ublk                serve the device to the kernel as /dev/ublkbN (add,
+                        del N, list)
     shell               one device, many commands: a prompt with submit, reap
                         and ring
 

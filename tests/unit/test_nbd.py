@@ -385,14 +385,15 @@ def test_ctrl_c_while_the_background_server_starts_stops_it(monkeypatch: Any) ->
     Interrupted (exit 130), or it goes on to connect /dev/nbdN after the user gave up.
     Here the "server" is a sleeping process standing in for the forked child."""
     from virtio_user.errors import Interrupted
+    from virtio_user import daemon
     from virtio_user.nbd import command
     from virtio_user.subcommand import Finished
     child = subprocess.Popen(["sleep", "60"])
-    monkeypatch.setattr(command.os, "fork", lambda: child.pid)
+    monkeypatch.setattr(daemon.os, "fork", lambda: child.pid)
 
     def ctrl_c(*args: Any) -> Any:
         raise KeyboardInterrupt
-    monkeypatch.setattr(command.select, "select", ctrl_c)
+    monkeypatch.setattr(daemon.select, "select", ctrl_c)
     try:
         with pytest.raises((Interrupted, KeyboardInterrupt)) as exc:
             command._background(command.NbdPlan("/dev/nbd7", 30), Finished)

@@ -106,8 +106,10 @@ def synopses() -> dict[str, str]:
     for block in blocks:
         text = block.removeprefix("sh").strip()
         for start in PROGRAMS:
-            if text.startswith(start):  # the program's own options, not its COMMAND's
-                found[start] = text.split("COMMAND", 1)[0]
+            # The program's synopsis, the first block that starts with it (docs/cli.md's
+            # before ublk.md's usage of one subcommand): its own options, up to COMMAND.
+            if text.startswith(start):
+                found.setdefault(start, text.split("COMMAND", 1)[0])
     return found
 
 

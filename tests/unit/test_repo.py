@@ -11,9 +11,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Raw access to device registers and memory, and the only modules allowed to use it:
 # register I/O (pread/pwrite on an I/O BAR, a mapped memory BAR) in regs.py, DMA
-# mappings and the pagemap in memory.py.
+# mappings and the pagemap in memory.py; io_uring's rings (and a ublk queue's request
+# descriptors) in io_uring/uring.py.
 RAW = {"regs.py", "memory.py"}
-RAW_OWNERS = {"os.pread": RAW, "os.pwrite": RAW, "mmap.mmap": RAW,
+RAW_OWNERS = {"os.pread": RAW, "os.pwrite": RAW, "mmap.mmap": RAW | {"uring.py"},
               "/proc/self/pagemap": {"memory.py"}}
 
 

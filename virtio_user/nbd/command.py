@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import socket
 import sys
@@ -81,93 +80,22 @@ def prepare(args: argparse.Namespace) -> Any:
 
 
 def _background(plan: NbdPlan, finished: Callable[[int], Any]) -> Any:
-    """Fork a detached child that becomes the server; the parent returns once the child
-    says /dev/nbdN is usable, or with the child's exit status if it failed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    r, w = os.pipe()
-    # Blocked across the fork: a Ctrl-C between fork() and _parent's handlers would
-    # leave the new server running with nobody to stop it.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        pid = os.fork()
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        raise
+    """Fork a detached child that becomes the server (daemon.py); the parent returns once
+    the child says /dev/nbdN is usable, or with the child's exit status if it failed.
+    Ctrl-C or SIGTERM meanwhile stops the server before it connects (Interrupted)."""
+    from ..daemon import await_ready, fork_server
+    pid, fd, mask = fork_server()
     if pid == 0:
-        # SIGTERM (the parent cancelling) stays blocked until _serve can take it as a
-        # request to stop: raised as an exception in the middle of the start-up, it
-        # landed once in an import's weakref callback, was "ignored", and the server
-        # went on to connect.
-        signal.pthread_sigmask(signal.SIG_SETMASK, {*mask, signal.SIGTERM})
-        os.close(r)
-        os.setsid()  # out of the caller's session and process group
-        plan.ready_fd = w
+        plan.ready_fd = fd
         return plan
-    os.close(w)
-    try:
-        return finished(_parent(pid, r, plan.path, mask))
-    finally:
-        os.close(r)
-
-
-def _parent(pid: int, fd: int, path: str, mask: set[int | signal.Signals]) -> int:
-    """Wait for the server (``_await_ready``), then put back the signal ``mask``.
-    Ctrl-C or SIGTERM meanwhile cancels the start-up: the server, in a session of its
-    own, sees neither, and would go on to connect ``path`` after the user gave up. It
-    is stopped first, then Interrupted."""
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came is raised here
-        return _await_ready(pid, fd, path)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        _stop_child(pid, path)
-        raise Interrupted(signum, f"interrupted by {signal.Signals(signum).name}: the "
-                          f"server was stopped, {path} is not connected") from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_child(pid: int, path: str) -> None:
-    """SIGTERM takes the server's own way out (device reset, NBD disconnected if it got
-    that far), bounded by STOP_TIMEOUT, then SIGKILL. A second Ctrl-C meanwhile must
-    not leave it running: SIGINT is ignored until it is gone."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-            time.sleep(0.05)
-        print(f"virtio-user: the server for {path} (pid {pid}) did not stop within "
-              f"{STOP_TIMEOUT:g} s; killed", file=sys.stderr)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass  # already reaped
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _await_ready(pid: int, fd: int, path: str) -> int:
-    deadline = time.monotonic() + READY_TIMEOUT + 30.0  # the child also opens the device
-    while time.monotonic() < deadline:
-        readable, _, _ = select.select([fd], [], [], 0.2)
-        if readable:
-            line = os.read(fd, 64)
-            if line.startswith(b"ready"):
-                print(f"{path}: connected, server pid {pid}")
-                return 0
-            _, status = os.waitpid(pid, 0)  # it failed and said why on stderr
-            code = os.waitstatus_to_exitcode(status)
-            return code if code > 0 else 128 - code if code < 0 else 99
-    os.kill(pid, signal.SIGTERM)
-    raise DeviceTimeout(f"{path}: the server did not get ready within "
-                        f"{READY_TIMEOUT + 30.0:g} s")
+    # READY_TIMEOUT + 30 s: the child also opens the device.
+    code, _ = await_ready(pid, fd, READY_TIMEOUT + 30.0, mask, plan.path, STOP_TIMEOUT)
+    if code < 0:
+        raise DeviceTimeout(f"{plan.path}: the server did not get ready within "
+                            f"{READY_TIMEOUT + 30.0:g} s")
+    if code == 0:
+        print(f"{plan.path}: connected, server pid {pid}")
+    return finished(code)
 
 
 def run(dev: VirtioBlk, args: argparse.Namespace, plan: NbdPlan) -> int:
@@ -212,8 +140,9 @@ def _serve(dev: VirtioBlk, plan: NbdPlan) -> int:
 
     previous = {s: signal.signal(s, lambda signum, frame: stop.set())
                 for s in (signal.SIGTERM, signal.SIGINT)}
-    if plan.ready_fd is not None:  # blocked since the fork (_background)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    if plan.ready_fd is not None:  # blocked since the fork (daemon.fork_server)
+        from ..daemon import unblock_stop
+        unblock_stop()
     try:
         if stop.is_set():  # the parent cancelled the start-up: connect nothing
             log.info("%s: start-up cancelled; not connected", plan.path)
@@ -247,28 +176,12 @@ def _announce(plan: NbdPlan, dev: VirtioBlk) -> None:
 
 
 def _detach(plan: NbdPlan) -> None:
+    from ..daemon import detach
     assert plan.ready_fd is not None
-    os.write(plan.ready_fd, b"ready\n")
-    os.close(plan.ready_fd)
-    # Detach from the caller's output: whoever waits for its end must not wait for us.
-    target = os.open(plan.log_file or os.devnull,
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(target, 1)
-    os.dup2(target, 2)
-    os.close(target)
-    os.close(devnull)
+    detach(plan.ready_fd, plan.path, plan.log_file)
 
 
 def _log_to_stderr() -> None:
     """The whole package's messages (server, kernel side, this module) to stderr."""
-    log = logging.getLogger(__package__)
-    if any(getattr(h, "_virtio_user_nbd", False) for h in log.handlers):
-        return
-    handler = logging.StreamHandler()  # sys.stderr at each write: follows the dup2
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s virtio-user nbd[{os.getpid()}]: %(levelname)s %(message)s"))
-    handler._virtio_user_nbd = True  # type: ignore[attr-defined]
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    from ..daemon import log_to_stderr
+    log_to_stderr(__package__ or "virtio_user.nbd", "nbd")

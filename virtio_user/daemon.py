@@ -13,7 +13,12 @@ import signal
 import sys
 import time
 
-from .errors import Interrupted
+from typing import TYPE_CHECKING, Callable
+
+from .errors import Interrupted, VirtioError, exit_code
+
+if TYPE_CHECKING:
+    from .blk import VirtioBlk
 
 
 Mask = set[int | signal.Signals]
@@ -141,3 +146,23 @@ def log_to_stderr(package: str, tag: str) -> None:
     handler._virtio_user_daemon = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+def serve_and_exit(dev: VirtioBlk, serve: Callable[[], int], *, background: bool) -> int:
+    """Run ``serve`` and return its exit code; in the ``background`` child, report an
+    error as the CLI would, close the device and leave the process there, without
+    returning into the caller of main() (whose clean-up belongs to the parent)."""
+    try:
+        code = serve()
+    except BaseException as exc:
+        if not background:
+            raise
+        print(f"virtio-user: {exc}", file=sys.stderr)
+        code = exit_code(exc) if isinstance(exc, VirtioError) else 99
+    if not background:
+        return code
+    dev.close()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..blk import VirtioBlk
-from ..errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError, Interrupted,
-                     InvalidArgument, VirtioError, exit_code)
+from ..errors import (CannotOpen, DeviceBusy, DeviceTimeout, FileAccessError,
+                     InvalidArgument)
 from ..spec import SECTOR_SIZE
 
 from .kernel import (DISCONNECT_TIMEOUT, KERNEL_TIMEOUT, KernelNbd, READY_TIMEOUT, disconnect,
@@ -101,22 +101,8 @@ def _background(plan: NbdPlan, finished: Callable[[int], Any]) -> Any:
 def run(dev: VirtioBlk, args: argparse.Namespace, plan: NbdPlan) -> int:
     """Connect ``dev`` to the kernel as plan.path and serve until disconnected."""
     _log_to_stderr()
-    try:
-        code = _serve(dev, plan)
-    except BaseException as exc:
-        if plan.ready_fd is None:
-            raise
-        # The background child reports as the CLI would, then leaves without returning
-        # into the caller of main().
-        print(f"virtio-user: {exc}", file=sys.stderr)
-        code = exit_code(exc) if isinstance(exc, VirtioError) else 99
-    if plan.ready_fd is None:
-        return code
-    dev.close()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from ..daemon import serve_and_exit
+    return serve_and_exit(dev, lambda: _serve(dev, plan), background=plan.ready_fd is not None)
 
 
 def _serve(dev: VirtioBlk, plan: NbdPlan) -> int:

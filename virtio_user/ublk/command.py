@@ -8,12 +8,11 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CannotOpen, FileAccessError, InvalidArgument, VirtioError, exit_code
+from ..errors import CannotOpen, FileAccessError, InvalidArgument
 
 if TYPE_CHECKING:
     from ..blk import VirtioBlk
@@ -112,22 +111,8 @@ def run(dev: VirtioBlk, args: argparse.Namespace, plan: UblkPlan) -> int:
     """Serve ``dev`` as a ublk disk until stopped."""
     from ..daemon import log_to_stderr
     log_to_stderr("virtio_user", "ublk")
-    try:
-        code = _serve(dev, plan)
-    except BaseException as exc:
-        if plan.ready_fd is None:
-            raise
-        # The background child reports as the CLI would, then leaves without returning
-        # into the caller of main().
-        print(f"virtio-user: {exc}", file=sys.stderr)
-        code = exit_code(exc) if isinstance(exc, VirtioError) else 99
-    if plan.ready_fd is None:
-        return code
-    dev.close()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from ..daemon import serve_and_exit
+    return serve_and_exit(dev, lambda: _serve(dev, plan), background=plan.ready_fd is not None)
 
 
 def _serve(dev: VirtioBlk, plan: UblkPlan) -> int:

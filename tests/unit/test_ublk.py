@@ -5,6 +5,8 @@ translation of a ublk request into a virtio-blk request; the CLI's refusals."""
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -295,3 +297,39 @@ def test_add_without_the_ublk_driver_says_so_before_taking_the_device(
     assert cli.main(["ublk", "add", "--foreground"], opener=opener) == 15
     err = capsys.readouterr().err
     assert "ublk-control: no such file (is the ublk_drv module loaded?" in err, err
+
+
+def test_ctrl_c_while_the_background_server_starts_stops_it(monkeypatch: Any,
+                                                           tmp_path: Path) -> None:
+    """``ublk add`` waits for its forked server as ``nbd`` does (daemon.py): Ctrl-C then
+    stops that server (in a session of its own, it never sees the terminal's SIGINT)
+    before the command ends with Interrupted (exit 130), instead of a traceback and a
+    server that goes on to add the disk. A sleeping process stands in for the child."""
+    import argparse
+    import signal
+    import subprocess
+    from virtio_user import daemon
+    from virtio_user.errors import Interrupted
+    from virtio_user.ublk import command, spec as ublk_spec
+    control = tmp_path / "ublk-control"
+    control.touch()
+    monkeypatch.setattr(ublk_spec, "CONTROL_PATH", str(control))
+    child = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setattr(daemon.os, "fork", lambda: child.pid)
+
+    def ctrl_c(*args: Any) -> Any:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(daemon.select, "select", ctrl_c)
+    args = argparse.Namespace(ublk_action="add", number=None, log=None, foreground=False)
+    try:
+        with pytest.raises((Interrupted, KeyboardInterrupt)) as exc:
+            command.prepare(args)
+        assert isinstance(exc.value, Interrupted), "Ctrl-C escaped as a traceback"
+        assert exc.value.signum == signal.SIGINT
+        assert "the ublk disk is not connected" in str(exc.value)
+        with pytest.raises(ChildProcessError):
+            os.waitpid(child.pid, os.WNOHANG)  # stopped and reaped
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)

@@ -179,3 +179,16 @@ def test_other_help_is_the_parsers(argv: list[str], columns: str | None,
     if parser is not None:
         assert r.stdout == parser
     assert "argparse" in r.stderr.split()
+
+
+def test_startup_times_prints_each_command_against_the_floor() -> None:
+    """scripts/startup_times.py, as docs/cli.md runs it (here on the host, one run): a
+    row for the floor and each default command, each with its ratio to the floor."""
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(repo / "scripts" / "startup_times.py"),
+                        "--runs", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {line[:34].strip(): line[34:].split() for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == {"python -c pass", "virtio-user --help", "virtio-user read --help"}
+    assert rows["python -c pass"][-1] == "1.00"
+    assert all(float(v[-1]) > 0 for v in rows.values())

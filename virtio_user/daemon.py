@@ -121,6 +121,16 @@ def stop_child(pid: int, what: str, stop_timeout: float) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has ended: its parent may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def detach(ready_fd: int, message: str, log_file: str | None) -> None:
     """Tell the parent we are ready, then leave its output: stdout and stderr to
     ``log_file`` (appended) or /dev/null, stdin from /dev/null."""

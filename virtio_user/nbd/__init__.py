@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from .wire import (Cmd, CmdFlag, Flag, Ioctl, NbdRequest, REPLY, REQUEST, REQUEST_MAGIC,
                    SIMPLE_REPLY_MAGIC, pack_reply, parse_request, transmission_flags)
+from ..daemon import process_alive
 from .kernel import (DISCONNECT_TIMEOUT, KERNEL_TIMEOUT, KernelNbd, READY_TIMEOUT,
-                     disconnect, nbd_name, process_alive, server_pid)
+                     disconnect, nbd_name, server_pid)
 from .server import (BUFFER_BYTES, DISC_GRACE, MAX_BUFFERS, MAX_HELD, MAX_JOBS,
                      MAX_REQUEST, NbdServer, RING_LOOKS, RX_BYTES, SOCKET_BYTES,
                      SOCKET_LOOKS, SPARE_BYTES, TICK, grow_buffers)

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 
+from ..daemon import process_alive
 from ..errors import CannotOpen, DeviceBusy, DeviceTimeout, InvalidArgument
 
 from .wire import Flag, Ioctl
@@ -48,16 +49,6 @@ def server_pid(name: str) -> int | None:
     except OSError:
         pass
     return tid
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has ended: its parent may never reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _ioctl(fd: int, request: Ioctl, arg: int = 0) -> None:

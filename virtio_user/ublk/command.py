@@ -97,7 +97,8 @@ def prepare(args: argparse.Namespace) -> Any:
 
 
 def _print_list() -> None:
-    from .device import list_devices, process_alive
+    from ..daemon import process_alive
+    from .device import list_devices
     for info, sectors in list_devices():
         pid = info.ublksrv_pid
         server = f"pid {pid}" if pid > 0 and process_alive(pid) else "gone"

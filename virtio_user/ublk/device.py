@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from ..daemon import process_alive
 from ..errors import CannotOpen, DeviceBusy, DeviceTimeout, InvalidArgument
 from ..spec import SECTOR_SIZE, Feature
 from .control import Control, DevInfo, UblkCommandError, device_ids
@@ -189,16 +190,6 @@ def check_unused(path: str) -> None:
                              "device-mapper or md device): release it first") from exc
         return
     os.close(fd)
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has ended: its parent may never reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def del_device(number: int) -> str:

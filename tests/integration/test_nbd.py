@@ -8,44 +8,22 @@ One guest holds every disk. The host is the oracle: ``e2fsck -fn`` on the image 
 from __future__ import annotations
 
 import json
-import random
 import subprocess
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from images import make_image
-from virtio_user.host import CommandResult, Disk, GuestSession
+from export_fs import ALIVE, FS_MIB, ExportGuest, debugfs_cat, export_disks
+from virtio_user.host import GuestSession
 
 pytestmark = pytest.mark.qemu
 
 DISKS = {"fs": "0000:00:10.0", "eio": "0000:00:11.0", "ro": "0000:00:12.0",
          "scratch": "0000:00:13.0"}
 NBD = {"fs": "/dev/nbd0", "eio": "/dev/nbd1", "ro": "/dev/nbd2", "scratch": "/dev/nbd3"}
-FS_MIB = 32  # ext4's smallest comfortable size: every MiB is formatted through TCG
 SCRATCH_PATTERN = b"scratch through nbd\n" * 3 + b"!"  # 61 bytes: not a power of two
-# A process runs (a zombie does not: nobody may reap an orphaned server in the guest).
-ALIVE = "(test -e /proc/{pid} && ! grep -q '^State:.*[ZX]' /proc/{pid}/status)"
 
 
-@dataclass
-class Guest:
-    vm: GuestSession
-    dir: Path
-    images: dict[str, Path]
-    tree: dict[str, bytes]  # path under /tree -> content
-    bad_file: str  # on the eio image, holding the failing sector
-
-    def sh(self, script: str | list[str], timeout: float = 300) -> CommandResult:
-        """A shell script, or an argv (virtio-user ones start warm)."""
-        return self.vm.run(script, timeout=timeout)
-
-    def ok(self, script: str | list[str], timeout: float = 300) -> str:
-        r = self.sh(script, timeout)
-        assert r.status == 0, f"{script!r}: exit {r.status}\n{r.out}\n{r.err}"
-        return r.out
-
+class Guest(ExportGuest):
     def connect(self, disk: str, *extra: str) -> int:
         """``virtio-user nbd`` in the background form; the server's pid."""
         out = self.ok(["virtio-user", "--device", DISKS[disk], "nbd", *extra, NBD[disk]])
@@ -58,56 +36,10 @@ class Guest:
         assert self.ok(f"cat /sys/block/{NBD[disk][5:]}/size").strip() == "0"
 
 
-def _tree(seed: int) -> dict[str, bytes]:
-    rnd = random.Random(seed)
-    tree = {f"small/{i:02d}.txt": f"file {i}\n".encode() * rnd.randrange(1, 400)
-            for i in range(40)}
-    tree["deep/a/b/c/odd.bin"] = rnd.randbytes(1_000_003)  # not a whole block
-    tree["big.bin"] = rnd.randbytes(2 << 20)  # several NBD requests, each split
-    tree["empty"] = b""
-    return tree
-
-
-def _write_tree(root: Path, tree: dict[str, bytes]) -> Path:
-    for rel, data in tree.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return root
-
-
-def _mkfs(image: Path, source: Path) -> None:
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", str(source), str(image)],
-                   check=True, timeout=60)
-
-
-def _sector_of(image: Path, path: str, block: int) -> int:
-    """The 512-byte sector holding 4 KiB block ``block`` of file ``path`` in ``image``."""
-    out = subprocess.run(["debugfs", "-R", f"bmap {path} {block}", str(image)],
-                         capture_output=True, text=True, check=True, timeout=30).stdout
-    return int(out.split()[0]) * 8 + 3
-
-
-def debugfs_cat(image: Path, path: str) -> bytes:
-    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True,
-                          check=True, timeout=60).stdout
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("nbd")
-    tree = _tree(14)
-    _write_tree(d / "tree", tree)
-    eio_src = _write_tree(d / "eio-src", {"good.txt": b"still readable\n" * 1000,
-                                          "bad.bin": bytes(range(256)) * 1024})
-    ro_src = _write_tree(d / "ro-src", {"hello.txt": b"read-only through nbd\n"})
-    images = {"fs": make_image(d / "fs.raw", FS_MIB), "eio": make_image(d / "eio.raw", 32),
-              "ro": make_image(d / "ro.raw", 16),
-              "scratch": make_image(d / "scratch.raw", 32, pattern=SCRATCH_PATTERN)}
-    _mkfs(images["eio"], eio_src)
-    _mkfs(images["ro"], ro_src)
-    bad_sector = _sector_of(images["eio"], "/bad.bin", 5)
-    disks = [Disk(images["fs"]), Disk(images["eio"], inject_errors=[("read_aio", bad_sector)]),
-             Disk(images["ro"], readonly=True), Disk(images["scratch"])]
+    images, tree, disks = export_disks(d, "nbd", 14, 32, SCRATCH_PATTERN)
     with GuestSession(disks, cwd=d, warm_start=True) as vm:
         yield Guest(vm, d, images, tree, "bad.bin")
 

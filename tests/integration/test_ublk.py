@@ -11,41 +11,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from images import make_image
-from virtio_user.host import CommandResult, Disk, GuestSession
-
-from .test_nbd import ALIVE, _mkfs, _sector_of, _tree, _write_tree, debugfs_cat
+from export_fs import ALIVE, FS_MIB, ExportGuest, debugfs_cat, export_disks
+from virtio_user.host import GuestSession
 
 pytestmark = pytest.mark.qemu
 
 DISKS = {"fs": "0000:00:10.0", "eio": "0000:00:11.0", "ro": "0000:00:12.0",
          "scratch": "0000:00:13.0"}
-FS_MIB = 32
 SCRATCH_PATTERN = b"scratch through ublk\n" * 3 + b"!"  # 64 bytes
 KILL_LIMIT = 30.0  # seconds for I/O to fail after kill -9 of the server
 
 
-@dataclass
-class Guest:
-    vm: GuestSession
-    dir: Path
-    images: dict[str, Path]
-    tree: dict[str, bytes]
-    bad_file: str
-
-    def sh(self, script: str | list[str], timeout: float = 300) -> CommandResult:
-        return self.vm.run(script, timeout=timeout)
-
-    def ok(self, script: str | list[str], timeout: float = 300) -> str:
-        r = self.sh(script, timeout)
-        assert r.status == 0, f"{script!r}: exit {r.status}\n{r.out}\n{r.err}"
-        return r.out
-
+class Guest(ExportGuest):
     def add(self, disk: str, *extra: str, wait: str = "poll") -> tuple[str, int]:
         """``virtio-user ublk add`` in the background form: (/dev/ublkbN, server pid)."""
         before = [] if wait == "poll" else ["--wait", wait]
@@ -65,19 +45,7 @@ class Guest:
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("ublk")
-    tree = _tree(24)
-    _write_tree(d / "tree", tree)
-    eio_src = _write_tree(d / "eio-src", {"good.txt": b"still readable\n" * 1000,
-                                          "bad.bin": bytes(range(256)) * 1024})
-    ro_src = _write_tree(d / "ro-src", {"hello.txt": b"read-only through ublk\n"})
-    images = {"fs": make_image(d / "fs.raw", FS_MIB), "eio": make_image(d / "eio.raw", 32),
-              "ro": make_image(d / "ro.raw", 16),
-              "scratch": make_image(d / "scratch.raw", 64, pattern=SCRATCH_PATTERN)}
-    _mkfs(images["eio"], eio_src)
-    _mkfs(images["ro"], ro_src)
-    bad_sector = _sector_of(images["eio"], "/bad.bin", 5)
-    disks = [Disk(images["fs"]), Disk(images["eio"], inject_errors=[("read_aio", bad_sector)]),
-             Disk(images["ro"], readonly=True), Disk(images["scratch"])]
+    images, tree, disks = export_disks(d, "ublk", 24, 64, SCRATCH_PATTERN)
     with GuestSession(disks, cwd=d, warm_start=True, kernel="6.12") as vm:
         yield Guest(vm, d, images, tree, "bad.bin")
 
